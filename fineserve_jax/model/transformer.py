@@ -1,0 +1,90 @@
+"""Forward pass: embedding -> N x (RMSNorm, GQA attention, RMSNorm, SwiGLU) -> RMSNorm.
+
+Pure functions over the params pytree of ``params.py``. Compute runs in the params'
+dtype (float32 or bfloat16) with float32 norms, softmax and logits. The layer loop is
+a ``lax.scan`` carrying the KV state, so a 30-layer model compiles one layer body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fineserve_jax.config import ModelConfig
+from fineserve_jax.linear import linear
+from fineserve_jax.model.kv import KVCacheOps
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin f32[B, T, D/2] for absolute positions i32[B, T]."""
+    inv_freq = jnp.asarray(cfg.inv_freq())  # (D/2,)
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF ``rotate_half`` RoPE: x (B, T, H, D); channel i pairs with i + D/2."""
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _proj(x, lp: dict, w: str, b: str):
+    y = linear(x, lp[w])
+    return y + lp[b].astype(y.dtype) if b in lp else y
+
+
+def attention_block(cfg: ModelConfig, lp: dict, x, cos, sin, kv: KVCacheOps, kv_state,
+                    layer, kv_meta):
+    B, T, _ = x.shape
+    hd = cfg.head_dim
+    q = _proj(x, lp, "wq", "bq").reshape(B, T, cfg.num_heads, hd)
+    k = _proj(x, lp, "wk", "bk").reshape(B, T, cfg.num_kv_heads, hd)
+    v = _proj(x, lp, "wv", "bv").reshape(B, T, cfg.num_kv_heads, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv_state = kv.update(kv_state, layer, k, v, kv_meta)
+    o = kv.attend(kv_state, layer, q, kv_meta, hd ** -0.5)  # (B, T, H, hd)
+    return _proj(o.reshape(B, T, cfg.num_heads * hd), lp, "wo", "bo"), kv_state
+
+
+def mlp_block(lp: dict, x):
+    gate = _proj(x, lp, "w_gate", "b_gate")
+    up = _proj(x, lp, "w_up", "b_up")
+    h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+    return _proj(h, lp, "w_down", "b_down")
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
+            kv: KVCacheOps, kv_state: Any, kv_meta: Any) -> tuple[jax.Array, Any]:
+    """tokens, positions i32[B, T] -> (final hidden [B, T, D], new kv_state)."""
+    x = params["embed"][tokens]  # (B, T, D)
+    cos, sin = rope_tables(cfg, positions)
+    eps = cfg.rms_norm_eps
+
+    def layer_fn(carry, lp):
+        x, kv_state, layer = carry
+        h, kv_state = attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin,
+                                      kv, kv_state, layer, kv_meta)
+        x = x + h
+        x = x + mlp_block(lp, rms_norm(x, lp["mlp_norm"], eps))
+        return (x, kv_state, layer + 1), None
+
+    (x, kv_state, _), _ = jax.lax.scan(layer_fn, (x, kv_state, jnp.int32(0)), params["layers"])
+    return rms_norm(x, params["final_norm"], eps), kv_state
+
+
+def lm_head(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+    """Hidden [..., D] -> float32 logits [..., vocab]."""
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)

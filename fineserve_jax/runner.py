@@ -1,0 +1,90 @@
+"""Jitted model steps over a dense KV cache, for the notebook API and evaluation.
+
+One factory per (config, dtype): the steps close over the static config, take the
+params and the KV state explicitly and donate the KV state. Shapes are bucketed by the
+caller, so each (batch, tokens, cache length, sampler) compiles once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from fineserve_jax.config import ModelConfig
+from fineserve_jax.model.kv import DenseKVCache, DenseKVMeta, DenseKVState
+from fineserve_jax.model.transformer import forward, lm_head
+from fineserve_jax.sampling import SamplingArrays, sample
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+class DenseRunner:
+    """Prefill/decode steps and full-sequence scoring for one model."""
+
+    def __init__(self, cfg: ModelConfig, params, dtype):
+        self.cfg = cfg
+        self.params = params
+        self.dtype = jnp.dtype(dtype)
+        self.kv = DenseKVCache(sliding_window=cfg.sliding_window)
+        self._step = jax.jit(partial(_step, cfg, self.kv), static_argnames=("mode",),
+                             donate_argnames=("kv_state",))
+        self._logits = jax.jit(partial(_all_logits, cfg, self.kv))
+        self._logprobs = jax.jit(partial(_target_logprobs, cfg, self.kv))
+
+    def new_cache(self, batch: int, max_len: int) -> DenseKVState:
+        c = self.cfg
+        return DenseKVCache.init(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim,
+                                 self.dtype)
+
+    def step(self, kv_state, tokens, positions, seq_lens, logits_idx, sampling: SamplingArrays,
+             mode: str):
+        """-> (next token i32[B], kv_state). See ``_step``."""
+        return self._step(self.params, kv_state, tokens, positions, seq_lens, logits_idx,
+                          sampling, mode=mode)
+
+    def logits(self, tokens):
+        """tokens i32[B, T] (a fresh context) -> f32[B, T, vocab]."""
+        return self._logits(self.params, tokens)
+
+    def target_logprobs(self, tokens):
+        """tokens i32[B, T] -> f32[B, T-1]: log p(tokens[:, t+1] | tokens[:, :t+1])."""
+        return self._logprobs(self.params, tokens)
+
+
+def _step(cfg, kv, params, kv_state, tokens, positions, seq_lens, logits_idx,
+          sampling, mode):
+    # tokens, positions i32[B, T]; seq_lens i32[B] (KV length after the step);
+    # logits_idx i32[B]: which of the T tokens predicts the next one.
+    h, kv_state = forward(cfg, params, tokens, positions, kv, kv_state,
+                          DenseKVMeta(positions, seq_lens))
+    last = jnp.take_along_axis(h, logits_idx[:, None, None], axis=1)[:, 0]  # (B, D)
+    logits = lm_head(cfg, params, last)
+    return sample(logits, sampling, mode), kv_state
+
+
+def _fresh_forward(cfg, kv, params, tokens):
+    B, T = tokens.shape
+    state = DenseKVCache.init(cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim,
+                              params["embed"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    meta = DenseKVMeta(positions, jnp.full((B,), T, jnp.int32))
+    h, _ = forward(cfg, params, tokens, positions, kv, state, meta)
+    return h
+
+
+def _all_logits(cfg, kv, params, tokens):
+    return lm_head(cfg, params, _fresh_forward(cfg, kv, params, tokens))
+
+
+def _target_logprobs(cfg, kv, params, tokens):
+    logits = lm_head(cfg, params, _fresh_forward(cfg, kv, params, tokens))[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

@@ -1,0 +1,1 @@
+"""Pallas kernels, one per file, each with a plain-jnp reference beside it."""

@@ -1,0 +1,1 @@
+"""Host-side schedulers: local (batching, model choice per step) and global (placement)."""
