@@ -123,7 +123,8 @@ def filter_logits(x: jax.Array, top_k, top_p, min_p) -> jax.Array:
     # Mass strictly before each token: a token is kept while that mass is < top_p,
     # so the best token is always kept.
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & (before < top_p[:, None]) & (probs >= min_p[:, None] * probs[:, :1])
+    in_nucleus = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # rounding: 1.0 keeps all
+    keep = (rank < k) & in_nucleus & (probs >= min_p[:, None] * probs[:, :1])
     # The threshold is the smallest kept logit; ties at the threshold are kept.
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
     thresh = jnp.take_along_axis(sorted_x, (n_keep - 1)[:, None], axis=-1)

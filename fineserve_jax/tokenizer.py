@@ -151,7 +151,7 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]) -> Tokenizer:
                          f"'gpt2'); convert from an HF directory with tokenizer.json instead")
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("GGUF token list has duplicate tokens")

@@ -1,0 +1,34 @@
+"""Entry point: ``python -m fineserve_jax.bench <subcommand> [options]``.
+
+To add a subcommand, write a module here with ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int``, and add it to ``SUBCOMMANDS``. Every module is imported to build
+the parser, so heavy optional imports (torch, transformers) belong inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "model": "fineserve_jax.bench.model",  # SmolLM2 prefill/decode, engine vs transformers
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fineserve_jax.bench",
+                                     description="fineserve-jax benchmark programs")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
