@@ -83,3 +83,19 @@ def test_perplexity_first_16k_tokens_float32(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     ppl = float(last.split("ppl=")[1].split()[0])
     assert abs(ppl - 10.906) / 10.906 < 0.005, last
+
+
+def test_convert_alias_to_orbax_and_serve_from_it(tmp_path, smollm2_bf16):
+    from checkpoints.convert import main as convert_main
+    from checkpoints.orbax_io import read_metadata
+    from fineserve_jax import LLM
+    from fineserve_jax.assets import SMOLLM2_SHA256
+
+    assert convert_main(["smollm2-135m", "--out", str(tmp_path / "ck"), "--dtype", "bfloat16",
+                         "--quiet"]) == 0
+    meta = read_metadata(tmp_path / "ck")
+    assert meta["source_sha256"] == SMOLLM2_SHA256 and meta["source_format"] == "gguf"
+    assert "<|im_start|>" in meta["tokenizer"]["chat_template"]
+    llm = LLM(str(tmp_path / "ck"), dtype="bfloat16", progress=False)
+    sp = SamplingParams(max_tokens=10, temperature=0)
+    assert llm.generate(PROMPT, sp)[0].token_ids == smollm2_bf16.generate(PROMPT, sp)[0].token_ids
