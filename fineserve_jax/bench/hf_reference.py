@@ -36,7 +36,7 @@ HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.
                 "lm_head": "lm_head.weight"}
 
 
-def hf_llama_config(cfg: ModelConfig, torch_dtype=None):
+def hf_llama_config(cfg: ModelConfig):
     """A ``transformers.LlamaConfig`` computing what ``cfg`` computes.
 
     Raises ValueError for what HF Llama cannot express: GGUF per-frequency RoPE divisors
@@ -66,10 +66,7 @@ def hf_llama_config(cfg: ModelConfig, torch_dtype=None):
     else:  # transformers 4.x
         kwargs["rope_theta"] = cfg.rope_theta
         kwargs["rope_scaling"] = None if rope["rope_type"] == "default" else rope
-    hf_cfg = LlamaConfig(**kwargs)
-    if torch_dtype is not None:
-        hf_cfg.torch_dtype = torch_dtype
-    return hf_cfg
+    return LlamaConfig(**kwargs)
 
 
 def hf_state_dict(cfg: ModelConfig, params: dict) -> dict:
@@ -101,8 +98,7 @@ def build_hf_model(cfg: ModelConfig, params: dict, torch_dtype):
     """``LlamaForCausalLM`` in ``torch_dtype`` with our weights, in eval mode, on CPU."""
     from transformers import LlamaForCausalLM
 
-    hf_cfg = hf_llama_config(cfg, torch_dtype)
-    model = LlamaForCausalLM(hf_cfg).to(torch_dtype)
+    model = LlamaForCausalLM(hf_llama_config(cfg)).to(torch_dtype)
     sd = {k: v.to(torch_dtype) for k, v in hf_state_dict(cfg, params).items()}
     res = model.load_state_dict(sd, strict=False)
     missing = set(res.missing_keys) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
@@ -125,8 +121,10 @@ def _flatten(params: dict) -> dict:
 
 
 def _to_torch(arr: np.ndarray):
+    """A torch copy (arrays from JAX are read-only; torch wants writable memory)."""
     import torch
 
-    if arr.dtype == np.dtype(ml_dtypes.bfloat16):  # numpy has no bf16 torch can read
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.array(arr, copy=True, order="C")
+    if arr.dtype == np.dtype(ml_dtypes.bfloat16):  # torch cannot read numpy's bf16 directly
+        return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)

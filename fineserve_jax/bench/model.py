@@ -77,12 +77,16 @@ class EngineTimer:
         t, (tok, _, _) = timed(lambda: self._prefill(ids, 1))
         return t, tok
 
-    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
-        """(seconds of ``n`` decode steps after the prompt, the n + 1 greedy tokens)."""
+    def decode(self, ids: list[int], n: int, run: int | None = None) -> tuple[float, list[int]]:
+        """(seconds of ``n`` decode steps after the prompt, the n + 1 greedy tokens).
+
+        ``run`` < n stops after ``run`` steps in a cache sized for n: a cheap warm-up of
+        exactly the shapes a full run compiles.
+        """
         tok, kv, L = self._prefill(ids, n + 1)
         out = [tok]
         t0 = time.perf_counter()
-        for step in range(1, n + 1):
+        for step in range(1, (n if run is None else run) + 1):
             tokens = np.array([[tok]], np.int32)
             positions = np.array([[L]], np.int32)
             L += 1
@@ -115,14 +119,14 @@ class HFTimer:
         t, (tok, _) = timed(lambda: self._prefill(ids))
         return t, tok
 
-    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+    def decode(self, ids: list[int], n: int, run: int | None = None) -> tuple[float, list[int]]:
         import torch
 
         tok, past = self._prefill(ids)
         out = [tok]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for _ in range(n):
+            for _ in range(n if run is None else run):
                 res = self.model(torch.tensor([[tok]], dtype=torch.long), past_key_values=past,
                                  use_cache=True)
                 past = res.past_key_values
@@ -163,14 +167,11 @@ def load(args, dtypes: list[str]):
 
 
 def check_agreement(models, prompt: list[int], args) -> dict:
-    """Greedy tokens of ``LLM.generate`` vs transformers; float32 must agree exactly.
-
-    Also the warm-up: it compiles the decode shapes the timed runs use.
-    """
-    n = args.tokens + 1
-    report = {"check_steps": args.check_steps}
+    """Greedy tokens of ``LLM.generate`` vs transformers' loop; float32 must agree exactly."""
+    n = args.check_steps
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    report = {}
     for dtype, (llm, _, hf, _) in models.items():
-        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         t_gen, outs = timed(lambda: llm.generate(prompt, sp))
         ours = outs[0].token_ids
         _, theirs = hf.decode(prompt, n - 1)
@@ -181,24 +182,25 @@ def check_agreement(models, prompt: list[int], args) -> dict:
 
 
 def measure(models, prompt: list[int], prefill: list[int], args) -> dict:
-    """{(engine, dtype): {"prefill_s": [...], "decode_s": [...], ...}} after warm-up."""
+    """{(engine, dtype): {"prefill_s": [...], "decode_s": [...], ...}}.
+
+    Warm-up first: our engine compiles each shape once (a prefill and a short decode in a
+    cache of the timed size); torch's CPU kernels settle over a few calls.
+    """
     res = {}
-    for dtype, (llm, eng, hf, _) in models.items():
+    for dtype, (_, eng, hf, _) in models.items():
         for name, timer in ((ENGINE, eng), (HF, hf)):
-            t_first, _ = timer.prefill(prefill)  # compiles the prefill shape on our side
-            timer.decode(prompt, args.tokens)
-            res[name, dtype] = {"prefill_s": [], "decode_s": [], "first_prefill_s": t_first}
-    for _ in range(args.repeats):
-        for dtype, (llm, eng, hf, _) in models.items():
+            warm = [timer.prefill(prefill)[0] for _ in range(1 if name == ENGINE else 2)]
+            timer.decode(prompt, args.tokens, run=4)
+            res[name, dtype] = {"prefill_s": [], "decode_s": [], "warmup_prefill_s": warm}
+    for _ in range(args.repeats):  # variants interleaved, so slow drift hits them alike
+        for dtype, (_, eng, hf, _) in models.items():
             for name, timer in ((ENGINE, eng), (HF, hf)):
                 r = res[name, dtype]
                 r["prefill_s"].append(timer.prefill(prefill)[0])
                 t, toks = timer.decode(prompt, args.tokens)
                 r["decode_s"].append(t)
                 r["decode_tokens"] = toks
-    for dtype, (llm, *_) in models.items():  # the public API end to end, for reference
-        sp = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
-        res[ENGINE, dtype]["generate_s"] = timed(lambda: llm.generate(prompt, sp))[0]
     for (name, dtype), r in res.items():
         r["prefill_tok_s"] = args.prefill_len / median(r["prefill_s"])
         r["decode_tok_s"] = args.tokens / median(r["decode_s"])
@@ -211,8 +213,6 @@ def run(args) -> int:
     for name in ("tokens", "prompt_len", "prefill_len", "repeats", "check_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if args.check_steps > args.tokens + 1:
-        raise SystemExit("--check-steps must be <= --tokens + 1")
     threads = cpu_count()
     torch.set_num_threads(threads)
     dtypes = [d for d in DTYPES if d in args.dtypes]
@@ -222,13 +222,13 @@ def run(args) -> int:
     prompt = prompt_tokens(llm.tokenizer, args.prompt_len)
     prefill = prompt_tokens(llm.tokenizer, args.prefill_len)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; checking greedy agreement",
-          file=sys.stderr)
+          file=sys.stderr, flush=True)
 
     check = check_agreement(models, prompt, args)
     ok = check["float32"]["agreeing_prefix"] >= args.check_steps
     record = {
         "benchmark": "model",
-        "command": " ".join(["python -m fineserve_jax.bench", *sys.argv[1:]]),
+        "command": command(args),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {**machine_info(("jax", "jaxlib", "numpy", "torch", "transformers")),
                     "torch_threads": torch.get_num_threads()},
@@ -237,23 +237,38 @@ def run(args) -> int:
     }
     if not ok:
         write_json(args.out, record)
-        c = check["float32"]
-        print("\n" + "!" * 78 + f"\nMISMATCH: float32 greedy tokens differ from transformers at "
-              f"step {c['agreeing_prefix']} (need {args.check_steps} equal)\n"
-              f"  engine:       {c['engine_tokens'][:args.check_steps]}\n"
-              f"  transformers: {c['transformers_tokens'][:args.check_steps]}\n"
-              f"nothing was timed; record in {args.out}\n" + "!" * 78, file=sys.stderr)
+        _print_mismatch(check["float32"], args)
         return 1
 
-    print(f"float32 agrees for {check['float32']['agreeing_prefix']} tokens; timing "
-          f"{len(dtypes)} dtype(s) x {args.repeats} repeats", file=sys.stderr)
+    agree = ", ".join(f"{d} {c['agreeing_prefix']}/{args.check_steps}"
+                      for d, c in check.items())
+    print(f"greedy tokens equal to transformers' for: {agree}; timing {len(dtypes)} dtype(s) "
+          f"x {args.repeats} repeats", file=sys.stderr, flush=True)
     res = measure({d: models[d] for d in dtypes}, prompt, prefill, args)
     record["results"] = _results(res, check, dtypes)
     record["total_s"] = time.perf_counter() - t0
     path = write_json(args.out, record)
-    print(f"wrote {path}", file=sys.stderr)
-    print(table(record, args))
+    print(f"wrote {path}", file=sys.stderr, flush=True)
+    print(table(record))
     return 0
+
+
+def command(args) -> str:
+    """The command line that reproduces this run, every option spelled out."""
+    return (f"python -m fineserve_jax.bench model --model {args.model} --tokens {args.tokens} "
+            f"--prompt-len {args.prompt_len} --prefill-len {args.prefill_len} "
+            f"--repeats {args.repeats} --dtypes {' '.join(args.dtypes)} "
+            f"--check-steps {args.check_steps} --out {args.out}")
+
+
+def _print_mismatch(c: dict, args) -> None:
+    n = args.check_steps
+    bar = "!" * 78
+    print(f"\n{bar}\nMISMATCH: float32 greedy tokens differ from transformers at step "
+          f"{c['agreeing_prefix']} (need {n} equal)\n"
+          f"  engine:       {c['engine_tokens'][:n]}\n"
+          f"  transformers: {c['transformers_tokens'][:n]}\n"
+          f"nothing was timed; record written to {args.out}\n{bar}", file=sys.stderr, flush=True)
 
 
 def _config(args, llm, models, dtypes) -> dict:
@@ -284,13 +299,15 @@ def _results(res, check, dtypes) -> list[dict]:
             r["prefill_vs_transformers"] = r["prefill_tok_s"] / hf["prefill_tok_s"]
             r["decode_vs_transformers"] = r["decode_tok_s"] / hf["decode_tok_s"]
             if name == ENGINE:  # the bench loop must produce what LLM.generate produced
+                n = min(len(check[dtype]["engine_tokens"]), len(r["decode_tokens"]))
                 r["decode_tokens_match_generate"] = (
-                    r["decode_tokens"] == check[dtype]["engine_tokens"])
-            out.append({k: r[k] for k in ("engine", "dtype", *sorted(set(r) - {"engine", "dtype"}))})
+                    r["decode_tokens"][:n] == check[dtype]["engine_tokens"][:n])
+            rest = sorted(set(r) - {"engine", "dtype"})
+            out.append({k: r[k] for k in ("engine", "dtype", *rest)})
     return out
 
 
-def table(record: dict, args) -> str:
+def table(record: dict) -> str:
     m, c = record["machine"], record["config"]
     rows = [[r["engine"], r["dtype"], f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
              f"{r['prefill_vs_transformers']:.2f}x", f"{r['decode_vs_transformers']:.2f}x"]
