@@ -32,6 +32,8 @@ def linear(x: jax.Array, w) -> jax.Array:
             return fn(x, w)
     if not hasattr(w, "shape") or w.ndim != 2:
         raise TypeError(f"linear: unsupported weight {type(w).__name__}")
-    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+    # A weight stored wider than the activations (bf16 values held in f32 on CPU) is
+    # multiplied in its own dtype; the result is rounded back to the activation dtype.
+    y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.astype(x.dtype)

@@ -65,9 +65,15 @@ def mlp_block(lp: dict, x):
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
-            kv: KVCacheOps, kv_state: Any, kv_meta: Any) -> tuple[jax.Array, Any]:
-    """tokens, positions i32[B, T] -> (final hidden [B, T, D], new kv_state)."""
+            kv: KVCacheOps, kv_state: Any, kv_meta: Any, compute_dtype=None
+            ) -> tuple[jax.Array, Any]:
+    """tokens, positions i32[B, T] -> (final hidden [B, T, D], new kv_state).
+
+    Activations are kept in ``compute_dtype`` (default: the embedding's dtype); weights may
+    be stored wider (see ``runner.backend_weights``) without changing the arithmetic.
+    """
     x = params["embed"][tokens]  # (B, T, D)
+    x = x.astype(compute_dtype or x.dtype)
     cos, sin = rope_tables(cfg, positions)
     eps = cfg.rms_norm_eps
 
@@ -86,5 +92,5 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Ar
 def lm_head(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
     """Hidden [..., D] -> float32 logits [..., vocab]."""
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())),
+    return jax.lax.dot_general(h.astype(w.dtype), w, (((h.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
