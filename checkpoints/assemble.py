@@ -22,7 +22,8 @@ from fineserve_jax.model.params import flat_specs, unflatten
 
 Transform = Callable[[np.ndarray], np.ndarray] | None
 
-_HF_LAYER = {
+# Source name -> our param name (per-layer names are under model.layers.{i} / blk.{i}).
+HF_LAYER = {
     "input_layernorm.weight": "attn_norm",
     "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
     "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
@@ -33,11 +34,11 @@ _HF_LAYER = {
     "mlp.down_proj.weight": "w_down",
     "mlp.gate_proj.bias": "b_gate", "mlp.up_proj.bias": "b_up", "mlp.down_proj.bias": "b_down",
 }
-_HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm",
+HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm",
            "lm_head.weight": "lm_head"}
 _HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-_GGUF_LAYER = {
+GGUF_LAYER = {
     "attn_norm.weight": "attn_norm",
     "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
     "attn_output.weight": "wo",
@@ -46,7 +47,7 @@ _GGUF_LAYER = {
     "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
     "ffn_gate.bias": "b_gate", "ffn_up.bias": "b_up", "ffn_down.bias": "b_down",
 }
-_GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "final_norm",
+GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "final_norm",
              "output.weight": "lm_head"}
 
 
@@ -57,7 +58,7 @@ class NameMap:
         if fmt not in ("hf", "gguf"):
             raise ValueError(fmt)
         self.cfg, self.fmt = cfg, fmt
-        self.top, self.layer = (_HF_TOP, _HF_LAYER) if fmt == "hf" else (_GGUF_TOP, _GGUF_LAYER)
+        self.top, self.layer = (HF_TOP, HF_LAYER) if fmt == "hf" else (GGUF_TOP, GGUF_LAYER)
         self.prefix = re.compile(r"model\.layers\.(\d+)\.(.+)" if fmt == "hf" else r"blk\.(\d+)\.(.+)")
 
     def map(self, name: str) -> tuple[str, int | None, Transform] | None:

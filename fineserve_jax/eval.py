@@ -61,8 +61,12 @@ def main(argv=None) -> int:
     from fineserve_jax.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, precision=args.precision, dtype=args.dtype, progress=not args.quiet)
-    toks = corpus_slice(llm.tokenizer, args.start, args.tokens)
+    try:
+        llm = LLM(args.model, precision=args.precision, dtype=args.dtype, progress=not args.quiet)
+        toks = corpus_slice(llm.tokenizer, args.start, args.tokens)
+    except (OSError, ValueError) as e:  # a bad source or slice: say what, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     res = perplexity(llm, toks, args.window, progress=not args.quiet)
     res.update(model=args.model, precision=args.precision, dtype=args.dtype,
                start=args.start, tokens=args.tokens, seconds=round(time.perf_counter() - t0, 2))

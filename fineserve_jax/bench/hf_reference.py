@@ -17,23 +17,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from checkpoints.assemble import HF_LAYER, HF_TOP
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.model.params import flat_specs
 
-# Our per-layer param name -> HF name under ``model.layers.{i}.``.
-HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
-    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias", "bo": "self_attn.o_proj.bias",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-    "b_gate": "mlp.gate_proj.bias", "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias",
-}
-HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-                "lm_head": "lm_head.weight"}
+# Our param name -> HF name (per layer: under ``model.layers.{i}.``): the converter's table inverted.
+HF_LAYER_NAMES = {ours: hf for hf, ours in HF_LAYER.items()}
+HF_TOP_NAMES = {ours: hf for hf, ours in HF_TOP.items()}
 
 
 def hf_llama_config(cfg: ModelConfig):
