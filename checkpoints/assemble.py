@@ -127,10 +127,11 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], fmt: s
             arr = transform(np.asarray(arr))
         if path not in out:
             out[path] = np.empty(spec.shape, np_dtype)
+        # Assignment casts in place: no second full-size temporary per tensor.
         if layer is None:
-            out[path][...] = np.asarray(arr, np.float32).astype(np_dtype)
+            out[path][...] = arr
         else:
-            out[path][layer] = np.asarray(arr, np.float32).astype(np_dtype)
+            out[path][layer] = arr
         seen[path, layer] = name
     missing = [names.source_name(p, l)
                for p, s in specs.items()
