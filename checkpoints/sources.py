@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_dtypes
+import numpy as np
+
 from checkpoints import orbax_io
 from checkpoints.assemble import assemble
 from checkpoints.errors import CheckpointError
@@ -72,10 +76,7 @@ def load_model(src: str | Path, dtype: str = "bfloat16", *, progress: bool = Tru
     kind = source_kind(src)
     if kind == "orbax":
         params, meta, tok_json = orbax_io.load(src)
-        if meta["dtype"] != dtype:
-            import ml_dtypes
-            import jax
-            import numpy as np
+        if meta["dtype"] != dtype:  # e.g. a float32 checkpoint served in bfloat16
             want = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
             params = jax.tree.map(lambda a: np.asarray(a).astype(want), params)
             meta = dict(meta, dtype=dtype)

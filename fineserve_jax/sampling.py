@@ -6,8 +6,7 @@ form inside a jitted step. Stop token ids and stop strings are the caller's busi
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import jax

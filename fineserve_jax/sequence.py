@@ -6,7 +6,7 @@ Plain Python (no JAX): the notebook API and the engine both feed sampled ids to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.tokenizer import Tokenizer

@@ -7,7 +7,6 @@ is rendered with Jinja in a sandbox, the way HF ``apply_chat_template`` does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import tokenizers

@@ -121,3 +121,11 @@ def test_orbax_with_wrong_shape_names_array(hf_dir, tmp_path):
     save_model(m, tmp_path / "ck")
     with pytest.raises(CheckpointError, match=r"\['layers'\]\['wo'\].*shape"):
         orbax_io.load(tmp_path / "ck")
+
+
+def test_orbax_checkpoint_loads_in_another_dtype(hf_dir, tmp_path):
+    save_model(load_model(hf_dir, "float32", progress=False), tmp_path / "ck")
+    m = load_model(tmp_path / "ck", "bfloat16", progress=False)
+    assert m.metadata["dtype"] == "bfloat16"
+    leaves = jax.tree.leaves(m.params)
+    assert leaves and all(np.asarray(a).dtype == np.dtype(ml_dtypes.bfloat16) for a in leaves)
