@@ -14,7 +14,6 @@ wrong shape or a missing array is reported by name before any bytes are read.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,7 +93,6 @@ def load(directory: str | Path, target: Any = None) -> tuple[Any, dict, str]:
     if target is None:
         target = abstract_params(ModelConfig.from_dict(meta["config"]), meta["dtype"])
     _check_stored_tree(directory, target)
-    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
             params = ck.restore(directory, ocp.args.Composite(

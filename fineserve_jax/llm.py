@@ -122,7 +122,7 @@ class LLM:
         max_new = max(s.params.max_tokens for s in seqs)
         T = bucket(int(lens.max()))
         S = min(bucket(int(lens.max()) + max_new, 64),
-                max(bucket(self.config.max_position_embeddings, 64), 64))
+                bucket(self.config.max_position_embeddings, 64))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         for i, s in enumerate(seqs):

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
-# The GPT-2 byte-level regex and Llama-3's variant, for the GGUF "pre" tokenizer names.
+# Llama-3's pre-tokenizer regex (GGUF pre = "llama-bpe"); GPT-2's is built into ByteLevel.
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types that are special tokens
