@@ -13,12 +13,12 @@ import os
 import time
 from typing import Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
 
+from fineserve_jax.engine import Engine, EngineConfig
 from fineserve_jax.runner import DenseRunner, bucket
-from fineserve_jax.sampling import SamplingArrays, SamplingParams, batch_mode
-from fineserve_jax.sequence import RequestOutput, SequenceState
+from fineserve_jax.sampling import SamplingParams
+from fineserve_jax.sequence import RequestOutput
 
 PRECISIONS = ("bf16",)  # unquantized weights; quantized tenants register here
 
@@ -31,10 +31,14 @@ class LLM:
 
     ``source``: the alias ``smollm2-135m``, a ``.gguf`` file, an HF directory or an Orbax
     checkpoint directory. ``dtype``: ``"bfloat16"`` or ``"float32"`` compute and storage.
+    Generation runs on an ``Engine`` of its own (continuous batching over a paged KV pool
+    of ``kv_budget_bytes``); shapes compile on first use unless ``engine_config`` asks
+    for a warm-up. ``llm.engine`` is that engine, for stats or more requests.
     """
 
     def __init__(self, source: str | os.PathLike, precision: str = "bf16",
-                 dtype: str = "bfloat16", *, progress: bool = True):
+                 dtype: str = "bfloat16", *, progress: bool = True,
+                 kv_budget_bytes: int = 256 * 2**20, engine_config: EngineConfig | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not available; choose from {PRECISIONS}")
         from checkpoints import load_model  # converter imports stay out of `import fineserve_jax`
@@ -47,15 +51,28 @@ class LLM:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.metadata = loaded.metadata
-        self.runner = DenseRunner(self.config, jax.device_put(loaded.params), dtype)
+        ec = engine_config or EngineConfig(kv_budget_bytes=kv_budget_bytes, warmup=False,
+                                           max_model_len=self.config.max_position_embeddings)
+        self.engine = Engine(ec)
+        self.name = "model"
+        self.engine.add_model(self.name, self.config, loaded.params, self.tokenizer, dtype=dtype,
+                              precision=precision)
+        self.engine.start()
+        # Full-sequence scoring (logits, perplexity) needs no KV pool: a dense pass over the
+        # very weights the engine runs.
+        self.runner = DenseRunner(self.config, self.engine.weights(self.name), dtype)
         self.load_seconds = time.perf_counter() - t0
-        self._rng = np.random.default_rng()
 
     def __repr__(self):
         c = self.config
         return (f"LLM({self.source!r}, precision={self.precision!r}, dtype={self.dtype!r}, "
                 f"{c.num_params() / 1e6:.0f}M params, layers={c.num_layers}, "
                 f"heads={c.num_heads}/{c.num_kv_heads}, vocab={c.vocab_size})")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(wait=False)
 
     # ----------------------------------------------------------------- public
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -64,17 +81,20 @@ class LLM:
         """One ``RequestOutput`` per prompt (a string, or a list of token ids)."""
         prompts = _as_prompt_list(prompts)
         plist = _as_params_list(params, len(prompts))
-        seqs = [self._new_sequence(p, sp) for p, sp in zip(prompts, plist)]
-        for _ in self._run(seqs):
-            pass
-        return [s.output() for s in seqs]
+        handles = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
+        try:
+            return [h.result() for h in handles]
+        finally:
+            for h in handles:  # interrupted (e.g. KeyboardInterrupt): free the rest
+                h.abort()
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yields text deltas of one prompt as they are generated."""
-        seq = self._new_sequence(prompt, params or SamplingParams())
-        for deltas in self._run([seq]):
-            if deltas[0]:
-                yield deltas[0]
+        for d in self._submit(prompt, params or SamplingParams()):
+            if d.finish_reason == "error":
+                raise RuntimeError(d.error)
+            if d.text:
+                yield d.text
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
              params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
@@ -106,55 +126,10 @@ class LLM:
                              f"{self.config.max_position_embeddings}")
         return ids
 
-    def _new_sequence(self, prompt: Prompt, sp: SamplingParams) -> SequenceState:
-        if isinstance(prompt, str):
-            ids = self._check_ids(self.tokenizer.encode(prompt))
-            text = prompt
-        else:
-            ids, text = self._check_ids(prompt), None
-        return SequenceState(self.tokenizer, sp, ids, text,
-                             max_total_len=self.config.max_position_embeddings)
-
-    def _run(self, seqs: list[SequenceState]) -> Iterator[list[str]]:
-        """Static-batch generation over a dense cache; yields each step's text deltas."""
-        B = bucket(len(seqs), 1)
-        lens = np.array([len(s.prompt_ids) for s in seqs], np.int32)
-        max_new = max(s.params.max_tokens for s in seqs)
-        T = bucket(int(lens.max()))
-        S = min(bucket(int(lens.max()) + max_new, 64),
-                bucket(self.config.max_position_embeddings, 64))
-        tokens = np.zeros((B, T), np.int32)
-        positions = np.full((B, T), -1, np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, :lens[i]] = s.prompt_ids
-            positions[i, :lens[i]] = np.arange(lens[i])
-        seq_lens = np.zeros(B, np.int32)
-        seq_lens[:len(seqs)] = lens
-        logits_idx = np.maximum(seq_lens - 1, 0)
-        seeds = [s.params.seed if s.params.seed is not None else int(self._rng.integers(2**31))
-                 for s in seqs]
-        mode = batch_mode([s.params for s in seqs])
-        kv = self.runner.new_cache(B, S)
-        step = 0
-        while True:
-            samp = SamplingArrays.build([s.params for s in seqs], seeds, [step] * len(seqs), B)
-            nxt, kv = self.runner.step(kv, tokens, positions, seq_lens, logits_idx, samp, mode)
-            nxt = np.asarray(nxt)
-            deltas = []
-            for i, s in enumerate(seqs):
-                deltas.append("" if s.finished else s.append(int(nxt[i])))
-            yield deltas
-            step += 1
-            active = np.array([not s.finished for s in seqs] + [False] * (B - len(seqs)))
-            if not active.any() or int(seq_lens.max()) >= S:
-                break
-            tokens = nxt[:, None].astype(np.int32)
-            positions = np.where(active, seq_lens, -1)[:, None].astype(np.int32)
-            seq_lens = np.where(active, seq_lens + 1, seq_lens).astype(np.int32)
-            logits_idx = np.zeros(B, np.int32)
-        for s in seqs:  # cache full before max_tokens: stop by length
-            if not s.finished:
-                s.finish_reason = "length"
+    def _submit(self, prompt: Prompt, sp: SamplingParams):
+        if not isinstance(prompt, str):
+            prompt = self._check_ids(prompt)
+        return self.engine.submit(self.name, prompt, sp, sync=True)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

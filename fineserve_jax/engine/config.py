@@ -1,0 +1,93 @@
+"""Engine configuration and the shape buckets it compiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALLOCATORS = ("kvslab", "static", "fixed-page")
+
+
+def pow2_range(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
+    """lo, lo*factor, ... up to and always including hi."""
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= factor
+    return tuple(out) + (hi,)
+
+
+def pick(buckets: tuple[int, ...], n: int, what: str) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest compiled bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One device's engine: KV budget, batch limits, compiled shapes.
+
+    Buckets left as ``None`` are derived: powers of ``bucket_factor`` up to the limit.
+    Every combination is compiled at warm-up (when ``warmup``), so keep them few.
+    """
+
+    kv_budget_bytes: int = 256 * 2**20  # the device's KV pool, shared by all its models
+    block_tokens: int = 16
+    max_seqs: int = 16  # running sequences per model (the largest decode batch)
+    max_prefill_seqs: int = 4  # rows of one prefill step
+    prefill_token_budget: int = 256  # tokens of one prefill step
+    max_model_len: int = 2048  # prompt + output tokens of one sequence (capped by the model)
+    allocator: str = "kvslab"  # "kvslab" | "static" | "fixed-page" (baselines)
+    bucket_factor: int = 4
+    decode_buckets: tuple[int, ...] | None = None  # batch sizes of decode steps
+    prefill_row_buckets: tuple[int, ...] | None = None  # rows of prefill steps
+    chunk_buckets: tuple[int, ...] | None = None  # tokens per row of prefill steps
+    context_buckets: tuple[int, ...] | None = None  # page-table widths (blocks)
+    min_chunk: int = 16
+    min_context_blocks: int = 8
+    warmup: bool = True  # compile every bucket before serving
+    pool_fill: int = 0  # byte the pool starts as (tests poison it with 0xFF = NaN)
+
+    def __post_init__(self):
+        for f in ("kv_budget_bytes", "block_tokens", "max_seqs", "max_prefill_seqs",
+                  "prefill_token_budget", "max_model_len", "min_chunk", "min_context_blocks"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
+        if self.bucket_factor < 2:
+            raise ValueError("bucket_factor must be >= 2")
+        if not 0 <= self.pool_fill <= 255:
+            raise ValueError("pool_fill is a byte value")
+        for f in ("decode_buckets", "prefill_row_buckets", "chunk_buckets", "context_buckets"):
+            v = getattr(self, f)
+            if v is not None and (not v or list(v) != sorted(set(v)) or v[0] < 1):
+                raise ValueError(f"{f} must be increasing positive ints, got {v!r}")
+
+    def buckets(self, max_len: int) -> "Buckets":
+        """The compiled shapes for a model whose sequences hold at most ``max_len`` tokens."""
+        f = self.bucket_factor
+        max_blocks = -(-max_len // self.block_tokens)
+        chunk_hi = self.prefill_token_budget
+        return Buckets(
+            decode=self.decode_buckets or pow2_range(1, self.max_seqs, f),
+            prefill_rows=self.prefill_row_buckets or pow2_range(1, self.max_prefill_seqs, f),
+            chunks=self.chunk_buckets or pow2_range(min(self.min_chunk, chunk_hi), chunk_hi, f),
+            context=self.context_buckets or pow2_range(
+                min(self.min_context_blocks, max_blocks), max_blocks, f),
+        )
+
+
+@dataclass(frozen=True)
+class Buckets:
+    decode: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    chunks: tuple[int, ...]
+    context: tuple[int, ...]
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens per row, page-table width) compiled."""
+        dec = [(b, 1, p) for b in self.decode for p in self.context]
+        pre = [(r, t, p) for r in self.prefill_rows for t in self.chunks for p in self.context]
+        return dec + pre

@@ -1,0 +1,423 @@
+"""The per-device engine: several models, one KV pool, one Python host loop.
+
+    engine = Engine(EngineConfig(kv_budget_bytes=512 * 2**20))
+    engine.add_model("smol-bf16", loaded.config, loaded.params, loaded.tokenizer)
+    engine.start()                                   # allocator, pool, warm-up, loop thread
+    h = engine.submit("smol-bf16", "Hello", SamplingParams(max_tokens=20))
+    for delta in h: print(delta.text, end="")        # or `async for` inside an event loop
+    engine.stats()                                   # waiting/running per model, slabs by owner
+
+Each iteration (``step``) reads like the design: take submissions and aborts, ask the
+policy which model steps, let that model's scheduler pick its batch and blocks, run the
+model's jitted step on the shared pool (donated and returned), hand out the tokens, free
+what finished. Submissions and aborts from other threads go through an inbox that the
+loop drains first, so blocks of an aborted request are free before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from fineserve_jax.config import ModelConfig
+from fineserve_jax.engine.config import EngineConfig, pick
+from fineserve_jax.engine.handle import RequestHandle, StreamDelta
+from fineserve_jax.engine.runner import PagedRunner, StepBatch
+from fineserve_jax.engine.scheduler import (DECODE, BatchLimits, ModelScheduler, Scheduled,
+                                            Seq)
+from fineserve_jax.engine.stats import EngineModelStats, EngineStats
+from fineserve_jax.engine.alloc import make_allocator
+from fineserve_jax.model.kv_formats import kv_format
+from fineserve_jax.model.paged import PagedKVCache
+from fineserve_jax.sampling import (FILTERED, GREEDY, RANDOM, SamplingArrays, SamplingParams,
+                                    batch_mode)
+from fineserve_jax.sequence import SequenceState
+from fineserve_jax.tokenizer import Tokenizer
+from schedulers.policy import ModelChoicePolicy, ModelLoad, RoundRobin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_FORMAT = {"float32": "f32", "bfloat16": "bf16"}
+
+
+@dataclass
+class _Model:
+    name: str
+    config: ModelConfig
+    params: object
+    tokenizer: Tokenizer
+    dtype: str
+    kv_format: str
+    precision: str
+    reserve_blocks: int | None
+    cap_blocks: int | None
+    max_len: int = 0  # prompt + output cap of one sequence
+    buckets: object = None  # config.Buckets
+    runner: PagedRunner | None = None
+    sched: ModelScheduler | None = None
+    max_blocks: int = 0  # most blocks one sequence may ever get (pool empty)
+    last_step: int = -1
+    steps: int = 0
+    tokens_out: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    peak_running: int = 0
+    seqs: dict = field(default_factory=dict)  # request id -> Seq, while live
+
+
+class Engine:
+    """Continuous batching of several models on one device over one shared KV pool."""
+
+    def __init__(self, config: EngineConfig | None = None, policy: ModelChoicePolicy | None = None):
+        self.config = config or EngineConfig()
+        self.policy = policy or RoundRobin()
+        self._models: dict[str, _Model] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._iteration = 0
+        self._rng = np.random.default_rng()
+        self.alloc = None
+        self.pool = None
+        self.started = False
+        self.warmup_seconds = 0.0
+
+    def __repr__(self):
+        return (f"Engine(models={list(self._models)}, allocator={self.config.allocator!r}, "
+                f"kv_budget={self.config.kv_budget_bytes / 2**20:.0f} MiB, "
+                f"started={self.started})")
+
+    # ----------------------------------------------------------------- setup
+    def add_model(self, name: str, config: ModelConfig, params, tokenizer: Tokenizer, *,
+                  dtype: str = "bfloat16", kv_format_name: str | None = None,
+                  precision: str = "bf16", reserve_blocks: int | None = None,
+                  cap_blocks: int | None = None) -> None:
+        """Register a model before ``start``. ``reserve_blocks`` defaults to one full
+        prefill step's blocks; ``cap_blocks`` (optional) bounds what the model may hold."""
+        if self.started:
+            raise RuntimeError("add models before start()")
+        if name in self._models:
+            raise ValueError(f"model {name!r} already added")
+        fmt_name = kv_format_name or DEFAULT_KV_FORMAT.get(str(jnp.dtype(dtype)))
+        kv_format(fmt_name)  # validates
+        self._models[name] = _Model(name, config, params, tokenizer, str(jnp.dtype(dtype)),
+                                    fmt_name, precision, reserve_blocks, cap_blocks)
+
+    def start(self, thread: bool = True) -> "Engine":
+        """Build the allocator and pool, warm up every bucket, start the loop thread.
+
+        With ``thread=False`` nothing runs in the background: call ``step`` or
+        ``run_until_idle`` yourself (deterministic tests, notebooks)."""
+        if self.started:
+            raise RuntimeError("engine already started")
+        if not self._models:
+            raise RuntimeError("no models added")
+        c = self.config
+        formats = {m.name: kv_format(m.kv_format).block_format(m.config, c.block_tokens)
+                   for m in self._models.values()}
+        self.alloc = make_allocator(c.allocator, c.kv_budget_bytes, formats)
+        limits = BatchLimits(c.max_seqs, c.max_prefill_seqs, c.prefill_token_budget)
+        for m in self._models.values():
+            blk = formats[m.name]
+            reserve = m.reserve_blocks
+            if reserve is None:  # one full prefill step of this model
+                reserve = min(c.max_prefill_seqs, c.prefill_token_budget) + blk.blocks_for(
+                    c.prefill_token_budget)
+            self.alloc.add_model(m.name, blk, reserve_blocks=reserve, cap_blocks=m.cap_blocks)
+        for m in self._models.values():
+            blk = formats[m.name]
+            layout = self.alloc.layout(m.name)
+            kv = PagedKVCache(kv_format(m.kv_format), blk, layout.blocks_per_row, layout.stride,
+                              m.config.sliding_window)
+            m.max_len = min(c.max_model_len, m.config.max_position_embeddings)
+            m.buckets = c.buckets(m.max_len)
+            m.runner = PagedRunner(m.config, m.params, m.dtype, kv)
+            m.params = None  # the runner holds the device copy
+            m.sched = ModelScheduler(m.name, self.alloc, blk, limits)
+            m.max_blocks = self.alloc.free_blocks(m.name)
+        self.pool = jnp.full((self.alloc.num_rows, self.alloc.row_bytes), c.pool_fill, jnp.uint8)
+        if c.warmup:
+            self.warmup()
+        self.started = True
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def warmup(self) -> None:
+        """Compile every (rows, tokens, context) bucket of every model."""
+        t0 = time.perf_counter()
+        for m in self._models.values():
+            for (B, T, P) in m.buckets.shapes():
+                for mode in ((GREEDY, RANDOM, FILTERED) if P == m.buckets.context[0] else
+                             (GREEDY,)):  # samplers depend on B only
+                    batch = StepBatch(np.zeros((B, T), np.int32), np.full((B, T), -1, np.int32),
+                                      np.zeros(B, np.int32), np.zeros((B, P), np.int32),
+                                      np.zeros(B, np.int32), SamplingArrays.build([], [], [], B),
+                                      mode)
+                    nxt, self.pool = m.runner.step(self.pool, batch)
+            nxt.block_until_ready()
+        self.warmup_seconds = time.perf_counter() - t0
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the loop thread (requests still running are left unfinished)."""
+        self._stop = True
+        self._wake.set()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def weights(self, name: str):
+        """The device weights a model's steps run on (after ``start``)."""
+        return self._model(name).runner.params
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def model_info(self, name: str) -> dict:
+        m = self._model(name)
+        return {"name": name, "precision": m.precision, "dtype": m.dtype,
+                "kv_format": m.kv_format, "max_model_len": m.max_len or None,
+                "config": m.config, "tokenizer": m.tokenizer}
+
+    def compiled_steps(self) -> int:
+        """Traces of the step functions used by this engine's models (shared ones once)."""
+        runners = {id(m.runner._step): m.runner for m in self._models.values() if m.runner}
+        return sum(r.traces for r in runners.values())
+
+    # -------------------------------------------------------------- requests
+    def submit(self, model: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               *, request_id: str | None = None, sync: bool | None = None) -> RequestHandle:
+        """Queue a request; returns its handle at once. Raises ValueError on bad input.
+
+        The handle streams to ``async for`` when submitted from a running event loop and
+        to a plain ``for`` otherwise; ``sync=True`` forces the latter (a notebook cell
+        runs inside an event loop but wants blocking iteration)."""
+        m = self._model(model)
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, m.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(i) for i in prompt]
+        self._check_prompt(m, ids, params)
+        loop = None
+        if not sync:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        rid = request_id or uuid.uuid4().hex
+        handle = RequestHandle(rid, model, text, ids, self.abort, loop)
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+        state = SequenceState(m.tokenizer, params, ids, text, max_total_len=m.max_len or None)
+        self._inbox.put(("submit", model, Seq(rid, state, seed, handle, list(ids))))
+        self._wake.set()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed before the engine's next step."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def _check_prompt(self, m: _Model, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        V = m.config.vocab_size
+        if any(not 0 <= i < V for i in ids):
+            raise ValueError(f"token ids must be in [0, {V})")
+        max_len = m.max_len or min(self.config.max_model_len, m.config.max_position_embeddings)
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context is {max_len}")
+        if self.started:
+            worst = min(len(ids) + params.max_tokens, max_len)
+            blk = m.runner.kv.block
+            if blk.blocks_for(worst) > m.max_blocks:
+                raise ValueError(f"{worst} tokens need {blk.blocks_for(worst)} KV blocks; model "
+                                 f"{m.name!r} can hold at most {m.max_blocks}")
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                ran = self.step()
+            except Exception:  # the loop must survive anything one step does
+                log.exception("engine iteration failed")
+                ran = False
+            if not ran:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Step in this thread until no model has work (for ``thread=False`` engines)."""
+        n = 0
+        while n < max_steps and self.step():
+            n += 1
+        return n
+
+    def step(self) -> bool:
+        """One iteration: drain the inbox, schedule one model, run, postprocess."""
+        with self._lock:
+            self._drain_inbox()
+            picked = self._schedule()
+            if picked is None:
+                self._fail_unschedulable()
+                return False
+            m, work = picked
+            batch = self._build_batch(m, work)
+        try:
+            nxt, self.pool = m.runner.step(self.pool, batch)
+            nxt = np.asarray(nxt)
+        except Exception as e:
+            log.exception("step of model %s failed", m.name)
+            with self._lock:
+                for seq, _ in work.rows:
+                    self._finish(m, seq, StreamDelta("", [], "error", error=f"{type(e).__name__}: {e}"))
+            return True
+        with self._lock:
+            self._postprocess(m, work, nxt)
+        return True
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "submit":
+                _, name, seq = msg
+                m = self._models[name]
+                m.seqs[seq.id] = seq
+                m.sched.add(seq)
+            else:
+                rid = msg[1]
+                for m in self._models.values():
+                    seq = m.seqs.get(rid)
+                    if seq is not None:
+                        m.aborted += 1
+                        self._finish(m, seq, self._final(seq, "abort"))
+
+    def _schedule(self) -> tuple[_Model, Scheduled] | None:
+        candidates = {m.name: m for m in self._models.values() if m.sched.has_work()}
+        while candidates:
+            loads = [self._load(m) for m in candidates.values()]
+            m = candidates.pop(self.policy.choose(loads))
+            work = m.sched.schedule()
+            if work is not None:
+                self._iteration += 1
+                m.last_step = self._iteration
+                return m, work
+        return None
+
+    def _fail_unschedulable(self) -> None:
+        # Nothing could run: if no sequence holds blocks anywhere, the head request of a
+        # stuck model can never fit (the pool is as empty as it gets), so it fails.
+        if any(m.sched.running for m in self._models.values()):
+            return
+        for m in self._models.values():
+            if m.sched.waiting:
+                seq = m.sched.waiting[0]
+                m.failed += 1
+                self._finish(m, seq, self._final(seq, "error", "the request does not fit the "
+                                                 "KV pool"))
+
+    def _load(self, m: _Model) -> ModelLoad:
+        s = m.sched
+        now = time.monotonic()
+        oldest = now - s.waiting[0].arrival if s.waiting else 0.0
+        return ModelLoad(m.name, len(s.waiting), len(s.running), s.prefilling, oldest, m.last_step)
+
+    def _build_batch(self, m: _Model, work: Scheduled) -> StepBatch:
+        bk = m.buckets
+        n = len(work.rows)
+        if work.kind == DECODE:
+            B, T = pick(bk.decode, n, "decode batch"), 1
+        else:
+            B = pick(bk.prefill_rows, n, "prefill rows")
+            T = pick(bk.chunks, max(c for _, c in work.rows), "prefill chunk")
+        P = pick(bk.context, max(len(s.blocks) for s, _ in work.rows), "context blocks")
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.full((B, T), -1, np.int32)
+        seq_lens = np.zeros(B, np.int32)
+        page_table = np.zeros((B, P), np.int32)
+        logits_idx = np.zeros(B, np.int32)
+        for i, (seq, c) in enumerate(work.rows):
+            a = seq.num_computed
+            tokens[i, :c] = seq.tokens[a:a + c]
+            positions[i, :c] = np.arange(a, a + c)
+            seq_lens[i] = a + c
+            page_table[i, :len(seq.blocks)] = seq.blocks
+            logits_idx[i] = c - 1
+        seqs = [s for s, _ in work.rows]
+        params = [s.state.params for s in seqs]
+        sampling = SamplingArrays.build(params, [s.seed for s in seqs],
+                                        [len(s.state.output_ids) for s in seqs], B)
+        return StepBatch(tokens, positions, seq_lens, page_table, logits_idx, sampling,
+                         batch_mode(params))
+
+    def _postprocess(self, m: _Model, work: Scheduled, nxt: np.ndarray) -> None:
+        m.steps += 1
+        m.peak_running = max(m.peak_running, len(m.sched.running))
+        now = time.monotonic()
+        for i, (seq, c) in enumerate(work.rows):
+            if seq.id not in m.seqs or not m.sched.advance(seq, c):
+                continue
+            tok = int(nxt[i])
+            seq.first_token_at = seq.first_token_at or now
+            text = seq.state.append(tok)
+            seq.tokens.append(tok)
+            m.tokens_out += 1
+            d = StreamDelta(text, [tok], seq.state.finish_reason, len(seq.state.prompt_ids),
+                            len(seq.state.output_ids))
+            if seq.state.finished:
+                m.finished += 1
+                self._finish(m, seq, d)
+            else:
+                seq.sink.push(d)
+
+    def _final(self, seq: Seq, reason: str, error: str | None = None) -> StreamDelta:
+        return StreamDelta("", [], reason, len(seq.state.prompt_ids), len(seq.state.output_ids),
+                           error)
+
+    def _finish(self, m: _Model, seq: Seq, last: StreamDelta) -> None:
+        m.sched.remove(seq)  # frees its blocks now
+        m.seqs.pop(seq.id, None)
+        seq.sink.push(last)
+
+    # ---------------------------------------------------------- introspection
+    def _model(self, name: str) -> _Model:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise KeyError(f"model {name!r} is not served; served: {list(self._models)}") from None
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot: per model queues and counters, the pool by owner."""
+        with self._lock:
+            models = {}
+            for m in self._models.values():
+                s = m.sched
+                models[m.name] = EngineModelStats(
+                    name=m.name, precision=m.precision, kv_format=m.kv_format,
+                    waiting=len(s.waiting) if s else 0, running=len(s.running) if s else 0,
+                    prefilling=s.prefilling if s else 0,
+                    preempted_waiting=sum(q.preemptions > 0 for q in s.waiting) if s else 0,
+                    preemptions=s.preemptions if s else 0, finished=m.finished,
+                    aborted=m.aborted, failed=m.failed, steps=m.steps,
+                    tokens_generated=m.tokens_out, peak_running=m.peak_running,
+                    blocks_held=s.blocks_held() if s else 0)
+            live = {m.name: m.sched.live_tokens() for m in self._models.values() if m.sched}
+            pool = self.alloc.stats(live) if self.alloc is not None else None
+            return EngineStats(models, pool, self._iteration, self.compiled_steps())
+

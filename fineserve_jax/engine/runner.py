@@ -1,0 +1,88 @@
+"""Jitted model steps over the shared paged pool, one compiled function per shape bucket.
+
+``step(params, pool, batch) -> (next tokens, pool)`` is a pure function of the model's
+static config, compute dtype and KV cache description; the pool is donated. Functions
+are cached by those static parts, so two tenants with the same shapes and formats share
+their compilations. ``traces`` counts how many times a step was traced (compiled), which
+the engine's warm-up and tests use to prove nothing compiles after warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fineserve_jax.config import ModelConfig
+from fineserve_jax.model.paged import PagedKVCache, PagedKVMeta
+from fineserve_jax.model.transformer import forward, lm_head
+from fineserve_jax.runner import backend_weights
+from fineserve_jax.sampling import SamplingArrays, sample
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Host arrays of one step (numpy); shapes are a compiled bucket (B, T, P)."""
+
+    tokens: np.ndarray  # i32[B, T]
+    positions: np.ndarray  # i32[B, T]; -1 = padding
+    seq_lens: np.ndarray  # i32[B] KV length after the step; 0 = padding row
+    page_table: np.ndarray  # i32[B, P]
+    logits_idx: np.ndarray  # i32[B] which of the T tokens predicts the next one
+    sampling: SamplingArrays
+    mode: str  # sampler of the batch (``sampling.batch_mode``)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        B, T = self.tokens.shape
+        return B, T, self.page_table.shape[1]
+
+
+class _TracedStep:
+    """A jitted step that counts its traces (one per compiled shape)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, kv: PagedKVCache):
+        self.traces = 0
+
+        def step(params, pool, tokens, positions, seq_lens, page_table, logits_idx):
+            self.traces += 1  # runs at trace time only
+            meta = PagedKVMeta(positions, seq_lens, page_table)
+            h, pool = forward(cfg, params, tokens, positions, kv, pool, meta, dtype)
+            last = jnp.take_along_axis(h, logits_idx[:, None, None], axis=1)[:, 0]  # (B, D)
+            return lm_head(cfg, params, last), pool  # f32[B, vocab]
+
+        self.fn = jax.jit(step, donate_argnames=("pool",))
+
+
+@functools.lru_cache(maxsize=None)
+def traced_step(cfg: ModelConfig, dtype: str, kv: PagedKVCache) -> _TracedStep:
+    return _TracedStep(cfg, jnp.dtype(dtype), kv)
+
+
+class PagedRunner:
+    """One model's weights and its compiled steps over the device pool."""
+
+    def __init__(self, cfg: ModelConfig, params, dtype: str, kv: PagedKVCache):
+        self.cfg = cfg
+        self.dtype = str(jnp.dtype(dtype))
+        self.kv = kv
+        self.params = backend_weights(jax.device_put(params), jnp.dtype(dtype))
+        self._step = traced_step(cfg, self.dtype, kv)
+
+    @property
+    def traces(self) -> int:
+        return self._step.traces
+
+    def step(self, pool: jax.Array, b: StepBatch) -> tuple[jax.Array, jax.Array]:
+        """-> (next token i32[B] on device, new pool). ``pool`` is donated."""
+        logits, pool = self._step.fn(self.params, pool, b.tokens, b.positions, b.seq_lens,
+                                     b.page_table, b.logits_idx)
+        return _sample(logits, b.sampling, mode=b.mode), pool
+
+
+# Sampling is compiled apart from the model step: per (batch, vocab, sampler), shared by
+# every model, so the model's shape buckets don't multiply by the samplers.
+_sample = jax.jit(sample, static_argnames=("mode",))

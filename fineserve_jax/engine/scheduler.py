@@ -1,0 +1,209 @@
+"""Continuous batching for one model: admission, chunked prefill, decode, preemption.
+
+Plain Python (no JAX). Each engine iteration for a model is one step of one kind:
+
+- *prefill*: chunks of prompts (partially prefilled sequences first, then waiting ones in
+  arrival order) up to ``prefill_token_budget`` tokens and ``max_prefill_seqs`` rows; a
+  long prompt is split across steps, so decode steps of running sequences run between
+  its chunks;
+- *decode*: one token for every running sequence whose prompt is in KV.
+
+The two kinds alternate while both have work, so a burst of long prompts delays decodes
+by at most one prefill step. When a decode needs a block and the pool has none for this
+model, the newest running sequence is preempted by recompute: its blocks are freed and
+it goes back to the front of the queue with its prompt *and* generated tokens, which
+are prefilled again when memory returns; the sampler's per-step keys make the result
+the same as without the preemption.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fineserve_jax.kvslab import BlockFormat
+from fineserve_jax.sequence import SequenceState
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass(eq=False)
+class Seq:
+    """One request's sequence as the engine tracks it."""
+
+    id: str
+    state: SequenceState  # stop rules and streamed text
+    seed: int
+    sink: Any  # receives deltas (``RequestHandle``)
+    tokens: list[int]  # prompt + generated ids; while decoding the last is not in KV yet
+    arrival: float = field(default_factory=time.monotonic)
+    num_computed: int = 0  # tokens whose K/V are in the pool
+    blocks: list[int] = field(default_factory=list)  # block handles, in position order
+    preemptions: int = 0
+    first_token_at: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens to feed before the next sample: 1 when decoding, more while prefilling."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.remaining > 1 or self.num_computed == 0
+
+
+@dataclass
+class Scheduled:
+    """One step's work for one model: (sequence, tokens fed) rows in batch order."""
+
+    kind: str  # PREFILL | DECODE
+    rows: list[tuple[Seq, int]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c for _, c in self.rows)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_seqs: int  # running sequences (the largest decode batch)
+    max_prefill_seqs: int  # rows of one prefill step
+    prefill_token_budget: int  # tokens of one prefill step (and the longest chunk)
+
+
+class ModelScheduler:
+    """Waiting and running sequences of one model, and the blocks they hold.
+
+    ``alloc`` is the device's KV allocator (``kvslab.KVAllocator``), shared with the other
+    models on the device; this scheduler only allocates and frees under its own name.
+    ``on_preempt`` is told about every preemption (for stats and tests).
+    """
+
+    def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits,
+                 on_preempt: Callable[[Seq], None] | None = None):
+        self.name = name
+        self.alloc = alloc
+        self.block = block
+        self.limits = limits
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # admission order
+        self.preemptions = 0
+        self._last_kind = DECODE
+        self._on_preempt = on_preempt
+
+    # ---------------------------------------------------------------- queries
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def prefilling(self) -> int:
+        return sum(s.prefilling for s in self.running)
+
+    def blocks_held(self) -> int:
+        return sum(len(s.blocks) for s in self.running)
+
+    def live_tokens(self) -> int:
+        return sum(s.num_computed for s in self.running)
+
+    # ----------------------------------------------------------------- verbs
+    def add(self, seq: Seq) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Seq) -> None:
+        """Drop a sequence wherever it is (finished or aborted) and free its blocks now."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+
+    def schedule(self) -> Scheduled | None:
+        """The next step for this model, with its blocks allocated; None if it can't run."""
+        decodable = any(not s.prefilling for s in self.running)
+        has_prefill = bool(self.waiting) or any(s.prefilling for s in self.running)
+        order = [PREFILL, DECODE] if self._last_kind == DECODE else [DECODE, PREFILL]
+        for kind in order:
+            if kind == PREFILL and has_prefill:
+                rows = self._schedule_prefill()
+            elif kind == DECODE and decodable:
+                rows = self._schedule_decode()
+            else:
+                continue
+            if rows:
+                self._last_kind = kind
+                return Scheduled(kind, rows)
+        return None
+
+    def advance(self, seq: Seq, fed: int) -> bool:
+        """After a step fed ``fed`` tokens of ``seq``: True if it now samples a token."""
+        seq.num_computed += fed
+        return seq.num_computed == len(seq.tokens)
+
+    # ------------------------------------------------------------- internals
+    def _blocks_needed(self, seq: Seq, tokens_after: int) -> int:
+        return max(0, self.block.blocks_for(tokens_after) - len(seq.blocks))
+
+    def _grow(self, seq: Seq, tokens_after: int) -> bool:
+        need = self._blocks_needed(seq, tokens_after)
+        if need and not self.alloc.can_allocate(self.name, need):
+            return False
+        if need:
+            seq.blocks.extend(self.alloc.allocate(self.name, need))
+        return True
+
+    def _free(self, seq: Seq) -> None:
+        if seq.blocks:
+            self.alloc.free(self.name, seq.blocks)
+            seq.blocks = []
+
+    def _preempt(self, seq: Seq) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+        if self._on_preempt is not None:
+            self._on_preempt(seq)
+
+    def _schedule_decode(self) -> list[tuple[Seq, int]]:
+        rows: list[tuple[Seq, int]] = []
+        for seq in list(self.running):
+            if seq.prefilling or seq not in self.running:
+                continue
+            while not self._grow(seq, seq.num_computed + 1):
+                victim = self.running[-1]  # newest admitted
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                rows.append((seq, 1))
+        return rows
+
+    def _schedule_prefill(self) -> list[tuple[Seq, int]]:
+        lim = self.limits
+        budget = lim.prefill_token_budget
+        rows: list[tuple[Seq, int]] = []
+        bt = self.block.block_tokens
+        partial = [s for s in self.running if s.prefilling]
+        for seq in partial + list(self.waiting):
+            if len(rows) == lim.max_prefill_seqs or budget == 0:
+                break
+            admitting = seq not in self.running
+            if admitting and len(self.running) >= lim.max_seqs:
+                break
+            chunk = min(seq.remaining, budget)
+            if not self._grow(seq, seq.num_computed + chunk):
+                # Take what fits in the blocks this model can still get.
+                fit = (len(seq.blocks) + self.alloc.free_blocks(self.name)) * bt - seq.num_computed
+                chunk = min(chunk, fit)
+                if chunk <= 0 or not self._grow(seq, seq.num_computed + chunk):
+                    break  # arrival order: nothing behind it jumps ahead
+            if admitting:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+            rows.append((seq, chunk))
+            budget -= chunk
+        return rows
