@@ -4,17 +4,20 @@
     python serve.py --model fast=smollm2-135m,dtype=float32 --port 9000
 
 ``--model NAME=SOURCE[,precision=P][,dtype=D]`` is repeatable; SOURCE is an alias, a
-.gguf file, an HF directory or an Orbax checkpoint.
+.gguf file, an HF directory or an Orbax checkpoint. Every model shares one engine and
+one KV pool of ``--kv-budget`` bytes on the default device.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
 DEFAULT_MODELS = ["smollm2-135m-bf16=smollm2-135m,precision=bf16,dtype=bfloat16"]
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fineserve-jax")
 
 
 def parse_model_spec(spec: str) -> dict:
@@ -39,6 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", action="append", type=parse_model_spec, dest="models",
                     help="NAME=SOURCE[,precision=P][,dtype=D] (repeatable)")
+    ap.add_argument("--kv-budget", type=int, default=512 * 2**20, metavar="BYTES",
+                    help="bytes of the KV pool shared by all models")
+    ap.add_argument("--max-seqs", type=int, default=16, help="running sequences per model")
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="prompt + output tokens of one request (capped by each model)")
     ap.add_argument("--log-level", default="info",
                     choices=("debug", "info", "warning", "error"))
     args = ap.parse_args(argv)
@@ -50,29 +58,47 @@ def main(argv=None) -> int:
     if len(set(names)) != len(names):
         ap.error(f"duplicate model names: {names}")
 
+    import jax
     import uvicorn
 
-    from fineserve_jax import LLM, SamplingParams
+    from checkpoints import load_model
+    from fineserve_jax.engine import Engine, EngineConfig
+    from fineserve_jax.llm import PRECISIONS
     from fineserve_jax.server import build_app
-    from fineserve_jax.server.worker import ModelWorker
 
-    workers = {}
+    # Compiled steps persist between starts: the second start skips most of the warm-up.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(CACHE_DIR, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    try:
+        cfg = EngineConfig(kv_budget_bytes=args.kv_budget, max_seqs=args.max_seqs,
+                           max_model_len=args.max_model_len)
+    except ValueError as e:
+        ap.error(str(e))
+    engine = Engine(cfg)
     for s in specs:
+        if s["precision"] not in PRECISIONS:
+            log.error("model %s: precision %r is not available; choose from %s", s["name"],
+                      s["precision"], PRECISIONS)
+            return 1
         t0 = time.perf_counter()
         try:
-            llm = LLM(s["source"], precision=s["precision"], dtype=s["dtype"])
+            loaded = load_model(s["source"], s["dtype"], progress=True)
         except (OSError, ValueError) as e:
             log.error("cannot load model %s from %s: %s", s["name"], s["source"], e)
             return 1
-        llm.generate("Warm-up", SamplingParams(max_tokens=2, temperature=0))
-        w = ModelWorker(s["name"], llm)
-        w.start()
-        workers[s["name"]] = w
-        log.info("model %s: %s precision=%s dtype=%s on %s, ready in %.1fs", s["name"],
-                 s["source"], s["precision"], s["dtype"],
-                 next(iter(llm.runner.params["embed"].devices())), time.perf_counter() - t0)
-    log.info("serving %s on http://%s:%d/v1", ", ".join(workers), args.host, args.port)
-    uvicorn.run(build_app(workers), host=args.host, port=args.port, log_level=args.log_level)
+        engine.add_model(s["name"], loaded.config, loaded.params, loaded.tokenizer,
+                         dtype=s["dtype"], precision=s["precision"])
+        log.info("model %s: %s precision=%s dtype=%s loaded in %.1fs", s["name"], s["source"],
+                 s["precision"], s["dtype"], time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    engine.start()
+    pool = engine.stats().pool
+    log.info("engine on %s: KV pool %.0f MiB (%d slabs of %d B, allocator %s), warm-up %.1fs",
+             engine.device, pool.pool_bytes / 2**20, pool.rows_total, pool.row_bytes,
+             cfg.allocator, time.perf_counter() - t0)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(engine.models), args.host, args.port)
+    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    engine.shutdown()
     return 0
 
 

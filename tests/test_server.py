@@ -7,17 +7,20 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
+from fineserve_jax.engine import Engine, EngineConfig
 from fineserve_jax.server import build_app
-from fineserve_jax.server.worker import ModelWorker
 
 
 @pytest.fixture(scope="module")
 def client(smollm2_f32):
-    w = ModelWorker("smol", smollm2_f32)
-    w.start()
-    with TestClient(build_app({"smol": w})) as c:
+    llm = smollm2_f32
+    engine = Engine(EngineConfig(kv_budget_bytes=64 * 2**20, max_model_len=1024, warmup=False))
+    engine.add_model("smol", llm.config, llm.engine.weights(llm.name), llm.tokenizer,
+                     dtype=llm.dtype)
+    engine.start()
+    with TestClient(build_app(engine)) as c:
         yield c
-    w.stop()
+    engine.shutdown()
 
 
 def test_models_and_health(client):

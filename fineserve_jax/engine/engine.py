@@ -92,6 +92,7 @@ class Engine:
         self.alloc = None
         self.pool = None
         self.started = False
+        self.device: str | None = None  # where the pool lives, once started
         self.warmup_seconds = 0.0
 
     def __repr__(self):
@@ -148,6 +149,7 @@ class Engine:
             m.sched = ModelScheduler(m.name, self.alloc, blk, limits)
             m.max_blocks = self.alloc.free_blocks(m.name)
         self.pool = jnp.full((self.alloc.num_rows, self.alloc.row_bytes), c.pool_fill, jnp.uint8)
+        self.device = str(next(iter(self.pool.devices())))
         if c.warmup:
             self.warmup()
         self.started = True

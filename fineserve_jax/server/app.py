@@ -1,14 +1,14 @@
 """Starlette app: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``.
 
-Each request gets an ``asyncio.Queue`` fed by its model's worker thread; streaming
-responses are OpenAI server-sent events ending in ``data: [DONE]``. Invalid requests get
-a 4xx with an OpenAI-style error body naming the parameter; a client that disconnects
-has its request cancelled.
+Requests route by ``model`` to the engine serving it; each request's handle is fed by
+that engine's thread through an ``asyncio.Queue``. Streaming responses are OpenAI
+server-sent events ending in ``data: [DONE]``. Invalid requests get a 4xx with an
+OpenAI-style error body naming the parameter; a client that disconnects has its request
+aborted, which frees its KV blocks at the engine's next iteration.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -18,8 +18,8 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from fineserve_jax.engine import Engine, RequestHandle, StreamDelta
 from fineserve_jax.sampling import SamplingParams
-from fineserve_jax.server.worker import Delta, ModelWorker, Request
 
 
 class APIError(Exception):
@@ -66,18 +66,18 @@ def _sampling_params(body: dict, chat: bool) -> SamplingParams:
 
 
 class Server:
-    def __init__(self, workers: dict[str, ModelWorker]):
-        self.workers = workers
+    def __init__(self, routes: dict[str, Engine]):
+        self.routes = routes  # served model name -> the engine running it
         self.created = int(time.time())
 
-    def _worker(self, body: dict) -> ModelWorker:
+    def _route(self, body: dict) -> tuple[str, Engine]:
         name = body.get("model")
-        if name is None and len(self.workers) == 1:
-            return next(iter(self.workers.values()))
-        if name not in self.workers:
-            raise APIError(404, f"model {name!r} does not exist; served: {sorted(self.workers)}",
+        if name is None and len(self.routes) == 1:
+            name = next(iter(self.routes))
+        if name not in self.routes:
+            raise APIError(404, f"model {name!r} does not exist; served: {sorted(self.routes)}",
                            "model", code="model_not_found")
-        return self.workers[name]
+        return name, self.routes[name]
 
     async def _json(self, request: HTTPRequest) -> dict:
         try:
@@ -88,8 +88,8 @@ class Server:
             raise APIError(400, "request body must be a JSON object")
         return body
 
-    def _prompt_ids(self, worker: ModelWorker, body: dict, chat: bool) -> list[int]:
-        tok, cfg = worker.llm.tokenizer, worker.llm.config
+    def _prompt_ids(self, info: dict, body: dict, chat: bool) -> list[int]:
+        tok, cfg = info["tokenizer"], info["config"]
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(
@@ -116,9 +116,9 @@ class Server:
             raise APIError(400, "the prompt is empty", "prompt")
         if any(not 0 <= i < cfg.vocab_size for i in ids):
             raise APIError(400, f"token ids must be in [0, {cfg.vocab_size})", "prompt")
-        if len(ids) >= cfg.max_position_embeddings:
+        if len(ids) >= info["max_model_len"]:
             raise APIError(400, f"prompt has {len(ids)} tokens; the context is "
-                                f"{cfg.max_position_embeddings}", "prompt")
+                                f"{info['max_model_len']}", "prompt")
         return ids
 
     async def completions(self, request: HTTPRequest):
@@ -130,30 +130,25 @@ class Server:
     async def _generate(self, request: HTTPRequest, chat: bool):
         try:
             body = await self._json(request)
-            worker = self._worker(body)
+            name, engine = self._route(body)
             params = _sampling_params(body, chat)
-            ids = self._prompt_ids(worker, body, chat)
+            ids = self._prompt_ids(engine.model_info(name), body, chat)
+            try:
+                handle = engine.submit(name, ids, params)
+            except ValueError as e:
+                raise APIError(400, str(e), "max_tokens" if "KV blocks" in str(e) else "prompt")
         except APIError as e:
             return e.response()
-        req = Request(ids, params, asyncio.Queue(), asyncio.get_running_loop())
-        worker.submit(req)
         kind = "chat.completion" if chat else "text_completion"
-        rid = ("chatcmpl-" if chat else "cmpl-") + req.id
+        rid = ("chatcmpl-" if chat else "cmpl-") + handle.id
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._sse(request, req, rid, kind, worker.name, chat, usage),
+            return StreamingResponse(self._sse(handle, rid, name, chat, usage),
                                      media_type="text/event-stream")
         text, last = [], None
-        try:
-            while True:
-                d: Delta = await req.out.get()
-                text.append(d.text)
-                last = d
-                if d.finish_reason:
-                    break
-        finally:
-            if last is None or not last.finish_reason:
-                req.cancelled.set()
+        async for d in handle:  # leaving early (disconnect) aborts the request
+            text.append(d.text)
+            last = d
         if last.error:
             return APIError(500, last.error, type_="server_error").response()
         choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason}
@@ -162,11 +157,11 @@ class Server:
         else:
             choice.update(text="".join(text), logprobs=None)
         return JSONResponse({"id": rid, "object": kind, "created": int(time.time()),
-                             "model": worker.name, "choices": [choice],
+                             "model": name, "choices": [choice],
                              "usage": _usage(last)})
 
-    async def _sse(self, http: HTTPRequest, req: Request, rid: str, kind: str, model: str,
-                   chat: bool, include_usage: bool):
+    async def _sse(self, handle: RequestHandle, rid: str, model: str, chat: bool,
+                   include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
 
@@ -179,41 +174,36 @@ class Server:
             return _event({"id": rid, "object": obj, "created": created, "model": model,
                            "choices": [c]})
 
-        done = False
-        try:
-            if chat:
-                yield chunk("", None, role=True)
-            while True:
-                d: Delta = await req.out.get()
-                if d.error:
-                    yield _event({"error": {"message": d.error, "type": "server_error"}})
-                    done = True
-                    break
-                if d.text or d.finish_reason:
-                    yield chunk(d.text, d.finish_reason)
-                if d.finish_reason:
-                    done = True
-                    if include_usage:
-                        yield _event({"id": rid, "object": obj, "created": created,
-                                      "model": model, "choices": [], "usage": _usage(d)})
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            if not done:  # the client went away: stop generating for it
-                req.cancelled.set()
+        if chat:
+            yield chunk("", None, role=True)
+        # A client that goes away cancels this generator; the handle's iterator then
+        # aborts the request.
+        async for d in handle:
+            if d.error:
+                yield _event({"error": {"message": d.error, "type": "server_error"}})
+                break
+            if d.text or d.finish_reason:
+                yield chunk(d.text, d.finish_reason)
+            if d.finish_reason and include_usage:
+                yield _event({"id": rid, "object": obj, "created": created,
+                              "model": model, "choices": [], "usage": _usage(d)})
+        yield "data: [DONE]\n\n"
 
     async def models(self, request: HTTPRequest):
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "fineserve-jax",
-             "precision": w.llm.precision, "dtype": w.llm.dtype,
-             "device": str(next(iter(w.llm.runner.params["embed"].devices())))}
-            for name, w in self.workers.items()]})
+        data = []
+        for name, engine in self.routes.items():
+            info = engine.model_info(name)
+            data.append({"id": name, "object": "model", "created": self.created,
+                         "owned_by": "fineserve-jax", "precision": info["precision"],
+                         "dtype": info["dtype"], "kv_format": info["kv_format"],
+                         "max_model_len": info["max_model_len"], "device": engine.device})
+        return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: HTTPRequest):
-        return JSONResponse({"status": "ok", "models": sorted(self.workers)})
+        return JSONResponse({"status": "ok", "models": sorted(self.routes)})
 
 
-def _usage(d: Delta) -> dict:
+def _usage(d: StreamDelta) -> dict:
     return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
             "total_tokens": d.prompt_tokens + d.completion_tokens}
 
@@ -222,9 +212,16 @@ def _event(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def build_app(workers: dict[str, ModelWorker]) -> Starlette:
-    """The ASGI app over started workers (one per served model name)."""
-    s = Server(workers)
+def build_app(engines: Engine | list[Engine]) -> Starlette:
+    """The ASGI app over started engines; every model of every engine is served by name."""
+    engines = [engines] if isinstance(engines, Engine) else list(engines)
+    routes: dict[str, Engine] = {}
+    for e in engines:
+        for name in e.models:
+            if name in routes:
+                raise ValueError(f"model name {name!r} is served twice")
+            routes[name] = e
+    s = Server(routes)
 
     async def not_found(request, exc):
         return APIError(404, f"no route {request.url.path}", type_="not_found_error").response()
