@@ -20,7 +20,7 @@ def make_allocator(kind: str, pool_bytes: int, formats: Mapping[str, BlockFormat
         return KVSlabAllocator(pool_bytes, fmts)
     if kind == "static":
         from fineserve_jax.kvslab.baselines import StaticPartitionAllocator
-        return StaticPartitionAllocator(pool_bytes, dict(formats))
+        return StaticPartitionAllocator(pool_bytes, fmts, partitions=list(formats))
     if kind == "fixed-page":
         from fineserve_jax.kvslab.baselines import FixedPageAllocator
         return FixedPageAllocator(pool_bytes, fmts)

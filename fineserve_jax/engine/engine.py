@@ -31,7 +31,7 @@ import numpy as np
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.engine.config import EngineConfig, pick
 from fineserve_jax.engine.handle import RequestHandle, StreamDelta
-from fineserve_jax.engine.runner import PagedRunner, StepBatch
+from fineserve_jax.engine.runner import SAMPLER, PagedRunner, StepBatch
 from fineserve_jax.engine.scheduler import (DECODE, BatchLimits, ModelScheduler, Scheduled,
                                             Seq)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
@@ -195,9 +195,10 @@ class Engine:
                 "config": m.config, "tokenizer": m.tokenizer}
 
     def compiled_steps(self) -> int:
-        """Traces of the step functions used by this engine's models (shared ones once)."""
+        """Traces (compilations) of this engine's model steps, shared ones counted once,
+        plus the process-wide sampler's: constant once warm-up is done."""
         runners = {id(m.runner._step): m.runner for m in self._models.values() if m.runner}
-        return sum(r.traces for r in runners.values())
+        return sum(r.traces for r in runners.values()) + SAMPLER.traces
 
     # -------------------------------------------------------------- requests
     def submit(self, model: str, prompt: str | Sequence[int], params: SamplingParams | None = None,

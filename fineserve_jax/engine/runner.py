@@ -80,9 +80,21 @@ class PagedRunner:
         """-> (next token i32[B] on device, new pool). ``pool`` is donated."""
         logits, pool = self._step.fn(self.params, pool, b.tokens, b.positions, b.seq_lens,
                                      b.page_table, b.logits_idx)
-        return _sample(logits, b.sampling, mode=b.mode), pool
+        return SAMPLER.fn(logits, b.sampling, mode=b.mode), pool
 
 
-# Sampling is compiled apart from the model step: per (batch, vocab, sampler), shared by
-# every model, so the model's shape buckets don't multiply by the samplers.
-_sample = jax.jit(sample, static_argnames=("mode",))
+class _TracedSampler:
+    """Sampling compiled apart from the model step: per (batch, vocab, sampler), shared by
+    every model, so the model's shape buckets don't multiply by the samplers."""
+
+    def __init__(self):
+        self.traces = 0
+
+        def fn(logits, sampling, mode):
+            self.traces += 1
+            return sample(logits, sampling, mode)
+
+        self.fn = jax.jit(fn, static_argnames=("mode",))
+
+
+SAMPLER = _TracedSampler()

@@ -1,0 +1,192 @@
+"""The multi-model engine on a tiny random model: buckets, aborts, leaks, policy, errors.
+
+The real-model checks (batched == alone, preemption, memory moving between SmolLM2
+tenants) are in ``test_engine_smollm2.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fineserve_jax.config import ModelConfig
+from fineserve_jax.engine import Engine, EngineConfig
+from fineserve_jax.model import init_params
+from fineserve_jax.sampling import SamplingParams
+from fineserve_jax.tokenizer import Tokenizer
+from tiny_models import byte_tokenizer_json
+
+CFG = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=3,
+                  num_heads=6, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+SMALL = dict(block_tokens=4, max_seqs=8, max_prefill_seqs=2, prefill_token_budget=32,
+             max_model_len=128, decode_buckets=(2, 8), prefill_row_buckets=(2,),
+             chunk_buckets=(8, 32), context_buckets=(8, 32), pool_fill=0xFF, warmup=False)
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = jax.tree.map(np.asarray, init_params(CFG, jax.random.key(0)))
+    tok = Tokenizer.from_json(byte_tokenizer_json(), {"eos_token_ids": [257]})
+    return params, tok
+
+
+def _engine(tiny, models=("a", "b"), thread=False, dtypes=None, **kw):
+    params, tok = tiny
+    e = Engine(EngineConfig(**{"kv_budget_bytes": 2 * 2**20, **SMALL, **kw}))
+    for i, name in enumerate(models):
+        e.add_model(name, CFG, params, tok, dtype=(dtypes or ["float32"] * len(models))[i])
+    return e.start(thread=thread)
+
+
+def _prompts(n, seed=0, lo=1, hi=60):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def _assert_pool_empty(e):
+    st = e.stats()
+    for name in e.models:
+        assert e.alloc.used_blocks(name) == 0
+        assert st.models[name].blocks_held == 0 and st.models[name].running == 0
+    assert st.pool.rows_free == st.pool.rows_total
+
+
+def test_no_compilation_after_warmup(tiny):
+    e = _engine(tiny, dtypes=["float32", "bfloat16"], context_buckets=(32,),
+                warmup=True)
+    compiled = e.compiled_steps()
+    assert compiled > 0
+    hs = []
+    for i, p in enumerate(_prompts(20, seed=1, hi=100)):  # chunked prompts, decode of 1-8
+        sp = SamplingParams(max_tokens=1 + i % 9, temperature=[0, 0.8][i % 2], top_k=i % 3 * 5,
+                            seed=i, ignore_eos=True)
+        hs.append(e.submit("ab"[i % 2], p, sp))
+        if i % 4 == 0:
+            e.step()
+    e.run_until_idle()
+    assert all(h.finished for h in hs)
+    assert e.compiled_steps() == compiled
+
+
+def test_two_models_interleave_and_match_alone(tiny):
+    e = _engine(tiny)
+    prompts = _prompts(10, seed=2)
+    hs = [e.submit("ab"[i % 2], p, GREEDY) for i, p in enumerate(prompts)]
+    order = []
+    while e.step():
+        order.append(e._iteration)
+    batched = [h.result().token_ids for h in hs]
+    assert e.stats().models["a"].steps > 0 and e.stats().models["b"].steps > 0
+    alone = []
+    for p in prompts:
+        h = e.submit("a", p, GREEDY)
+        e.run_until_idle()
+        alone.append(h.result().token_ids)
+    assert batched == alone
+    _assert_pool_empty(e)
+
+
+def test_abort_frees_blocks_at_once(tiny):
+    e = _engine(tiny)
+    hs = [e.submit("a", p, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+          for p in _prompts(4, seed=3, lo=20, hi=40)]
+    for _ in range(6):
+        e.step()
+    held = e.alloc.used_blocks("a")
+    victim = hs[0]
+    mine = len(e._models["a"].seqs[victim.id].blocks)
+    assert mine > 0
+    victim.abort()
+    e._drain_inbox()  # what the next iteration does first
+    assert e.alloc.used_blocks("a") == held - mine
+    assert victim.finished and victim.finish_reason == "abort"
+    e.run_until_idle()
+    assert [h.finish_reason for h in hs[1:]] == ["length"] * 3
+    _assert_pool_empty(e)
+
+
+def test_client_cancellation_frees_blocks(tiny):
+    e = _engine(tiny, thread=True)
+    try:
+        async def consume():
+            h = e.submit("a", list(range(30)), SamplingParams(max_tokens=100, temperature=0,
+                                                              ignore_eos=True))
+            async for d in h:
+                if len(h.token_ids) >= 3:
+                    break  # the client goes away mid-stream
+            return h
+
+        h = asyncio.run(consume())
+        deadline = time.monotonic() + 10
+        while e.stats().models["a"].blocks_held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h.finish_reason == "abort" and e.stats().models["a"].aborted == 1
+        _assert_pool_empty(e)
+    finally:
+        e.shutdown()
+
+
+def test_thousand_random_requests_leak_nothing(tiny):
+    e = _engine(tiny, kv_budget_bytes=1 * 2**20)  # small pool: preemptions happen too
+    rng = np.random.default_rng(7)
+    hs = []
+    for i in range(1000):
+        p = rng.integers(0, 256, size=int(rng.integers(1, 40))).tolist()
+        sp = SamplingParams(max_tokens=int(rng.integers(1, 10)),
+                            temperature=float(rng.choice([0.0, 1.0])), seed=i,
+                            stop_token_ids=(int(rng.integers(0, 256)),))
+        hs.append(e.submit(["a", "b"][int(rng.integers(2))], p, sp))
+        if rng.random() < 0.05:
+            hs[int(rng.integers(len(hs)))].abort()
+        if rng.random() < 0.3:
+            e.step()
+    e.run_until_idle()
+    assert all(h.finished for h in hs)
+    reasons = {h.finish_reason for h in hs}
+    assert reasons <= {"stop", "length", "abort"} and "abort" in reasons
+    st = e.stats()
+    assert sum(m.finished + m.aborted for m in st.models.values()) == 1000
+    _assert_pool_empty(e)
+
+
+def test_preemption_keeps_output(tiny):
+    sp = SamplingParams(max_tokens=40, temperature=0.9, seed=3, ignore_eos=True)
+    prompts = _prompts(8, seed=4, lo=10, hi=30)
+    roomy = _engine(tiny, models=("a",), max_model_len=64)
+    want = [h.result().token_ids for h in [roomy.submit("a", p, sp) for p in prompts]
+            if roomy.run_until_idle() or True]
+    # 8 sequences growing to ~60 tokens (15 blocks each) in a pool far smaller than that.
+    tight = _engine(tiny, models=("a",), kv_budget_bytes=256 * 1024, max_model_len=64)
+    hs = [tight.submit("a", p, sp) for p in prompts]
+    tight.run_until_idle()
+    assert tight.stats().models["a"].preemptions > 0
+    assert [h.result().token_ids for h in hs] == want
+    _assert_pool_empty(tight)
+
+
+def test_bad_requests_raise_and_engine_keeps_serving(tiny):
+    e = _engine(tiny, models=("a",))
+    with pytest.raises(KeyError, match="not served"):
+        e.submit("zzz", [1, 2], GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        e.submit("a", [], GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        e.submit("a", [1, 300], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        e.submit("a", [1] * 128, GREEDY)
+    h = e.submit("a", [1, 2, 3], GREEDY)
+    e.run_until_idle()
+    assert len(h.result().token_ids) == GREEDY.max_tokens
+
+
+def test_request_larger_than_pool_is_refused(tiny):
+    e = _engine(tiny, models=("a",), kv_budget_bytes=64 * 1024)
+    cap = e._models["a"].max_blocks
+    with pytest.raises(ValueError, match="KV blocks"):
+        e.submit("a", [1] * 100, SamplingParams(max_tokens=27))
+    assert cap * 4 < 127
