@@ -190,3 +190,33 @@ def test_request_larger_than_pool_is_refused(tiny):
     with pytest.raises(ValueError, match="KV blocks"):
         e.submit("a", [1] * 100, SamplingParams(max_tokens=27))
     assert cap * 4 < 127
+
+
+def test_failed_step_fails_its_batch_and_the_engine_goes_on(tiny):
+    e = _engine(tiny)
+    prompts = _prompts(4, seed=5, lo=5, hi=20)
+    want = []
+    for p in prompts[2:]:
+        h = e.submit("b", p, GREEDY)
+        e.run_until_idle()
+        want.append(h.result().token_ids)
+    ha = [e.submit("a", p, GREEDY) for p in prompts[:2]]
+    hb = [e.submit("b", p, GREEDY) for p in prompts[2:]]
+    for _ in range(4):
+        e.step()
+    runner = e._models["a"].runner
+    real = runner.step
+
+    def broken(pool, batch):  # fails after the pool was donated, as a crash in XLA would
+        pool.delete()
+        raise RuntimeError("device fault")
+
+    runner.step = broken
+    while not all(h.finished for h in ha):
+        e.step()
+    runner.step = real
+    e.run_until_idle()
+    assert [h.finish_reason for h in ha] == ["error", "error"]
+    assert "device fault" in ha[0].error
+    assert [h.result().token_ids for h in hb] == want  # b's KV was lost and recomputed
+    _assert_pool_empty(e)

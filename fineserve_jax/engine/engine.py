@@ -148,7 +148,7 @@ class Engine:
             m.params = None  # the runner holds the device copy
             m.sched = ModelScheduler(m.name, self.alloc, blk, limits)
             m.max_blocks = self.alloc.free_blocks(m.name)
-        self.pool = jnp.full((self.alloc.num_rows, self.alloc.row_bytes), c.pool_fill, jnp.uint8)
+        self._new_pool()
         self.device = str(next(iter(self.pool.devices())))
         if c.warmup:
             self.warmup()
@@ -157,6 +157,14 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
             self._thread.start()
         return self
+
+    def _new_pool(self) -> None:
+        """Allocate the device pool; sequences holding KV in an old one are recomputed."""
+        for m in self._models.values():
+            for seq in list(m.sched.running):
+                m.sched.preempt(seq)
+        c = self.config
+        self.pool = jnp.full((self.alloc.num_rows, self.alloc.row_bytes), c.pool_fill, jnp.uint8)
 
     def warmup(self) -> None:
         """Compile every (rows, tokens, context) bucket of every model."""
@@ -287,6 +295,8 @@ class Engine:
             with self._lock:
                 for seq, _ in work.rows:
                     self._finish(m, seq, StreamDelta("", [], "error", error=f"{type(e).__name__}: {e}"))
+                if self.pool.is_deleted():  # donated to the failed step: the KV is gone
+                    self._new_pool()
             return True
         with self._lock:
             self._postprocess(m, work, nxt)

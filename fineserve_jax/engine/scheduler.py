@@ -158,7 +158,8 @@ class ModelScheduler:
             self.alloc.free(self.name, seq.blocks)
             seq.blocks = []
 
-    def _preempt(self, seq: Seq) -> None:
+    def preempt(self, seq: Seq) -> None:
+        """Free a running sequence's blocks and requeue it first, to be recomputed."""
         self.running.remove(seq)
         self._free(seq)
         seq.num_computed = 0
@@ -175,7 +176,7 @@ class ModelScheduler:
                 continue
             while not self._grow(seq, seq.num_computed + 1):
                 victim = self.running[-1]  # newest admitted
-                self._preempt(victim)
+                self.preempt(victim)
                 if victim is seq:
                     break
             else:
