@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "model": "fineserve_jax.bench.model",  # SmolLM2 prefill/decode, engine vs transformers
+    "kvslab": "fineserve_jax.bench.kvslab",  # KV Slab vs baselines, host simulation
 }
 
 

@@ -124,10 +124,20 @@ class SimResult:
     packed_tokens: dict  # model -> tokens that fit if it held all it may ever hold
     worst_padding: float  # max over models of a row's (or page's) bytes no block can use
 
-    def metrics(self) -> dict:
-        """JSON-safe summary over the window (time averages) and the whole run (counts)."""
+    def metrics(self, phase_steps: int | None = None) -> dict:
+        """JSON-safe summary over the window (time averages) and the whole run (counts).
+
+        With ``phase_steps`` (the trace's), also the mean running sequences of the model
+        that is hot in each step's phase, and of the others.
+        """
         a, b = self.window
         run = self.running[a:b].sum(axis=1)
+        phase = {}
+        if phase_steps:
+            steps = np.arange(a, b)
+            hot = self.running[steps, (steps // phase_steps) % self.running.shape[1]]
+            phase = {"hot_running_mean": float(hot.mean()),
+                     "cold_running_mean": float((run - hot).mean())}
         live = self.live_tokens[a:b].sum(axis=1)
         inw = (self.sample_steps >= a) & (self.sample_steps < b)
         frag, pad = self.fragmentation[inw], self.padding_fraction[inw]
@@ -136,6 +146,7 @@ class SimResult:
             "kind": self.kind, "steps": self.steps, "window": list(self.window),
             "peak_running": int(run.max()), "mean_running": float(run.mean()),
             "mean_running_by_model": [float(x) for x in self.running[a:b].mean(axis=0)],
+            **phase,
             "peak_live_tokens_per_gib": float(live.max() / gib),
             "mean_live_tokens_per_gib": float(live.mean() / gib),
             "packed_tokens_per_gib": {k: v / gib for k, v in self.packed_tokens.items()},

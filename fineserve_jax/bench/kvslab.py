@@ -1,0 +1,216 @@
+"""``python -m fineserve_jax.bench kvslab``: KV Slab vs static partitions vs fixed pages (host).
+
+Two Llama-3-8B-shaped models share one KV pool (``--pool-gib``) in each precision mix
+(bf16+bf16, bf16+fp8, bf16+int4, fp8+int4). For each mix and offered load the same bursty
+stream (``fineserve_jax.kvslab.simulate``: load alternating between the two models in
+phases) is replayed against four allocators:
+
+* ``kvslab``: KV Slab with FineServe's slab size, twice the LCM of the block sizes;
+* ``kvslab-small``: KV Slab with the smallest slab that keeps padding <= 1%
+  (``choose_slab_bytes(..., lcm_first=False)``);
+* ``static``: an equal fixed partition per model (separate engine processes);
+* ``fixed-page``: one pool of pages the size of the largest block (MuxServe-like).
+
+KV Slab and fixed pages give each model a reserve of ``--reserve-frac`` of the pool (so a
+burst of one model cannot starve the other; the static partitions are reserves by nature).
+No device and no JAX work: every figure is a count of sequences, tokens, bytes or steps,
+the same on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from dataclasses import asdict
+
+from fineserve_jax.bench.common import (
+    _cpu_model,
+    cpu_count,
+    format_table,
+    versions,
+    write_json,
+)
+from fineserve_jax.kvslab import (
+    BlockFormat,
+    FixedPageAllocator,
+    KVSlabAllocator,
+    StaticPartitionAllocator,
+    choose_slab_bytes,
+)
+from fineserve_jax.kvslab.simulate import Workload, make_trace, simulate
+
+HELP = "KV Slab vs static partitions vs fixed pages: bursty two-model KV simulation (host)"
+GIB = 1 << 30
+MIB = 1 << 20
+ALLOCATORS = ("kvslab", "kvslab-small", "static", "fixed-page")
+WARMUP = 500  # steps left out of the time averages while the pool first fills
+
+
+def llama3_8b(value_bytes: float, scale_bytes: int, name: str) -> BlockFormat:
+    """Llama-3-8B KV: 32 layers, 8 KV heads, head dim 128, 16-token blocks; scales bf16."""
+    return BlockFormat(32, 8, 128, 16, value_bytes, scale_bytes, name=name)
+
+
+FORMATS = {"bf16": llama3_8b(2, 0, "bf16"), "fp8": llama3_8b(1, 2, "fp8"),
+           "int4": llama3_8b(0.5, 2, "int4")}
+MIXES = ("bf16+bf16", "bf16+fp8", "bf16+int4", "fp8+int4")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool-gib", type=float, default=40.0,
+                   help="KV pool per device, GiB (40: two 8B models on an 80 GB GPU)")
+    p.add_argument("--steps", type=int, default=8000, help="steps with arrivals")
+    p.add_argument("--phase-steps", type=int, default=2000, help="steps per burst phase")
+    p.add_argument("--hot-share", type=float, default=0.9,
+                   help="share of arrivals to the phase's hot model")
+    p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.75, 1.0],
+                   help="offered KV demand / pool bytes (Little's law)")
+    p.add_argument("--reserve-frac", type=float, default=0.1,
+                   help="per-model reserve (fraction of the pool) for kvslab and fixed-page")
+    p.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/kvslab.json", help="JSON record")
+
+
+def build(kind: str, pool: int, fmts: list[BlockFormat], reserve_frac: float):
+    names = ["A", "B"]
+    sizes = [f.block_bytes for f in fmts]
+    if kind == "kvslab":
+        a = KVSlabAllocator(pool, fmts)
+    elif kind == "kvslab-small":
+        a = KVSlabAllocator(pool, fmts, slab_bytes=choose_slab_bytes(sizes, pool,
+                                                                     lcm_first=False))
+    elif kind == "static":
+        a = StaticPartitionAllocator(pool, fmts, partitions=names)
+    else:
+        a = FixedPageAllocator(pool, fmts)
+    for name, f in zip(names, fmts):
+        reserve = 0 if kind == "static" else int(reserve_frac * a.pool_bytes / f.block_bytes)
+        a.add_model(name, f, reserve_blocks=reserve)
+    return a, names
+
+
+def run_mix(mix: str, load: float, args) -> list[dict]:
+    fmts = [FORMATS[n] for n in mix.split("+")]
+    pool = int(args.pool_gib * GIB)
+    w = Workload(steps=args.steps, phase_steps=args.phase_steps, hot_share=args.hot_share,
+                 load=load, seed=args.seed)
+    rate = w.rate([f.token_bytes for f in fmts], pool)
+    trace = make_trace(w, len(fmts), rate)
+    out = []
+    for kind in ALLOCATORS:
+        t0 = time.perf_counter()
+        alloc, names = build(kind, pool, fmts, args.reserve_frac)
+        res = simulate(alloc, names, trace, warmup=WARMUP, window_end=w.steps)
+        out.append({"mix": mix, "load": load, "allocator": kind, "rate_per_step": rate,
+                    "row_bytes": alloc.row_bytes, "num_rows": alloc.num_rows,
+                    "pool_tokens_per_gib": pool_tokens_per_gib(alloc, names, args.pool_gib),
+                    **res.metrics(w.phase_steps), "sim_s": time.perf_counter() - t0})
+        print(f"{mix} load {load}: {kind} done in {out[-1]['sim_s']:.1f}s", file=sys.stderr,
+              flush=True)
+    return out
+
+
+def pool_tokens_per_gib(alloc, names: list[str], pool_gib: float) -> dict[str, float]:
+    """Tokens the whole pool holds when packed with each model's format, per GiB of budget.
+
+    Counts every row (ignoring partitions and reserves), so it measures only what padding,
+    pages and the row tail cost each format.
+    """
+    out = {}
+    for n in names:
+        lay, t = alloc.layout(n), alloc.fmt(n).block_tokens
+        out[alloc.fmt(n).name] = alloc.num_rows * lay.blocks_per_row * t / pool_gib
+    return out
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Per (mix, load): KV Slab variants over static partitions."""
+    by = {(r["mix"], r["load"], r["allocator"]): r for r in results}
+    out = []
+    for mix, load in dict.fromkeys((r["mix"], r["load"]) for r in results):
+        s = by[mix, load, "static"]
+        row = {"mix": mix, "load": load}
+        for kind in ("kvslab", "kvslab-small"):
+            k = by[mix, load, kind]
+            for m in ("mean_running", "hot_running_mean", "peak_running", "completed_in_window"):
+                row[f"{kind}/static {m}"] = k[m] / s[m] if s[m] else None
+        out.append(row)
+    return out
+
+
+def run(args) -> int:
+    if args.steps < args.phase_steps or min(args.loads) <= 0 or args.pool_gib <= 0:
+        raise SystemExit("need --steps >= --phase-steps, loads > 0 and --pool-gib > 0")
+    t0 = time.perf_counter()
+    results = [r for mix in args.mixes for load in args.loads for r in run_mix(mix, load, args)]
+    kv = [r for r in results if r["allocator"] == "kvslab"]
+    rat = ratios(results)
+    record = {
+        "benchmark": "kvslab",
+        "command": command(args),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model(),
+                    "cpu_count": cpu_count(), "python": sys.version.split()[0],
+                    "versions": versions(("numpy",)), "device": None},
+        "config": {**{k: v for k, v in vars(args).items()
+                      if k not in ("_run", "subcommand")},
+                   "warmup_steps": WARMUP,
+                   "workload": {**asdict(Workload(steps=args.steps, phase_steps=args.phase_steps,
+                                                  hot_share=args.hot_share, seed=args.seed)),
+                                "load": "per result (--loads)"},
+                   "formats": {k: {**asdict(f), "block_bytes": f.block_bytes}
+                               for k, f in FORMATS.items()}},
+        "results": results,
+        "ratios": rat,
+        "goal": {
+            "kvslab_worst_padding": max(r["worst_padding"] for r in kv),
+            "padding_under_1pct": max(r["worst_padding"] for r in kv) < 0.01,
+            "best_mean_running_ratio": max(x["kvslab/static mean_running"] for x in rat),
+            "concurrency_1_5x": any(x["kvslab/static mean_running"] >= 1.5 for x in rat),
+        },
+        "total_s": time.perf_counter() - t0,
+    }
+    path = write_json(args.out, record)
+    print(f"wrote {path}", file=sys.stderr, flush=True)
+    print(full_table(results))
+    print()
+    print(short_table(rat))
+    return 0
+
+
+def command(args) -> str:
+    return (f"python -m fineserve_jax.bench kvslab --pool-gib {args.pool_gib:g} "
+            f"--steps {args.steps} --phase-steps {args.phase_steps} --hot-share "
+            f"{args.hot_share:g} --loads {' '.join(f'{x:g}' for x in args.loads)} "
+            f"--reserve-frac {args.reserve_frac:g} --mixes {' '.join(args.mixes)} "
+            f"--seed {args.seed} --out {args.out}")
+
+
+def full_table(results: list[dict]) -> str:
+    header = ["mix", "load", "allocator", "row MiB", "run mean", "hot run", "run peak",
+              "done", "wait p95", "preempt", "frag mean", "frag p95", "pad worst"]
+    rows = [[r["mix"], f"{r['load']:g}", r["allocator"], f"{r['row_bytes'] / MIB:.1f}",
+             f"{r['mean_running']:.0f}", f"{r['hot_running_mean']:.0f}",
+             str(r["peak_running"]), str(r["completed_in_window"]),
+             f"{r['wait_steps_p95']:.0f}", str(r["preempted"]),
+             f"{r['fragmentation_mean']:.1%}", f"{r['fragmentation_p95']:.1%}",
+             f"{r['worst_padding']:.2%}"] for r in results]
+    return format_table(header, rows, left=3)
+
+
+def short_table(rat: list[dict]) -> str:
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
+    header = ["mix", "load", "kvslab run", "kvslab hot", "kvslab done", "small run",
+              "small hot", "small done"]
+    rows = [[r["mix"], f"{r['load']:g}",
+             *(x(r[f"{k}/static {m}"]) for k in ("kvslab", "kvslab-small")
+               for m in ("mean_running", "hot_running_mean", "completed_in_window"))]
+            for r in rat]
+    note = ("ratios over static partitions in the same run: run = mean running sequences, "
+            "hot = running sequences of the phase's hot model, done = requests completed in "
+            "the window")
+    return format_table(header, rows, left=2, footer=[note])
