@@ -189,6 +189,9 @@ class ModelScheduler:
         rows: list[tuple[Seq, int]] = []
         bt = self.block.block_tokens
         partial = [s for s in self.running if s.prefilling]
+        # New sequences are admitted only while the running ones keep a block each of
+        # headroom for their next decode step (admit-then-preempt would thrash).
+        headroom = len(self.running) - len(partial)
         for seq in partial + list(self.waiting):
             if len(rows) == lim.max_prefill_seqs or budget == 0:
                 break
@@ -196,6 +199,9 @@ class ModelScheduler:
             if admitting and len(self.running) >= lim.max_seqs:
                 break
             chunk = min(seq.remaining, budget)
+            if admitting and self._blocks_needed(seq, seq.num_computed + chunk) + headroom > \
+                    self.alloc.free_blocks(self.name):
+                break  # admitting it now would preempt a running sequence at its next block
             if not self._grow(seq, seq.num_computed + chunk):
                 # Take what fits in the blocks this model can still get.
                 fit = (len(seq.blocks) + self.alloc.free_blocks(self.name)) * bt - seq.num_computed
