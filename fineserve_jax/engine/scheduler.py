@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fineserve_jax.kvslab import BlockFormat
 from fineserve_jax.sequence import SequenceState
@@ -78,11 +78,9 @@ class ModelScheduler:
 
     ``alloc`` is the device's KV allocator (``kvslab.KVAllocator``), shared with the other
     models on the device; this scheduler only allocates and frees under its own name.
-    ``on_preempt`` is told about every preemption (for stats and tests).
     """
 
-    def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits,
-                 on_preempt: Callable[[Seq], None] | None = None):
+    def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits):
         self.name = name
         self.alloc = alloc
         self.block = block
@@ -91,7 +89,6 @@ class ModelScheduler:
         self.running: list[Seq] = []  # admission order
         self.preemptions = 0
         self._last_kind = DECODE
-        self._on_preempt = on_preempt
 
     # ---------------------------------------------------------------- queries
     def has_work(self) -> bool:
@@ -166,8 +163,6 @@ class ModelScheduler:
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
-        if self._on_preempt is not None:
-            self._on_preempt(seq)
 
     def _schedule_decode(self) -> list[tuple[Seq, int]]:
         rows: list[tuple[Seq, int]] = []
