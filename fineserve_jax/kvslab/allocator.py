@@ -230,7 +230,29 @@ class _Model:
         return max(0, self.reserve_slabs - len(self.slabs))
 
 
-class KVSlabAllocator:
+class PoolTable:
+    """What every allocator shares: the pool's size and the table of its models."""
+
+    num_rows: int
+    row_bytes: int
+    _models: dict
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_rows * self.row_bytes
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def _get(self, model):
+        try:
+            return self._models[model]
+        except (KeyError, TypeError):
+            raise unknown_model(model, self._models) from None
+
+
+class KVSlabAllocator(PoolTable):
     """KV Slab over a pool of ``pool_bytes`` for models whose block formats are ``formats``.
 
     ``formats`` chooses the slab size (``choose_slab_bytes``); ``add_model`` may still use
@@ -265,20 +287,6 @@ class KVSlabAllocator:
     @property
     def slab_bytes(self) -> int:
         return self.row_bytes
-
-    @property
-    def pool_bytes(self) -> int:
-        return self.num_rows * self.row_bytes
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return tuple(self._models)
-
-    def _get(self, model) -> _Model:
-        try:
-            return self._models[model]
-        except (KeyError, TypeError):
-            raise unknown_model(model, self._models) from None
 
     # ---------------------------------------------------------------- models
     def add_model(self, model: str, fmt: BlockFormat, *, reserve_blocks: int = 0,

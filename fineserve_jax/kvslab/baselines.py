@@ -24,13 +24,13 @@ from fineserve_jax.kvslab.allocator import (
     ROW_LIMIT,
     BlockLayout,
     OutOfBlocks,
+    PoolTable,
     as_count,
     check_model_args,
     check_pool_bytes,
     check_row_bytes,
     choose_slab_bytes,
     handle_list,
-    unknown_model,
 )
 from fineserve_jax.kvslab.format import BlockFormat
 from fineserve_jax.kvslab.stats import (
@@ -78,7 +78,7 @@ def _rows_by_fraction(fractions: Mapping[str, float], num_rows: int) -> dict[str
     return rows
 
 
-class StaticPartitionAllocator:
+class StaticPartitionAllocator(PoolTable):
     """Fixed per-model partitions of one pool: separate engine processes, in one object.
 
     ``partitions`` names every model that may ever be added: a mapping name -> fraction of
@@ -121,20 +121,6 @@ class StaticPartitionAllocator:
             self.partition_rows[k] = range(start, start + r)
             start += r
         self._models: dict[str, _Owned] = {}
-
-    @property
-    def pool_bytes(self) -> int:
-        return self.num_rows * self.row_bytes
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return tuple(self._models)
-
-    def _get(self, model) -> _Owned:
-        try:
-            return self._models[model]
-        except (KeyError, TypeError):
-            raise unknown_model(model, self._models) from None
 
     def add_model(self, model: str, fmt: BlockFormat, *, reserve_blocks: int = 0,
                   cap_blocks: int | None = None) -> None:
@@ -226,7 +212,7 @@ class StaticPartitionAllocator:
         return f"StaticPartitionAllocator({self.num_rows} rows x {self.row_bytes} B, rows {parts})"
 
 
-class FixedPageAllocator:
+class FixedPageAllocator(PoolTable):
     """One unified pool of equal pages shared by every model (MuxServe-like).
 
     ``page_bytes`` defaults to the largest block of ``formats`` rounded up to 256: every
@@ -262,20 +248,6 @@ class FixedPageAllocator:
         self._page_owner = np.full(self.num_pages, -1, np.int32)  # page -> model id, -1 free
         self._models: dict[str, _Owned] = {}
         self._ids: dict[str, int] = {}
-
-    @property
-    def pool_bytes(self) -> int:
-        return self.num_rows * self.row_bytes
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return tuple(self._models)
-
-    def _get(self, model) -> _Owned:
-        try:
-            return self._models[model]
-        except (KeyError, TypeError):
-            raise unknown_model(model, self._models) from None
 
     def _unmet(self, skip: str | None = None) -> int:
         return sum(max(0, m.reserve - m.used) for k, m in self._models.items() if k != skip)
