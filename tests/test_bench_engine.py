@@ -45,6 +45,7 @@ def test_bench_engine_record_adds_up():
         assert r["output_tokens"] == want_tokens
         assert r["peak_concurrent"] > 0 and 0 < r["mean_concurrent"] <= r["peak_concurrent"]
         assert r["peak_concurrent"] <= 2 * ENGINE["max_seqs"]
+        assert 0 < max(r["peak_running_by_tenant"].values()) <= r["peak_concurrent"]
         assert r["preemptions"] == sum(r["preemptions_by_tenant"].values())
         assert len(r["preempted_requests"]) <= r["preemptions"]
         assert bool(r["preempted_requests"]) == (r["preemptions"] > 0)

@@ -171,8 +171,10 @@ def drive(engine, requests: list[dict], *, max_idle: int = 3) -> dict:
     def done_in(k: int) -> int:
         return sum(t["done_step"] is not None for t in track if t["req"]["burst"] == k)
 
-    running, frag, blocks, rows, step_s = [], [], {m: [] for m in TENANTS}, \
-        {m: [] for m in TENANTS}, []
+    running, frag, step_s = [], [], []
+    by_tenant = {m: [] for m in TENANTS}
+    blocks = {m: [] for m in TENANTS}
+    rows = {m: [] for m in TENANTS}
     nxt, idle, book_s = 0, 0, 0.0
     while True:
         while nxt < len(order) and (nxt == 0 or 2 * done_in(order[nxt - 1])
@@ -193,6 +195,7 @@ def drive(engine, requests: list[dict], *, max_idle: int = 3) -> dict:
         running.append(sum(m.running for m in st.models.values()))
         frag.append(st.pool.fragmentation)
         for m in TENANTS:
+            by_tenant[m].append(st.models[m].running)
             blocks[m].append(st.models[m].blocks_held)
             rows[m].append(st.pool.rows_by_owner.get(m, 0))
         still = []
@@ -216,7 +219,7 @@ def drive(engine, requests: list[dict], *, max_idle: int = 3) -> dict:
                                f"requests unfinished: {engine.stats()!r}")
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "steps": steps, "step_s": step_s, "bookkeeping_s": book_s,
-            "running": running, "fragmentation": frag, "blocks": blocks, "rows": rows,
+            "running": running, "running_by_tenant": by_tenant, "fragmentation": frag, "blocks": blocks, "rows": rows,
             "track": track}
 
 
@@ -271,7 +274,7 @@ def run_allocator(kind: str, tenant: Tenant, engine_kw: dict, requests: list[dic
         "preemptions_by_tenant": {m: st.models[m].preemptions for m in TENANTS},
         "peak_concurrent": int(max(d["running"])),
         "mean_concurrent": float(np.mean(d["running"])),
-        "peak_running_by_tenant": {m: st.models[m].peak_running for m in TENANTS},
+        "peak_running_by_tenant": {m: int(max(d["running_by_tenant"][m])) for m in TENANTS},
         "peak_blocks_by_tenant": {m: int(max(d["blocks"][m])) for m in TENANTS},
         "peak_rows_by_tenant": {m: int(max(d["rows"][m])) for m in TENANTS},
         "fragmentation_mean": float(np.mean(d["fragmentation"])),
@@ -323,6 +326,8 @@ def ratios(results: list[dict], base: str) -> dict:
     return {"output_tok_s": q(k["output_tok_s"], s["output_tok_s"]),
             "wall_s": q(k["wall_s"], s["wall_s"]),
             "peak_concurrent": q(k["peak_concurrent"], s["peak_concurrent"]),
+            "peak_running_one_tenant": q(max(k["peak_running_by_tenant"].values()),
+                                         max(s["peak_running_by_tenant"].values())),
             "mean_concurrent": q(k["mean_concurrent"], s["mean_concurrent"]),
             "steps": q(k["steps"], s["steps"])}
 
@@ -461,21 +466,24 @@ def run(args) -> int:
 
 def table(record: dict) -> str:
     header = ["allocator", "tok/s", "wall s", "steps", "done", "preempt", "peak run",
-              "mean run", "peak blk a/b", "frag mean", "TTFT p50/p90", "E2E p50/p90"]
+              "peak a/b", "mean run", "peak blk a/b", "frag mean", "TTFT p50/p90", "E2E p50/p90"]
     rows = []
     for r in record["results"]:
         rows.append([r["allocator"], f"{r['output_tok_s']:.1f}", f"{r['wall_s']:.0f}",
                      str(r["steps"]), f"{r['completed']}/{r['submitted']}",
                      str(r["preemptions"]), str(r["peak_concurrent"]),
+                     "/".join(str(r["peak_running_by_tenant"][m]) for m in TENANTS),
                      f"{r['mean_concurrent']:.1f}",
                      "/".join(str(r["peak_blocks_by_tenant"][m]) for m in TENANTS),
                      f"{r['fragmentation_mean']:.1%}",
                      _pair(r, "ttft"), _pair(r, "e2e")])
-    foot = ["TTFT and E2E: steps | seconds; peak blk: most KV blocks held by tenant a / b"]
+    foot = [("run: running sequences (both tenants; peak a/b: each tenant's own peak); TTFT "
+            "and E2E: steps | seconds; peak blk: most KV blocks held by tenant a / b")]
     for base, rat in record["ratios"].items():
         if rat:
-            foot.append(f"{base}: tok/s {rat['output_tok_s']:.2f}x, peak running "
-                        f"{rat['peak_concurrent']:.2f}x, mean running "
+            foot.append(f"{base}: tok/s {rat['output_tok_s']:.2f}x, steps {rat['steps']:.2f}x, "
+                        f"peak running {rat['peak_concurrent']:.2f}x (one tenant's "
+                        f"{rat['peak_running_one_tenant']:.2f}x), mean running "
                         f"{rat['mean_concurrent']:.2f}x")
     c = record["greedy_check"]
     foot.append(f"greedy tokens identical across allocators for {c['identical']}/"
