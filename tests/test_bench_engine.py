@@ -50,6 +50,7 @@ def test_bench_engine_record_adds_up():
         assert len(r["preempted_requests"]) <= r["preemptions"]
         assert bool(r["preempted_requests"]) == (r["preemptions"] > 0)
         assert r["steps"] == sum(r["steps_by_tenant"].values()) > 0
+        assert sum(v["steps"] for v in r["steps_by_shape"].values()) == r["steps"]
         assert r["compiled_during_run"] == 0 and r["pool_empty_after"]
         assert 0 <= r["fragmentation_mean"] <= r["fragmentation_peak"] <= 1
         assert 1 <= r["ttft_steps_p50"] <= r["ttft_steps_p90"] <= r["e2e_steps_p90"]

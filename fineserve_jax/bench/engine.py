@@ -28,8 +28,9 @@ requests still run. The run ends when every request has finished.
 
 Default pool: 32 MiB, 45 rows of 720 KiB, i.e. 90 bf16 blocks of 16 tokens (1,440 tokens
 of SmolLM2 KV). One burst of the default stream needs 118-133 blocks if all its requests
-were at full length at once, and holds about 60-65 at its peak when it has the pool to
-itself, so the pool is roughly 1.5 bursts' worth of the KV a burst really holds. A static
+were at full length at once; a tenant held at most 60-69 blocks at a time when it could
+borrow the other's memory (KV Slab, fixed pages), so the pool is roughly 1.5 bursts' worth
+of the KV a burst really holds at once. A static
 partition (half each: 46 and 44 blocks) holds about 0.7 of that, so its tenant must queue
 and preempt, while KV Slab and the fixed-page pool lend the idle tenant's memory to the busy
 one (all but the idle tenant's reserve: the engine's default of one prefill step's blocks,
@@ -41,14 +42,21 @@ Measured per allocator, after a warm-up that compiles every bucket (``warmup=Tru
 bucket set; warm-up time is reported apart and is not in any figure): wall seconds from
 the first submission to the last finish, output tokens and tok/s, requests completed and
 failed, preemptions (summed over tenants, ``engine.stats()``), concurrent running sequences
-(summed over tenants, sampled after every step: peak and mean over steps), peak KV blocks
+(summed over tenants, sampled after every step: peak and mean over steps; and each
+tenant's own peak), peak KV blocks
 and pool rows held per tenant, mean and peak pool fragmentation (``stats().pool``), TTFT
 and end-to-end latency p50/p90 in engine steps and in seconds. A request's first token and
 finish are seen by looking at its handle after every step, so latencies have the resolution
 of one step and include the step that produced the token. A step is one iteration of the
 engine: one batch of one tenant (prefill or decode). Greedy output tokens of every request
-are compared across the allocators of the same run. On a CPU, tok/s and seconds are only
-comparable as ratios within one run (``common.CPU_FOOTER``); counts are exact on any machine.
+are compared across the allocators of the same run, with the requests each allocator
+preempted (read from the engine's live sequences after every step). Each step's time is
+also filed under its compiled shape (rows x tokens x page-table width, seen by wrapping
+the runners' ``step`` of that engine), so that a difference in wall time can be split
+into more steps and dearer steps. On a CPU, tok/s and seconds are only comparable as
+ratios within one run (``common.CPU_FOOTER``); counts are exact on any machine (the
+scheduler is deterministic: every run of the same command gives the same steps,
+preemptions and concurrency).
 """
 
 from __future__ import annotations
@@ -236,6 +244,7 @@ def run_allocator(kind: str, tenant: Tenant, engine_kw: dict, requests: list[dic
     start_s = time.perf_counter() - t0
     compiled = e.compiled_steps()
     pool0 = e.stats().pool
+    shapes = _record_shapes(e)
     d = drive(e, requests)
     st = e.stats()
     track = d["track"]
@@ -262,6 +271,7 @@ def run_allocator(kind: str, tenant: Tenant, engine_kw: dict, requests: list[dic
         "bookkeeping_s": d["bookkeeping_s"],
         "steps": d["steps"],
         "steps_by_tenant": {m: st.models[m].steps for m in TENANTS},
+        "steps_by_shape": _by_shape(shapes, d["step_s"]),
         "submitted": len(track),
         "completed": sum(r == "length" for r in reasons),
         "failed": sum(r == "error" for r in reasons),
@@ -292,6 +302,32 @@ def run_allocator(kind: str, tenant: Tenant, engine_kw: dict, requests: list[dic
     }
     e.shutdown()
     return rec
+
+
+def _record_shapes(engine) -> list[tuple[int, int, int]]:
+    """The compiled shape (rows, tokens per row, page-table width) of every model step
+    from now on, in order: each runner's ``step`` is wrapped on this engine only."""
+    shapes: list[tuple[int, int, int]] = []
+    for name in engine.models:
+        runner = engine._models[name].runner
+        inner = runner.step
+
+        def step(pool, batch, inner=inner):
+            shapes.append(batch.shape)
+            return inner(pool, batch)
+
+        runner.step = step
+    return shapes
+
+
+def _by_shape(shapes: list, step_s: list[float]) -> dict:
+    """Steps and mean seconds per compiled shape (a step's whole ``engine.step()`` time)."""
+    if len(shapes) != len(step_s):  # a step that raised ran no model: no attribution
+        return {}
+    out: dict[str, list[float]] = {}
+    for (b, t, p), s in zip(shapes, step_s):
+        out.setdefault(f"{b}x{t}x{p}", []).append(s)
+    return {k: {"steps": len(v), "mean_s": float(np.mean(v))} for k, v in sorted(out.items())}
 
 
 def compare_outputs(results: list[dict]) -> dict:
