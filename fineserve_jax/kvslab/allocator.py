@@ -251,6 +251,15 @@ class PoolTable:
         except (KeyError, TypeError):
             raise unknown_model(model, self._models) from None
 
+    def fmt(self, model: str) -> BlockFormat:
+        return self._get(model).fmt
+
+    def used_blocks(self, model: str) -> int:
+        return self._get(model).used
+
+    def can_allocate(self, model: str, n: int) -> bool:
+        return as_count(n, "n") <= self.free_blocks(model)
+
 
 class KVSlabAllocator(PoolTable):
     """KV Slab over a pool of ``pool_bytes`` for models whose block formats are ``formats``.
@@ -315,17 +324,11 @@ class KVSlabAllocator(PoolTable):
             raise ValueError(f"cannot remove {model!r}: it still holds {m.used} blocks")
         del self._models[model]  # it owns no slab: an emptied slab is returned at once
 
-    def fmt(self, model: str) -> BlockFormat:
-        return self._get(model).fmt
-
     def layout(self, model: str) -> BlockLayout:
         m = self._get(model)
         return BlockLayout(m.bpr, m.fmt.block_bytes)
 
     # ---------------------------------------------------------------- blocks
-    def used_blocks(self, model: str) -> int:
-        return self._get(model).used
-
     def _takeable_rows(self, model: str) -> int:
         """Free slabs ``model`` may take: all but the others' unmet reserves."""
         others = sum(o.unmet_reserve() for k, o in self._models.items() if k != model)
@@ -335,9 +338,6 @@ class KVSlabAllocator(PoolTable):
         m = self._get(model)
         n = len(m.slabs) * m.bpr - m.used + self._takeable_rows(model) * m.bpr
         return n if m.cap is None else min(n, m.cap - m.used)
-
-    def can_allocate(self, model: str, n: int) -> bool:
-        return as_count(n, "n") <= self.free_blocks(model)
 
     def allocate(self, model: str, n: int) -> list[int]:
         m = self._get(model)

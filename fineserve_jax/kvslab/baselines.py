@@ -145,23 +145,14 @@ class StaticPartitionAllocator(PoolTable):
             raise ValueError(f"cannot remove {model!r}: it still holds {m.used} blocks")
         del self._models[model]  # its partition stays reserved for the name
 
-    def fmt(self, model: str) -> BlockFormat:
-        return self._get(model).fmt
-
     def layout(self, model: str) -> BlockLayout:
         m = self._get(model)
         return BlockLayout(m.bpr, m.fmt.block_bytes)
-
-    def used_blocks(self, model: str) -> int:
-        return self._get(model).used
 
     def free_blocks(self, model: str) -> int:
         m = self._get(model)
         n = m.capacity - m.used
         return n if m.cap is None else min(n, m.cap - m.used)
-
-    def can_allocate(self, model: str, n: int) -> bool:
-        return as_count(n, "n") <= self.free_blocks(model)
 
     def allocate(self, model: str, n: int) -> list[int]:
         m = self._get(model)
@@ -275,23 +266,14 @@ class FixedPageAllocator(PoolTable):
             raise ValueError(f"cannot remove {model!r}: it still holds {m.used} blocks")
         del self._models[model], self._ids[model]
 
-    def fmt(self, model: str) -> BlockFormat:
-        return self._get(model).fmt
-
     def layout(self, model: str) -> BlockLayout:
         self._get(model)
         return BlockLayout(self.pages_per_row, self.page_bytes)
-
-    def used_blocks(self, model: str) -> int:
-        return self._get(model).used
 
     def free_blocks(self, model: str) -> int:
         m = self._get(model)
         n = max(0, len(self._free) - self._unmet(skip=model))
         return n if m.cap is None else min(n, m.cap - m.used)
-
-    def can_allocate(self, model: str, n: int) -> bool:
-        return as_count(n, "n") <= self.free_blocks(model)
 
     def allocate(self, model: str, n: int) -> list[int]:
         m = self._get(model)
