@@ -75,6 +75,7 @@ from fineserve_jax.bench.common import (
     machine_info,
     write_json,
 )
+from fineserve_jax.kvslab.simulate import lognormal_lengths
 
 HELP = ("two SmolLM2 tenants under alternating bursts: throughput, preemptions, peak "
         "concurrency per allocator (CPU)")
@@ -116,17 +117,13 @@ class BurstWorkload:
                                                                 self.output_sigma) < 0:
             raise ValueError("means must be > 0 and sigmas >= 0")
 
-    def _lengths(self, rng: np.random.Generator, mean: float, sigma: float, n: int):
-        mu = np.log(mean) - sigma ** 2 / 2  # the lognormal whose mean is ``mean``
-        return np.clip(np.rint(rng.lognormal(mu, sigma, n)), self.min_len,
-                       self.max_len).astype(int)
-
     def requests(self, vocab_size: int) -> list[dict]:
         """Every request in submission order: burst, tenant, prompt ids, output tokens."""
         rng = np.random.default_rng(self.seed)
         n = self.bursts * self.burst_size
-        prompt = self._lengths(rng, self.prompt_mean, self.prompt_sigma, n)
-        output = self._lengths(rng, self.output_mean, self.output_sigma, n)
+        lo, hi = self.min_len, self.max_len
+        prompt = lognormal_lengths(rng, self.prompt_mean, self.prompt_sigma, n, lo, hi)
+        output = lognormal_lengths(rng, self.output_mean, self.output_sigma, n, lo, hi)
         out = []
         for i in range(n):
             k = i // self.burst_size

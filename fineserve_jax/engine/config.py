@@ -7,7 +7,7 @@ from dataclasses import dataclass
 ALLOCATORS = ("kvslab", "static", "fixed-page")
 
 
-def pow2_range(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
+def geometric_buckets(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
     """lo, lo*factor, ... up to and always including hi."""
     out, v = [], lo
     while v < hi:
@@ -71,10 +71,10 @@ class EngineConfig:
         max_blocks = -(-max_len // self.block_tokens)
         chunk_hi = self.prefill_token_budget
         return Buckets(
-            decode=self.decode_buckets or pow2_range(1, self.max_seqs, f),
-            prefill_rows=self.prefill_row_buckets or pow2_range(1, self.max_prefill_seqs, f),
-            chunks=self.chunk_buckets or pow2_range(min(self.min_chunk, chunk_hi), chunk_hi, f),
-            context=self.context_buckets or pow2_range(
+            decode=self.decode_buckets or geometric_buckets(1, self.max_seqs, f),
+            prefill_rows=self.prefill_row_buckets or geometric_buckets(1, self.max_prefill_seqs, f),
+            chunks=self.chunk_buckets or geometric_buckets(min(self.min_chunk, chunk_hi), chunk_hi, f),
+            context=self.context_buckets or geometric_buckets(
                 min(self.min_context_blocks, max_blocks), max_blocks, f),
         )
 

@@ -39,6 +39,13 @@ from fineserve_jax.kvslab.allocator import KVAllocator, OutOfBlocks
 GIB = 1 << 30
 
 
+def lognormal_lengths(rng: np.random.Generator, mean: float, sigma: float, n: int,
+                      lo: int, hi: int) -> np.ndarray:
+    """i32[n] token counts: the lognormal whose mean is ``mean``, rounded, clipped to [lo, hi]."""
+    mu = np.log(mean) - sigma ** 2 / 2
+    return np.clip(np.rint(rng.lognormal(mu, sigma, n)), lo, hi).astype(np.int32)
+
+
 @dataclass(frozen=True)
 class Workload:
     steps: int = 8000  # steps with arrivals; the run then drains what is left
@@ -66,11 +73,9 @@ class Workload:
 
     def lengths(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(prompt i32[n], output i32[n]) token counts."""
-        def draw(mean, sigma):
-            mu = np.log(mean) - sigma ** 2 / 2  # lognormal with this mean
-            x = np.rint(rng.lognormal(mu, sigma, n))
-            return np.clip(x, self.min_len, self.max_len).astype(np.int32)
-        return draw(self.prompt_mean, self.prompt_sigma), draw(self.output_mean, self.output_sigma)
+        lo, hi = self.min_len, self.max_len
+        return (lognormal_lengths(rng, self.prompt_mean, self.prompt_sigma, n, lo, hi),
+                lognormal_lengths(rng, self.output_mean, self.output_sigma, n, lo, hi))
 
     def rate(self, token_bytes: list[float], pool_bytes: int) -> float:
         """Arrivals per step giving ``load`` (module docstring) for models of these formats."""
