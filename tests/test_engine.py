@@ -169,6 +169,36 @@ def test_preemption_keeps_output(tiny):
     _assert_pool_empty(tight)
 
 
+def test_compaction_moves_blocks_and_keeps_output(tiny):
+    # b (bf16 KV, 4 blocks per slab) fills the pool with sequences of mixed lengths; as
+    # they finish its slabs turn sparse, and a (f32, 2 per slab) arrives needing more slabs
+    # than are free: the engine packs b's blocks (a device copy and new page tables).
+    e = _engine(tiny, dtypes=["float32", "bfloat16"], kv_budget_bytes=32 * 6144,
+                context_buckets=(32,), warmup=True)
+    compiled = e.compiled_steps()
+    b_work = [(p, SamplingParams(max_tokens=4 + 5 * (i % 8), temperature=0, ignore_eos=True))
+              for i, p in enumerate(_prompts(14, seed=5, lo=6, hi=20))]
+    a_work = [(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+              for p in _prompts(6, seed=6, lo=24, hi=40)]
+    hs = [e.submit("b", p, sp) for p, sp in b_work]
+    for _ in range(30):
+        e.step()
+    hs += [e.submit("a", p, sp) for p, sp in a_work]
+    e.run_until_idle()
+    st = e.stats()
+    assert st.models["b"].blocks_moved > 0 and st.models["a"].blocks_moved == 0
+    assert e.alloc.bytes_moved == st.models["b"].blocks_moved * e.alloc.fmt("b").block_bytes
+    assert e.compiled_steps() == compiled  # block copies were compiled at warm-up
+    got = [h.result().token_ids for h in hs]
+    alone = []
+    for name, (p, sp) in [("b", w) for w in b_work] + [("a", w) for w in a_work]:
+        h = e.submit(name, p, sp)
+        e.run_until_idle()
+        alone.append(h.result().token_ids)
+    assert got == alone
+    _assert_pool_empty(e)
+
+
 def test_bad_requests_raise_and_engine_keeps_serving(tiny):
     e = _engine(tiny, models=("a",))
     with pytest.raises(KeyError, match="not served"):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -120,6 +121,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.alloc = make(self.kind)
         self.live: dict[str, set[int]] = {}
         self.reserve = {}
+        # A byte image of the device pool: every live block is filled with its own tag, so
+        # overlapping blocks or a wrong compaction copy show up as changed bytes.
+        self.mem = np.zeros(self.alloc.pool_bytes, np.uint8)
+        self.tag: dict[tuple[str, int], int] = {}
+        self.next_tag = 1
         for (name, fmt), r, c in zip(TINY.items(), reserves, caps):
             self.alloc.add_model(name, fmt, reserve_blocks=r, cap_blocks=c)
             self.live[name], self.reserve[name] = set(), (r, c)
@@ -137,6 +143,57 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert not self.live[model] & set(hs)  # never handed out twice while live (handles
         #                                        are per model: the byte check covers others)
         self.live[model] |= set(hs)
+        for h in hs:
+            self.tag[model, h] = self.next_tag
+            self.mem[self.span(model, h)] = self.pattern(model, self.next_tag)
+            self.next_tag += 1
+
+    def span(self, model, h) -> slice:
+        lay, b = self.alloc.layout(model), self.alloc.fmt(model).block_bytes
+        start = (h // lay.blocks_per_row) * self.alloc.row_bytes + \
+            (h % lay.blocks_per_row) * lay.stride
+        return slice(start, start + b)
+
+    def pattern(self, model, tag) -> np.ndarray:
+        b = self.alloc.fmt(model).block_bytes
+        return np.resize(np.frombuffer(tag.to_bytes(4, "little"), np.uint8), b)
+
+    @rule(model=st.sampled_from("ABC"), keep=st.floats(0, 1), data=st.data())
+    def fill_then_thin(self, model, keep, data):
+        """Take everything this model may get, then free a random share of its blocks: the
+        sparse slabs compaction exists for."""
+        self.allocate(model, min(self.alloc.free_blocks(model), 300))
+        live = sorted(self.live[model])
+        drop = data.draw(st.permutations(live))[:round(len(live) * (1 - keep))]
+        self._free(model, drop)
+
+    @rule(model=st.sampled_from("ABC"), extra=st.integers(-2, 90))
+    def compact(self, model, extra):
+        avail = self.alloc.free_blocks(model)
+        n = max(0, avail + extra)
+        used = {m: self.alloc.used_blocks(m) for m in self.live}
+        moves = self.alloc.compact_for(model, n)
+        if n <= avail:
+            assert moves == []
+        if not moves:
+            assert self.alloc.free_blocks(model) == avail  # nothing changed
+            return
+        assert self.kind == "kvslab" and self.alloc.can_allocate(model, n)
+        assert {m: self.alloc.used_blocks(m) for m in self.live} == used
+        srcs = [(mv.model, mv.src) for mv in moves]
+        dsts = [(mv.model, mv.dst) for mv in moves]
+        assert len(set(srcs)) == len(srcs) and len(set(dsts)) == len(dsts)
+        assert not set(srcs) & set(dsts)  # one gather then one scatter is a correct copy
+        data = [self.mem[self.span(m, h)].copy() for m, h in srcs]  # read all, then write
+        for mv, d in zip(moves, data):
+            assert mv.model != model and mv.src in self.live[mv.model]
+            assert mv.dst not in self.live[mv.model]
+            self.mem[self.span(mv.model, mv.dst)] = d
+        for mv in moves:
+            self.live[mv.model].remove(mv.src)
+            self.tag[mv.model, mv.dst] = self.tag.pop((mv.model, mv.src))
+        for mv in moves:
+            self.live[mv.model].add(mv.dst)
 
     @rule(model=st.sampled_from("ABC"), data=st.data())
     def free_some(self, model, data):
@@ -144,8 +201,13 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         hs = data.draw(st.lists(st.sampled_from(sorted(self.live[model])), unique=True,
                                 min_size=1))
+        self._free(model, hs)
+
+    def _free(self, model, hs):
         self.alloc.free(model, hs)
         self.live[model] -= set(hs)
+        for h in hs:
+            del self.tag[model, h]
 
     @rule(model=st.sampled_from("ABC"), other=st.sampled_from("ABC"))
     def bad_free_changes_nothing(self, model, other):
@@ -166,6 +228,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         if not hasattr(self, "alloc"):
             return
         check_physical(self.alloc, self.live)
+        for (m, h), tag in self.tag.items():  # every live block still holds its own bytes
+            assert np.array_equal(self.mem[self.span(m, h)], self.pattern(m, tag))
         st_ = check_stats(self.alloc, self.live)
         for m, (r, c) in self.reserve.items():
             used = len(self.live[m])
@@ -293,6 +357,56 @@ def test_slab_size_validation():
         choose_slab_bytes([BF16.block_bytes], 8 * BF16.block_bytes - 1, lcm_first=False)
     with pytest.raises(ValueError, match="does not fit"):
         KVSlabAllocator(GIB, [FP8_NOSCALE], slab_bytes=2**20).add_model("bf16", BF16)
+
+
+# ------------------------------------------------------------------ compaction
+def sparse_b(reserve_b=0):
+    """b (4 fp8 blocks per slab) fills the pool, then keeps 2 blocks in each slab."""
+    a = two_models(reserve_b=reserve_b)
+    hb = a.allocate("b", a.free_blocks("b"))  # 16 slabs x 4
+    keep = [h for h in hb if h % 4 < 2]
+    a.free("b", [h for h in hb if h % 4 >= 2])
+    return a, keep
+
+
+def test_compaction_packs_sparse_slabs_for_another_model():
+    a, kept = sparse_b()
+    assert a.stats().rows_by_owner == {"a": 0, "b": 16} and a.free_blocks("a") == 0
+    assert a.reclaimable_rows("a") == 8  # 32 blocks fit 8 slabs
+    assert a.compact_for("a", 0) == [] and a.compact_for("b", 1) == []  # nothing to do
+    moves = a.compact_for("a", 5)  # 5 bf16 blocks: 3 slabs
+    assert a.can_allocate("a", 5) and a.stats().rows_free == 3
+    assert len(moves) == 3 * 2 and {mv.model for mv in moves} == {"b"}
+    src_rows = {mv.src // 4 for mv in moves}
+    assert len(src_rows) == 3 and not src_rows & {mv.dst // 4 for mv in moves}
+    live = (set(kept) - {mv.src for mv in moves}) | {mv.dst for mv in moves}
+    assert len(live) == len(kept) and a.used_blocks("b") == 32
+    check_physical(a, {"a": set(a.allocate("a", 5)), "b": live})
+    assert a.bytes_moved == 6 * FP8_NOSCALE.block_bytes and a.moves_total == 6
+    assert a.compact_for("a", a.free_blocks("a") + 2 * 5 + 1) == []  # 5 more slabs: no
+    a.free("b", sorted(live))
+    assert a.stats().rows_by_owner == {"a": 3, "b": 0}
+
+
+def test_compaction_keeps_reserves_and_caps():
+    a, _ = sparse_b(reserve_b=4 * 14)  # b may not drop below 14 slabs
+    assert a.reclaimable_rows("a") == 2
+    assert a.compact_for("a", 2 * 3) == []  # 3 slabs: more than b can give
+    assert len(a.compact_for("a", 2 * 2)) == 4 and a.stats().rows_by_owner["b"] == 14
+    c = two_models(cap_a=1)
+    c.free("b", [h for h in c.allocate("b", c.free_blocks("b")) if h % 4])
+    assert c.compact_for("a", 2) == []  # over a's cap: compaction cannot help
+
+
+def test_baselines_never_move_blocks():
+    for alloc in (two_models("static"), FixedPageAllocator(64 * 2**20, [BF16, FP8_NOSCALE])):
+        if alloc.kind == "fixed-page":
+            alloc.add_model("a", BF16)
+            alloc.add_model("b", FP8_NOSCALE)
+        alloc.allocate("b", alloc.free_blocks("b"))
+        assert alloc.compact_for("a", 1) == []
+        with pytest.raises(KeyError):
+            alloc.compact_for("zz", 1)
 
 
 # ----------------------------------------------------------- reserves and caps

@@ -36,6 +36,7 @@ from fineserve_jax.engine.scheduler import (DECODE, BatchLimits, ModelScheduler,
                                             Seq)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
 from fineserve_jax.engine.alloc import make_allocator
+from fineserve_jax.engine.pool import BlockMover, new_pool
 from fineserve_jax.model.kv_formats import kv_format
 from fineserve_jax.model.paged import PagedKVCache
 from fineserve_jax.sampling import (FILTERED, GREEDY, RANDOM, SamplingArrays, SamplingParams,
@@ -72,6 +73,7 @@ class _Model:
     aborted: int = 0
     failed: int = 0
     peak_running: int = 0
+    blocks_moved: int = 0  # relocated by compaction
     seqs: dict = field(default_factory=dict)  # request id -> Seq, while live
 
 
@@ -91,6 +93,7 @@ class Engine:
         self._rng = np.random.default_rng()
         self.alloc = None
         self.pool = None
+        self._mover = BlockMover()
         self.started = False
         self.device: str | None = None  # where the pool lives, once started
         self.warmup_seconds = 0.0
@@ -146,7 +149,7 @@ class Engine:
             m.buckets = c.buckets(m.max_len)
             m.runner = PagedRunner(m.config, m.params, m.dtype, kv)
             m.params = None  # the runner holds the device copy
-            m.sched = ModelScheduler(m.name, self.alloc, blk, limits)
+            m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim)
             m.max_blocks = self.alloc.free_blocks(m.name)
         self._new_pool()
         self.device = str(next(iter(self.pool.devices())))
@@ -163,8 +166,36 @@ class Engine:
         for m in self._models.values():
             for seq in list(m.sched.running):
                 m.sched.preempt(seq)
-        c = self.config
-        self.pool = jnp.full((self.alloc.num_rows, self.alloc.row_bytes), c.pool_fill, jnp.uint8)
+        self.pool = new_pool(self.alloc.num_rows, self.alloc.row_bytes, self.config.pool_fill)
+
+    def _reclaim(self, name: str, n: int) -> bool:
+        """Compact other models' sparse slabs until ``n`` blocks fit ``name`` (if they can):
+        copy the moved blocks in the pool and rewrite the running sequences' page tables."""
+        moves = self.alloc.compact_for(name, n)
+        if not moves:
+            return False
+        by_model: dict[str, dict[int, int]] = {}
+        for mv in moves:
+            by_model.setdefault(mv.model, {})[mv.src] = mv.dst
+        for mname, remap in by_model.items():
+            m = self._models[mname]
+            for seq in m.sched.running:
+                seq.blocks = [remap.get(h, h) for h in seq.blocks]
+            fmt, (bpr, stride) = self.alloc.fmt(mname), self.alloc.layout(mname)
+            copies = [(s // bpr, s % bpr * stride, d // bpr, d % bpr * stride)
+                      for s, d in remap.items()]
+            try:
+                self.pool = self._mover(self.pool, copies, fmt.block_bytes)
+            except Exception:
+                log.exception("moving %d KV blocks of %s failed; its sequences are recomputed",
+                              len(copies), mname)
+                if self.pool.is_deleted():
+                    self._new_pool()
+                for seq in list(m.sched.running):
+                    m.sched.preempt(seq)
+                continue
+            m.blocks_moved += len(remap)
+        return self.alloc.can_allocate(name, n)
 
     def warmup(self) -> None:
         """Compile every (rows, tokens, context) bucket of every model."""
@@ -179,6 +210,8 @@ class Engine:
                                       mode)
                     nxt, self.pool = m.runner.step(self.pool, batch)
             nxt.block_until_ready()
+        self.pool = self._mover.warmup(self.pool, [self.alloc.fmt(n).block_bytes
+                                                   for n in self._models])
         self.warmup_seconds = time.perf_counter() - t0
 
     def shutdown(self, wait: bool = True) -> None:
@@ -206,7 +239,7 @@ class Engine:
         """Traces (compilations) of this engine's model steps, shared ones counted once,
         plus the process-wide sampler's: constant once warm-up is done."""
         runners = {id(m.runner._step): m.runner for m in self._models.values() if m.runner}
-        return sum(r.traces for r in runners.values()) + SAMPLER.traces
+        return sum(r.traces for r in runners.values()) + SAMPLER.traces + self._mover.traces
 
     # -------------------------------------------------------------- requests
     def submit(self, model: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -429,7 +462,7 @@ class Engine:
                     preemptions=s.preemptions if s else 0, finished=m.finished,
                     aborted=m.aborted, failed=m.failed, steps=m.steps,
                     tokens_generated=m.tokens_out, peak_running=m.peak_running,
-                    blocks_held=s.blocks_held() if s else 0)
+                    blocks_held=s.blocks_held() if s else 0, blocks_moved=m.blocks_moved)
             live = {m.name: m.sched.live_tokens() for m in self._models.values() if m.sched}
             pool = self.alloc.stats(live) if self.alloc is not None else None
             return EngineStats(models, pool, self._iteration, self.compiled_steps())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,11 +79,15 @@ class ModelScheduler:
 
     ``alloc`` is the device's KV allocator (``kvslab.KVAllocator``), shared with the other
     models on the device; this scheduler only allocates and frees under its own name.
+    ``reclaim(name, n)``, when given, is asked before giving up on ``n`` blocks that do not
+    fit (the engine compacts other models' sparse slabs); it returns whether they now fit.
     """
 
-    def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits):
+    def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits,
+                 reclaim: Callable[[str, int], bool] | None = None):
         self.name = name
         self.alloc = alloc
+        self.reclaim = reclaim
         self.block = block
         self.limits = limits
         self.waiting: deque[Seq] = deque()
@@ -142,9 +147,14 @@ class ModelScheduler:
     def _blocks_needed(self, seq: Seq, tokens_after: int) -> int:
         return max(0, self.block.blocks_for(tokens_after) - len(seq.blocks))
 
+    def _fits(self, n: int) -> bool:
+        if self.alloc.can_allocate(self.name, n):
+            return True
+        return self.reclaim is not None and self.reclaim(self.name, n)
+
     def _grow(self, seq: Seq, tokens_after: int) -> bool:
         need = self._blocks_needed(seq, tokens_after)
-        if need and not self.alloc.can_allocate(self.name, need):
+        if need and not self._fits(need):
             return False
         if need:
             seq.blocks.extend(self.alloc.allocate(self.name, need))
@@ -194,8 +204,8 @@ class ModelScheduler:
             if admitting and len(self.running) >= lim.max_seqs:
                 break
             chunk = min(seq.remaining, budget)
-            if admitting and self._blocks_needed(seq, seq.num_computed + chunk) + headroom > \
-                    self.alloc.free_blocks(self.name):
+            if admitting and not self._fits(
+                    self._blocks_needed(seq, seq.num_computed + chunk) + headroom):
                 break  # admitting it now would preempt a running sequence at its next block
             if not self._grow(seq, seq.num_computed + chunk):
                 # Take what fits in the blocks this model can still get.

@@ -23,6 +23,7 @@ class EngineModelStats:
     tokens_generated: int
     peak_running: int
     blocks_held: int
+    blocks_moved: int  # relocated by KV Slab compaction (to free slabs for other models)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """KV Slab: the host-side bookkeeping of one precision-aware KV pool per device.
 
 Plain Python and NumPy, no JAX: which bytes of the device pool belong to which model's
-blocks. The device array itself lives in ``fineserve_jax.engine.pool``. Two baselines with
+blocks. The device array itself, and the block copies compaction asks for, live in
+``fineserve_jax.engine.pool``. Two baselines with
 the same interface (``KVAllocator``) sit beside KV Slab for comparison, and ``simulate``
 replays a bursty multi-model request stream against any of them on the host.
 """
 
 from fineserve_jax.kvslab.allocator import (
                                             BlockLayout,
+                                            BlockMove,
                                             KVAllocator,
                                             KVSlabAllocator,
                                             OutOfBlocks,
@@ -21,6 +23,7 @@ from fineserve_jax.kvslab.stats import ModelStats, PoolStats
 __all__ = [
     "BlockFormat",
     "BlockLayout",
+    "BlockMove",
     "FixedPageAllocator",
     "KVAllocator",
     "KVSlabAllocator",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +45,15 @@ class BlockLayout(NamedTuple):
     stride: int  # bytes between consecutive blocks of a row (>= block_bytes)
 
 
+class BlockMove(NamedTuple):
+    """One block relocated by ``compact_for``: copy its bytes ``src`` -> ``dst``, then use
+    handle ``dst`` wherever ``src`` was (page tables). Handles are ``model``'s."""
+
+    model: str
+    src: int
+    dst: int
+
+
 @runtime_checkable
 class KVAllocator(Protocol):
     """What KV Slab and its two baselines share; the engine and the benchmarks use only this."""
@@ -65,6 +75,7 @@ class KVAllocator(Protocol):
     def can_allocate(self, model: str, n: int) -> bool: ...
     def allocate(self, model: str, n: int) -> list[int]: ...
     def free(self, model: str, handles: Iterable[int]) -> None: ...
+    def compact_for(self, model: str, n: int) -> list[BlockMove]: ...
     def used_blocks(self, model: str) -> int: ...
     def stats(self, live_tokens: Mapping[str, int] | None = None) -> PoolStats: ...
 
@@ -206,6 +217,7 @@ class _Slab:
 class _Model:
     __slots__ = (
         "bpr",
+        "by_used",
         "cap",
         "fmt",
         "owned",
@@ -225,9 +237,18 @@ class _Model:
         self.partial: list[tuple[int, int]] = []  # heap of (free blocks, row); lazy: stale
         #                                           entries are skipped when popped
         self.owned: set[int] = set()  # handles out
+        # by_used[u]: rows with u blocks out, insertion-ordered (finds sparse slabs for
+        # compaction without scanning); rows with 0 blocks are not owned at all.
+        self.by_used: list[dict[int, None]] = [{} for _ in range(bpr + 1)]
 
     def unmet_reserve(self) -> int:
         return max(0, self.reserve_slabs - len(self.slabs))
+
+    def set_used(self, row: int, slab: _Slab, used: int) -> None:
+        self.by_used[slab.used].pop(row, None)
+        slab.used = used
+        if used:
+            self.by_used[used][row] = None
 
 
 class PoolTable:
@@ -259,6 +280,12 @@ class PoolTable:
 
     def can_allocate(self, model: str, n: int) -> bool:
         return as_count(n, "n") <= self.free_blocks(model)
+
+    def compact_for(self, model: str, n: int) -> list[BlockMove]:
+        """Pools whose blocks never strand memory have nothing to compact."""
+        self._get(model)
+        as_count(n, "n")
+        return []
 
 
 class KVSlabAllocator(PoolTable):
@@ -292,6 +319,8 @@ class KVSlabAllocator(PoolTable):
         self._free_rows = list(range(self.num_rows))  # heap: lowest row first
         self._owner: list[str | None] = [None] * self.num_rows  # row -> model
         self._models: dict[str, _Model] = {}
+        self.moves_total = 0  # blocks relocated by compact_for, since construction
+        self.bytes_moved = 0
 
     @property
     def slab_bytes(self) -> int:
@@ -364,7 +393,7 @@ class KVSlabAllocator(PoolTable):
                 else:
                     out.append(base + slab.fresh)
                     slab.fresh += 1
-            slab.used += take
+            m.set_used(row, slab, slab.used + take)
             if slab.used < m.bpr:
                 heapq.heappush(m.partial, (m.bpr - slab.used, row))
         m.used += n
@@ -392,7 +421,7 @@ class KVSlabAllocator(PoolTable):
         for h in hs:
             row, slot = divmod(h, m.bpr)
             slab = m.slabs[row]
-            slab.used -= 1
+            m.set_used(row, slab, slab.used - 1)
             slab.recycled.append(slot)
             if slab.used == 0:  # back to the shared free list, for any model and format
                 del m.slabs[row]
@@ -405,6 +434,102 @@ class KVSlabAllocator(PoolTable):
         if len(m.partial) > 4 * len(m.slabs) + 64:  # drop stale heap entries now and then
             m.partial = [(m.bpr - s.used, r) for r, s in m.slabs.items() if s.used < m.bpr]
             heapq.heapify(m.partial)
+
+    # ------------------------------------------------------------- compaction
+    def reclaimable_rows(self, model: str) -> int:
+        """Slabs that ``compact_for`` could free for ``model``: over the other models, the
+        slabs each holds beyond what its blocks (and its reserve) fill when packed."""
+        self._get(model)
+        return sum(self._reclaimable(o) for k, o in self._models.items() if k != model)
+
+    @staticmethod
+    def _reclaimable(o: _Model) -> int:
+        return max(0, len(o.slabs) - max(-(-o.used // o.bpr), o.reserve_slabs))
+
+    def compact_for(self, model: str, n: int) -> list[BlockMove]:
+        """Make ``n`` blocks allocatable for ``model`` by packing other models' blocks.
+
+        A slab only returns to the free list when its last block is freed, so a model whose
+        sequences finish unevenly can hold many sparse slabs that another model is short of.
+        This moves the blocks of the sparsest such slabs (fewest bytes to copy first) into
+        free slots of their owner's other slabs, until enough slabs are free; the emptied
+        slabs go back to the free list. No model drops below its reserve.
+
+        Returns the moves, already applied to this allocator's bookkeeping; the caller must
+        copy each block's bytes ``src -> dst`` on the device (sources and destinations are
+        disjoint, so all copies may read before any writes) and replace ``src`` by ``dst``
+        in its page tables before the next step. Returns ``[]``, changing nothing, when
+        ``n`` blocks are already allocatable or when packing cannot free enough slabs.
+        """
+        m = self._get(model)
+        n = as_count(n, "n")
+        avail = self.free_blocks(model)
+        if n <= avail or (m.cap is not None and m.used + n > m.cap):
+            return []
+        rows_needed = -(-(n - avail) // m.bpr)
+        if self.reclaimable_rows(model) < rows_needed:
+            return []
+        # Candidate sources: per model its sparsest slabs, at most its reclaimable count;
+        # across models the cheapest copies first.
+        cands = [self._sparsest(name, o) for name, o in self._models.items() if name != model]
+        sources: dict[str, list[int]] = {}
+        for _, name, r in itertools.islice(heapq.merge(*cands), rows_needed):
+            sources.setdefault(name, []).append(r)
+        moves: list[BlockMove] = []
+        for name, rows in sources.items():
+            moves += self._pack(name, self._models[name], set(rows))
+        self.moves_total += len(moves)
+        self.bytes_moved += sum(self._models[mv.model].fmt.block_bytes for mv in moves)
+        return moves
+
+    def _sparsest(self, name: str, o: _Model):
+        """(bytes to copy, name, row) for ``o``'s reclaimable sparsest slabs, cheapest first."""
+        k = self._reclaimable(o)
+        for u in range(1, o.bpr + 1):
+            for r in o.by_used[u]:
+                if k == 0:
+                    return
+                yield u * o.fmt.block_bytes, name, r
+                k -= 1
+
+    def _pack(self, name: str, o: _Model, rows: set[int]) -> list[BlockMove]:
+        """Move every block of ``o``'s slabs ``rows`` into its other slabs; free ``rows``."""
+        srcs = []
+        for r in sorted(rows):
+            slab = o.slabs[r]
+            free = set(slab.recycled)
+            srcs += [r * o.bpr + i for i in range(slab.fresh) if i not in free]
+        # Fullest receivers first; each bucket is copied when reached, since filling a
+        # receiver moves it to a fuller bucket (one already passed).
+        dests = (r for u in range(o.bpr - 1, 0, -1) for r in list(o.by_used[u])
+                 if r not in rows)
+        moves, it = [], iter(srcs)
+        for r in dests:
+            slab, base = o.slabs[r], r * o.bpr
+            while slab.used < o.bpr:
+                src = next(it, None)
+                if src is None:
+                    break
+                if slab.recycled:
+                    dst = base + slab.recycled.pop()
+                else:
+                    dst = base + slab.fresh
+                    slab.fresh += 1
+                o.set_used(r, slab, slab.used + 1)
+                moves.append(BlockMove(name, src, dst))
+            if slab.used < o.bpr:
+                heapq.heappush(o.partial, (o.bpr - slab.used, r))
+            if len(moves) == len(srcs):
+                break
+        assert len(moves) == len(srcs), "compaction sources exceed the receivers' room"
+        o.owned.difference_update(mv.src for mv in moves)
+        o.owned.update(mv.dst for mv in moves)
+        for r in rows:
+            o.by_used[o.slabs[r].used].pop(r)
+            del o.slabs[r]
+            self._owner[r] = None
+            heapq.heappush(self._free_rows, r)
+        return moves
 
     # ---------------------------------------------------------------- report
     def stats(self, live_tokens: Mapping[str, int] | None = None) -> PoolStats:

@@ -20,10 +20,13 @@ Workload (``Workload``, all parameters fixed by a seed):
 
 Scheduling (identical for every allocator): one FCFS queue per model. A request is admitted
 when the blocks for its prompt (plus tokens generated before a preemption) fit; it then
-grows one block at a time. When a growth fails, the newest running request of that model
-is preempted (its blocks freed, the request requeued at the front, its tokens recomputed
-on readmission) until the growth fits or the growing request itself was the newest. A
-request that could never fit its model's share of the pool is rejected on arrival.
+grows one block at a time. Whenever blocks do not fit, the allocator is first asked to
+``compact_for`` them (KV Slab packs other models' sparse slabs; the baselines never move
+anything); the moves it returns are applied to the requests' block lists and counted. When a
+growth still fails, the newest running request of that model is preempted (its blocks freed,
+the request requeued at the front, its tokens recomputed on readmission) until the growth
+fits or the growing request itself was the newest. A request that could never fit its
+model's share of the pool is rejected on arrival.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fineserve_jax.kvslab.allocator import KVAllocator, OutOfBlocks
+from fineserve_jax.kvslab.allocator import KVAllocator
 
 GIB = 1 << 30
 
@@ -114,6 +117,7 @@ class SimResult:
     steps: int  # steps run, arrival window plus drain
     window: tuple[int, int]  # [start, end) steps the time averages are over
     running: np.ndarray  # i32[steps, N] running sequences per model after each step
+    waiting: np.ndarray  # i32[steps, N] queued requests per model after each step
     live_tokens: np.ndarray  # i64[steps, N] live tokens per model after each step
     fragmentation: np.ndarray  # f64[samples] from stats() every stats_every steps
     padding_fraction: np.ndarray  # f64[samples] padding / reserved bytes
@@ -124,6 +128,8 @@ class SimResult:
     completed_in_window: int
     preempted: int
     rejected: int  # could never fit their model's share of the pool
+    moved_blocks: int  # blocks relocated by compaction
+    moved_bytes: int
     wait_steps: np.ndarray  # i64[completed] first admission - arrival, per completed request
     pool_bytes: int
     packed_tokens: dict  # model -> tokens that fit if it held all it may ever hold
@@ -132,17 +138,27 @@ class SimResult:
     def metrics(self, phase_steps: int | None = None) -> dict:
         """JSON-safe summary over the window (time averages) and the whole run (counts).
 
-        With ``phase_steps`` (the trace's), also the mean running sequences of the model
-        that is hot in each step's phase, and of the others.
+        With ``phase_steps`` (the trace's), also the running sequences of the model that is
+        hot in each step's phase: on average, on average over the steps where it has
+        requests waiting (``hot_saturated_running``: how many sequences the pool lets the
+        busy model run when it has more work than fits, the concurrency an allocator
+        decides), and the mean over phases of each phase's peak.
         """
         a, b = self.window
         run = self.running[a:b].sum(axis=1)
         phase = {}
         if phase_steps:
             steps = np.arange(a, b)
-            hot = self.running[steps, (steps // phase_steps) % self.running.shape[1]]
+            hot_m = (steps // phase_steps) % self.running.shape[1]
+            hot = self.running[steps, hot_m]
+            busy = self.waiting[steps, hot_m] > 0
+            peaks = [int(hot[steps // phase_steps == p].max())
+                     for p in np.unique(steps // phase_steps)]
             phase = {"hot_running_mean": float(hot.mean()),
-                     "cold_running_mean": float((run - hot).mean())}
+                     "cold_running_mean": float((run - hot).mean()),
+                     "hot_saturated_steps": int(busy.sum()),
+                     "hot_saturated_running": float(hot[busy].mean()) if busy.any() else None,
+                     "hot_phase_peak_mean": float(np.mean(peaks))}
         live = self.live_tokens[a:b].sum(axis=1)
         inw = (self.sample_steps >= a) & (self.sample_steps < b)
         frag, pad = self.fragmentation[inw], self.padding_fraction[inw]
@@ -160,7 +176,8 @@ class SimResult:
             "padding_fraction_mean": float(pad.mean()), "worst_padding": self.worst_padding,
             "arrived": self.arrived, "admitted": self.admitted, "completed": self.completed,
             "completed_in_window": self.completed_in_window, "preempted": self.preempted,
-            "rejected": self.rejected,
+            "rejected": self.rejected, "moved_blocks": self.moved_blocks,
+            "moved_gib": self.moved_bytes / GIB,
             "wait_steps_mean": float(self.wait_steps.mean()) if len(self.wait_steps) else 0.0,
             "wait_steps_p95": (float(np.percentile(self.wait_steps, 95))
                                if len(self.wait_steps) else 0.0),
@@ -200,7 +217,7 @@ class _Sim:
         self.events: list[tuple[int, int, int, int]] = []  # (step, 0 finish/1 grow, seq, rid)
         self.n_seq = 0
         self.counts = {"admitted": 0, "completed": 0, "completed_in_window": 0,
-                       "preempted": 0, "rejected": 0}
+                       "preempted": 0, "rejected": 0, "moved_blocks": 0, "moved_bytes": 0}
 
     def live_tokens(self, step: int) -> list[int]:
         return [b + len(r) * step for b, r in zip(self.base, self.running)]
@@ -226,7 +243,7 @@ class _Sim:
             r = self.reqs[rid]
             tokens = r.prompt + r.generated
             need = -(-tokens // self.T[i])
-            if not self.a.can_allocate(self.models[i], need):
+            if not self.fits(i, need):
                 blocked.add(i)
                 continue
             self.queues[i].popleft()
@@ -238,6 +255,29 @@ class _Sim:
             self.base[i] += tokens - step
             self.counts["admitted"] += 1
             self._schedule(rid, step)
+
+    def fits(self, i: int, n: int) -> bool:
+        """Can model ``i`` allocate ``n`` blocks, after compaction if that helps."""
+        name = self.models[i]
+        if self.a.can_allocate(name, n):
+            return True
+        moves = self.a.compact_for(name, n)
+        if moves:
+            self.apply_moves(moves)
+        return self.a.can_allocate(name, n)
+
+    def apply_moves(self, moves):
+        """Rewrite the moved handles in the running requests' block lists."""
+        by_model: dict[str, dict[int, int]] = {}
+        for mv in moves:
+            by_model.setdefault(mv.model, {})[mv.src] = mv.dst
+        for name, remap in by_model.items():
+            i = self.models.index(name)
+            for rid in self.running[i]:
+                r = self.reqs[rid]
+                r.blocks = [remap.get(h, h) for h in r.blocks]
+            self.counts["moved_blocks"] += len(remap)
+            self.counts["moved_bytes"] += len(remap) * self.a.fmt(name).block_bytes
 
     def _release(self, rid: int, step: int):
         r = self.reqs[rid]
@@ -268,11 +308,10 @@ class _Sim:
                 continue
             name = self.models[r.model]
             while r.seq == seq:
-                try:
-                    r.blocks += self.a.allocate(name, 1)
-                except OutOfBlocks:
+                if not self.fits(r.model, 1):
                     self.preempt(next(reversed(self.running[r.model])), step)
                     continue
+                r.blocks += self.a.allocate(name, 1)
                 self._schedule(rid, step)
                 break
 
@@ -291,7 +330,7 @@ def simulate(alloc: KVAllocator, models: list[str], trace: Trace, *, warmup: int
     end = int(trace.arrival[-1]) + 1 if len(trace) else 1
     window_end = end if window_end is None else window_end
     max_steps = max_steps or 100 * end + 10_000
-    run_rows, live_rows, samples = [], [], []
+    run_rows, wait_rows, live_rows, samples = [], [], [], []
     nxt = 0
     step = 0
     for step in range(max_steps):
@@ -306,17 +345,19 @@ def simulate(alloc: KVAllocator, models: list[str], trace: Trace, *, warmup: int
         sim.admit(step)
         live = sim.live_tokens(step)
         run_rows.append([len(r) for r in sim.running])
+        wait_rows.append([len(q) for q in sim.queues])
         live_rows.append(live)
         if step % stats_every == 0:
             st = alloc.stats(dict(zip(models, live)))
             samples.append((step, st.fragmentation, st.padding_fraction))
         if nxt == len(trace) and not sim.events and not any(sim.queues):
             break
-    return _result(alloc, sim, trace, step + 1, (warmup, window_end), run_rows, live_rows,
-                   samples)
+    return _result(alloc, sim, trace, step + 1, (warmup, window_end), run_rows, wait_rows,
+                   live_rows, samples)
 
 
-def _result(alloc, sim, trace, steps, window, run_rows, live_rows, samples) -> SimResult:
+def _result(alloc, sim, trace, steps, window, run_rows, wait_rows, live_rows,
+            samples) -> SimResult:
     s = np.array(samples, dtype=np.float64).reshape(-1, 3)
     waits = [r.first_admit - r.arrival for r in sim.reqs if r.done]
     packed, worst = {}, 0.0
@@ -329,6 +370,7 @@ def _result(alloc, sim, trace, steps, window, run_rows, live_rows, samples) -> S
     return SimResult(
         kind=alloc.kind, steps=steps, window=window,
         running=np.array(run_rows, np.int32).reshape(-1, len(sim.models)),
+        waiting=np.array(wait_rows, np.int32).reshape(-1, len(sim.models)),
         live_tokens=np.array(live_rows, np.int64).reshape(-1, len(sim.models)),
         fragmentation=s[:, 1], padding_fraction=s[:, 2], sample_steps=s[:, 0].astype(np.int64),
         arrived=len(trace), wait_steps=np.array(waits, np.int64), pool_bytes=alloc.pool_bytes,

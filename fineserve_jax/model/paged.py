@@ -62,11 +62,11 @@ class PagedKVCache:
         kb, ks = self.fmt.encode(k.reshape(B * T, *k.shape[2:]))
         vb, vs = self.fmt.encode(v.reshape(B * T, *v.shape[2:]))
         row, base, slot = row.reshape(-1), base.reshape(-1), slot.reshape(-1)
-        pool = _write_rows(pool, row, base + slot * vrow, kb)
-        pool = _write_rows(pool, row, base + bt * vrow + slot * vrow, vb)
+        pool = write_rows(pool, row, base + slot * vrow, kb)
+        pool = write_rows(pool, row, base + bt * vrow + slot * vrow, vb)
         if srow:
-            pool = _write_rows(pool, row, base + kv_vals + slot * srow, ks)
-            pool = _write_rows(pool, row, base + kv_vals + bt * srow + slot * srow, vs)
+            pool = write_rows(pool, row, base + kv_vals + slot * srow, ks)
+            pool = write_rows(pool, row, base + kv_vals + bt * srow + slot * srow, vs)
         return pool
 
     def gather(self, pool: jax.Array, layer, page_table: jax.Array):
@@ -75,7 +75,7 @@ class PagedKVCache:
         b = self.block
         bt, vrow, srow = b.block_tokens, b.value_row_bytes, b.scale_row_bytes
         row, off = self._block_base(page_table, layer)
-        seg = _read_rows(pool, row.reshape(-1), off.reshape(-1), b.layer_bytes)
+        seg = read_rows(pool, row.reshape(-1), off.reshape(-1), b.layer_bytes)
         seg = seg.reshape(B, P, b.layer_bytes)
         kv_vals = 2 * bt * vrow
         kvals = seg[..., :bt * vrow].reshape(B, P * bt, vrow)
@@ -118,14 +118,14 @@ _ROW_BYTES_SCATTER = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,),
                                                      scatter_dims_to_operand_dims=(0, 1))
 
 
-def _read_rows(pool, rows, offsets, size: int):
+def read_rows(pool, rows, offsets, size: int):
     """u8[N, size]: pool[rows[i], offsets[i]:offsets[i] + size] for each i."""
     idx = jnp.stack([rows, offsets], axis=-1).astype(jnp.int32)
     return jax.lax.gather(pool, idx, _ROW_BYTES, (1, size),
                           mode=jax.lax.GatherScatterMode.CLIP)
 
 
-def _write_rows(pool, rows, offsets, data):
+def write_rows(pool, rows, offsets, data):
     """pool[rows[i], offsets[i]:offsets[i] + n] = data[i]; rows out of range are dropped."""
     idx = jnp.stack([rows, offsets], axis=-1).astype(jnp.int32)
     return jax.lax.scatter(pool, idx, data, _ROW_BYTES_SCATTER,
