@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,55 @@ def test_same_stream_for_every_allocator():
     assert len({r["arrived"] for r in results.values()}) == 1
     assert results["fixed-page"]["worst_padding"] == pytest.approx(1 - 96 / 256)
     assert results["kvslab"]["worst_padding"] == 0  # 2 x LCM slabs pack both exactly
+
+
+class NoCompaction(Recording):
+    """The same KV Slab with compaction switched off."""
+
+    def compact_for(self, model, n):
+        return []
+
+
+def test_compaction_lets_the_busy_model_take_sparse_slabs():
+    # Load alternates completely between a bf16 and an int4 model; 32 blocks per slab
+    # strand a lot of memory in the slabs of the model whose phase just ended.
+    fmts = [BF16, INT4]
+    w = Workload(steps=1200, phase_steps=300, hot_share=1.0, load=1.0, prompt_mean=12,
+                 output_mean=40, max_len=120, seed=4)
+    pool = 48 * 8 * 3840
+    trace = make_trace(w, 2, w.rate([f.token_bytes for f in fmts], pool))
+    out = {}
+    for label, wrap in (("compact", Recording), ("no-compact", NoCompaction)):
+        alloc, names = build("kvslab", pool, fmts, reserve=8, slab_bytes=8 * 3840)
+        res = simulate(wrap(alloc), names, trace, warmup=100, window_end=w.steps)
+        assert res.completed + res.rejected == res.arrived
+        assert all(alloc.used_blocks(n) == 0 for n in names)
+        assert (res.waiting[-1] == 0).all()
+        m = res.metrics(w.phase_steps)
+        steps = np.arange(100, w.steps)
+        hot = (steps // w.phase_steps) % 2
+        assert m["hot_saturated_steps"] == int((res.waiting[steps, hot] > 0).sum())
+        out[label] = (res, m)
+    res, m = out["compact"]
+    assert res.moved_blocks > 0 and res.moved_bytes >= res.moved_blocks * INT4.block_bytes
+    assert out["no-compact"][0].moved_blocks == 0
+    assert m["hot_saturated_running"] > out["no-compact"][1]["hot_saturated_running"]
+    assert m["wait_steps_p95"] < out["no-compact"][1]["wait_steps_p95"]
+
+
+def test_bench_kvslab_runs_end_to_end(tmp_path, capsys):
+    from fineserve_jax.bench.__main__ import main
+    out = tmp_path / "kvslab.json"
+    assert main(["kvslab", "--pool-gib", "2", "--steps", "600", "--phase-steps", "300",
+                 "--loads", "1", "--mixes", "bf16+int4", "--reserve-tokens", "2048",
+                 "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["command"].startswith("python -m fineserve_jax.bench kvslab --pool-gib 2 ")
+    assert {r["allocator"] for r in rec["results"]} == {"kvslab", "kvslab-small", "static",
+                                                         "fixed-page"}
+    assert {r["hot_share"] for r in rec["results"]} == {1.0, 0.9}
+    assert set(rec["goal"]) >= {"padding_under_1pct", "concurrency_1_5x",
+                                "min_concurrency_ratio"}
+    assert rec["goal"]["padding_under_1pct"] is True
+    text = capsys.readouterr().out
+    assert "hot sat" in text and "kvslab sat" in text and "goal:" in text

@@ -2,9 +2,9 @@
 
 Plain Python and NumPy, no JAX: which bytes of the device pool belong to which model's
 blocks. The device array itself, and the block copies compaction asks for, live in
-``fineserve_jax.engine.pool``. Two baselines with
-the same interface (``KVAllocator``) sit beside KV Slab for comparison, and ``simulate``
-replays a bursty multi-model request stream against any of them on the host.
+``fineserve_jax.engine.pool``. Two baselines with the same interface (``KVAllocator``) sit
+beside KV Slab for comparison, and ``simulate`` replays a bursty multi-model request stream
+against any of them on the host.
 """
 
 from fineserve_jax.kvslab.allocator import (

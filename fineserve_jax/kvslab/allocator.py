@@ -499,10 +499,14 @@ class KVSlabAllocator(PoolTable):
             slab = o.slabs[r]
             free = set(slab.recycled)
             srcs += [r * o.bpr + i for i in range(slab.fresh) if i not in free]
-        # Fullest receivers first; each bucket is copied when reached, since filling a
-        # receiver moves it to a fuller bucket (one already passed).
-        dests = (r for u in range(o.bpr - 1, 0, -1) for r in list(o.by_used[u])
-                 if r not in rows)
+        dests, room = [], 0  # fullest receivers first, just enough of them
+        for u in range(o.bpr - 1, 0, -1):
+            for r in o.by_used[u]:
+                if room >= len(srcs):
+                    break
+                if r not in rows:
+                    dests.append(r)
+                    room += o.bpr - u
         moves, it = [], iter(srcs)
         for r in dests:
             slab, base = o.slabs[r], r * o.bpr

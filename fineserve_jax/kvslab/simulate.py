@@ -214,6 +214,7 @@ class _Sim:
         self.queues = [deque() for _ in models]  # waiting request ids, FCFS
         self.running: list[dict[int, None]] = [{} for _ in models]  # rid -> None, in admission order
         self.base = [0] * len(models)  # sum over running of tokens0 - start
+        self.holder: list[dict[int, int]] = [{} for _ in models]  # block handle -> rid
         self.events: list[tuple[int, int, int, int]] = []  # (step, 0 finish/1 grow, seq, rid)
         self.n_seq = 0
         self.counts = {"admitted": 0, "completed": 0, "completed_in_window": 0,
@@ -248,6 +249,7 @@ class _Sim:
                 continue
             self.queues[i].popleft()
             r.blocks = self.a.allocate(self.models[i], need)
+            self.holder[i].update(dict.fromkeys(r.blocks, rid))
             r.seq, r.start, r.tokens0 = self.n_seq, step, tokens
             self.n_seq += 1
             r.first_admit = step if r.first_admit < 0 else r.first_admit
@@ -272,16 +274,21 @@ class _Sim:
         for mv in moves:
             by_model.setdefault(mv.model, {})[mv.src] = mv.dst
         for name, remap in by_model.items():
-            i = self.models.index(name)
-            for rid in self.running[i]:
-                r = self.reqs[rid]
-                r.blocks = [remap.get(h, h) for h in r.blocks]
+            holder = self.holder[self.models.index(name)]
+            for src, dst in remap.items():
+                blocks = self.reqs[holder[src]].blocks
+                blocks[blocks.index(src)] = dst
+            for src, dst in remap.items():  # sources and destinations are disjoint
+                holder[dst] = holder.pop(src)
             self.counts["moved_blocks"] += len(remap)
             self.counts["moved_bytes"] += len(remap) * self.a.fmt(name).block_bytes
 
     def _release(self, rid: int, step: int):
         r = self.reqs[rid]
         self.a.free(self.models[r.model], r.blocks)
+        holder = self.holder[r.model]
+        for h in r.blocks:
+            del holder[h]
         r.blocks = []
         del self.running[r.model][rid]
         self.base[r.model] -= r.tokens0 - r.start
@@ -311,7 +318,9 @@ class _Sim:
                 if not self.fits(r.model, 1):
                     self.preempt(next(reversed(self.running[r.model])), step)
                     continue
-                r.blocks += self.a.allocate(name, 1)
+                (h,) = self.a.allocate(name, 1)
+                r.blocks.append(h)
+                self.holder[r.model][h] = rid
                 self._schedule(rid, step)
                 break
 
