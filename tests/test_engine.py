@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fineserve_jax.config import ModelConfig
-from fineserve_jax.engine import Engine, EngineConfig
+from fineserve_jax.engine import Engine, EngineConfig, RequestRejected
 from fineserve_jax.model import init_params
 from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.tokenizer import Tokenizer
@@ -203,12 +203,10 @@ def test_bad_requests_raise_and_engine_keeps_serving(tiny):
     e = _engine(tiny, models=("a",))
     with pytest.raises(KeyError, match="not served"):
         e.submit("zzz", [1, 2], GREEDY)
-    with pytest.raises(ValueError, match="empty"):
-        e.submit("a", [], GREEDY)
-    with pytest.raises(ValueError, match="token ids"):
-        e.submit("a", [1, 300], GREEDY)
-    with pytest.raises(ValueError, match="context"):
-        e.submit("a", [1] * 128, GREEDY)
+    for prompt, match in (([], "empty"), ([1, 300], "token ids"), ([1] * 128, "context")):
+        with pytest.raises(RequestRejected, match=match) as err:
+            e.submit("a", prompt, GREEDY)
+        assert err.value.param == "prompt" and isinstance(err.value, ValueError)
     h = e.submit("a", [1, 2, 3], GREEDY)
     e.run_until_idle()
     assert len(h.result().token_ids) == GREEDY.max_tokens
@@ -217,8 +215,9 @@ def test_bad_requests_raise_and_engine_keeps_serving(tiny):
 def test_request_larger_than_pool_is_refused(tiny):
     e = _engine(tiny, models=("a",), kv_budget_bytes=64 * 1024)
     cap = e._models["a"].max_blocks
-    with pytest.raises(ValueError, match="KV blocks"):
+    with pytest.raises(RequestRejected, match="KV blocks") as err:
         e.submit("a", [1] * 100, SamplingParams(max_tokens=27))
+    assert err.value.param == "max_tokens"
     assert cap * 4 < 127
 
 

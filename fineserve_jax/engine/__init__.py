@@ -1,7 +1,7 @@
 """The multi-model engine: continuous batching over one shared paged KV pool per device."""
 
 from fineserve_jax.engine.config import EngineConfig
-from fineserve_jax.engine.engine import Engine
+from fineserve_jax.engine.engine import Engine, RequestRejected
 from fineserve_jax.engine.handle import RequestHandle, StreamDelta
 
-__all__ = ["Engine", "EngineConfig", "RequestHandle", "StreamDelta"]
+__all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestRejected", "StreamDelta"]

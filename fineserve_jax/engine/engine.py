@@ -50,6 +50,14 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_FORMAT = {"float32": "f32", "bfloat16": "bf16"}
 
 
+class RequestRejected(ValueError):
+    """``submit`` refused a request; ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class _Model:
     name: str
@@ -277,19 +285,21 @@ class Engine:
 
     def _check_prompt(self, m: _Model, ids: list[int], params: SamplingParams) -> None:
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise RequestRejected("the prompt is empty", "prompt")
         V = m.config.vocab_size
         if any(not 0 <= i < V for i in ids):
-            raise ValueError(f"token ids must be in [0, {V})")
+            raise RequestRejected(f"token ids must be in [0, {V})", "prompt")
         max_len = m.max_len or min(self.config.max_model_len, m.config.max_position_embeddings)
         if len(ids) >= max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context is {max_len}")
+            raise RequestRejected(f"prompt has {len(ids)} tokens; the context is {max_len}",
+                                  "prompt")
         if self.started:
             worst = min(len(ids) + params.max_tokens, max_len)
             blk = m.runner.kv.block
             if blk.blocks_for(worst) > m.max_blocks:
-                raise ValueError(f"{worst} tokens need {blk.blocks_for(worst)} KV blocks; model "
-                                 f"{m.name!r} can hold at most {m.max_blocks}")
+                raise RequestRejected(f"{worst} tokens need {blk.blocks_for(worst)} KV blocks; "
+                                      f"model {m.name!r} can hold at most {m.max_blocks}",
+                                      "max_tokens")
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:

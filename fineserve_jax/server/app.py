@@ -18,7 +18,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from fineserve_jax.engine import Engine, RequestHandle, StreamDelta
+from fineserve_jax.engine import Engine, RequestHandle, RequestRejected, StreamDelta
 from fineserve_jax.sampling import SamplingParams
 
 
@@ -135,8 +135,10 @@ class Server:
             ids = self._prompt_ids(engine.model_info(name), body, chat)
             try:
                 handle = engine.submit(name, ids, params)
-            except ValueError as e:
-                raise APIError(400, str(e), "max_tokens" if "KV blocks" in str(e) else "prompt")
+            except RequestRejected as e:
+                raise APIError(400, str(e), e.param)
+            except ValueError as e:  # any other refusal: still the client's request
+                raise APIError(400, str(e), None)
         except APIError as e:
             return e.response()
         kind = "chat.completion" if chat else "text_completion"
