@@ -166,6 +166,11 @@ def test_preemption_keeps_output(tiny):
     tight.run_until_idle()
     assert tight.stats().models["a"].preemptions > 0
     assert [h.result().token_ids for h in hs] == want
+    ms = [h.metrics for h in hs]  # per request, public
+    assert sum(m.preemptions for m in ms) == tight.stats().models["a"].preemptions
+    for m in ms:
+        assert m.arrival <= m.first_scheduled <= m.first_token <= m.finished
+        assert m.ttft == m.first_token - m.arrival and m.queued >= 0
     _assert_pool_empty(tight)
 
 

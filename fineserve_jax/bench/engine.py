@@ -50,7 +50,7 @@ finish are seen by looking at its handle after every step, so latencies have the
 of one step and include the step that produced the token. A step is one iteration of the
 engine: one batch of one tenant (prefill or decode). Greedy output tokens of every request
 are compared across the allocators of the same run, with the requests each allocator
-preempted (read from the engine's live sequences after every step). Each step's time is
+preempted (each request handle's public ``metrics``). Each step's time is
 also filed under its compiled shape (rows x tokens x page-table width, seen by wrapping
 the runners' ``step`` of that engine), so that a difference in wall time can be split
 into more steps and dearer steps. On a CPU, tok/s and seconds are only comparable as
@@ -206,9 +206,7 @@ def drive(engine, requests: list[dict], *, max_idle: int = 3) -> dict:
         still = []
         for t in pending:
             h = t["handle"]
-            seq = engine._models[h.model].seqs.get(h.id)  # live sequences only
-            if seq is not None:
-                t["preempted"] = max(t["preempted"], seq.preemptions)
+            t["preempted"] = h.metrics.preemptions
             if t["first_step"] is None and h.token_ids:
                 t["first_step"], t["first_s"] = steps, now
             if h.finished:
@@ -257,7 +255,8 @@ def run_allocator(kind: str, tenant: Tenant, engine_kw: dict, requests: list[dic
         "pool": {"pool_bytes": pool0.pool_bytes, "row_bytes": pool0.row_bytes,
                  "rows_total": pool0.rows_total,
                  "layout": {m: e.alloc.layout(m)._asdict() for m in TENANTS},
-                 "max_blocks_per_tenant": {m: e._models[m].max_blocks for m in TENANTS}},
+                 "max_blocks_per_tenant": {m: e.model_info(m)["max_blocks_per_seq"]
+                                           for m in TENANTS}},
         "start_s": start_s,
         "warmup_s": e.warmup_seconds,
         "compiled_steps_after_warmup": compiled,

@@ -2,6 +2,6 @@
 
 from fineserve_jax.engine.config import EngineConfig
 from fineserve_jax.engine.engine import Engine, RequestRejected
-from fineserve_jax.engine.handle import RequestHandle, StreamDelta
+from fineserve_jax.engine.handle import RequestHandle, RequestMetrics, StreamDelta
 
-__all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestRejected", "StreamDelta"]
+__all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestMetrics", "RequestRejected", "StreamDelta"]

@@ -241,6 +241,7 @@ class Engine:
         m = self._model(name)
         return {"name": name, "precision": m.precision, "dtype": m.dtype,
                 "kv_format": m.kv_format, "max_model_len": m.max_len or None,
+                "max_blocks_per_seq": m.max_blocks or None,
                 "config": m.config, "tokenizer": m.tokenizer}
 
     def compiled_steps(self) -> int:
@@ -274,7 +275,8 @@ class Engine:
         handle = RequestHandle(rid, model, text, ids, self.abort, loop)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         state = SequenceState(m.tokenizer, params, ids, text, max_total_len=m.max_len or None)
-        self._inbox.put(("submit", model, Seq(rid, state, seed, handle, list(ids))))
+        seq = Seq(rid, state, seed, handle, list(ids), metrics=handle.metrics)
+        self._inbox.put(("submit", model, seq))
         self._wake.set()
         return handle
 
@@ -373,6 +375,9 @@ class Engine:
             if work is not None:
                 self._iteration += 1
                 m.last_step = self._iteration
+                now = time.monotonic()
+                for seq, _ in work.rows:
+                    seq.metrics.first_scheduled = seq.metrics.first_scheduled or now
                 return m, work
         return None
 
@@ -430,7 +435,7 @@ class Engine:
             if seq.id not in m.seqs or not m.sched.advance(seq, c):
                 continue
             tok = int(nxt[i])
-            seq.first_token_at = seq.first_token_at or now
+            seq.metrics.first_token = seq.metrics.first_token or now
             text = seq.state.append(tok)
             seq.tokens.append(tok)
             m.tokens_out += 1

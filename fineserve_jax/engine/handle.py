@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,8 +31,31 @@ class StreamDelta:
     error: str | None = None
 
 
+@dataclass
+class RequestMetrics:
+    """Timings (``time.monotonic()`` seconds) and counts of one request, kept by the engine."""
+
+    arrival: float  # submitted
+    first_scheduled: float | None = None  # first step that fed any of its tokens
+    first_token: float | None = None
+    finished: float | None = None
+    preemptions: int = 0  # times its KV was freed and recomputed
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from submission to the first token."""
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def queued(self) -> float | None:
+        """Seconds from submission to the first step that ran it."""
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+
 class RequestHandle:
-    """One submitted request. Iterate it once, sync or async; ``result()`` after or instead."""
+    """One submitted request. Iterate it once, sync or async; ``result()`` after or instead.
+
+    ``metrics`` (``RequestMetrics``) is updated by the engine as the request runs."""
 
     def __init__(self, request_id: str, model: str, prompt: str | None, prompt_ids: list[int],
                  abort: Callable[[str], None], loop: asyncio.AbstractEventLoop | None = None):
@@ -43,6 +67,7 @@ class RequestHandle:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.metrics = RequestMetrics(time.monotonic())
         self._abort = abort
         self._loop = loop
         self._aq: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
@@ -64,6 +89,7 @@ class RequestHandle:
         self.token_ids.extend(d.token_ids)
         if d.finish_reason is not None:
             self.finish_reason, self.error = d.finish_reason, d.error
+            self.metrics.finished = time.monotonic()
             self._done.set()
         if self._aq is not None:
             self._loop.call_soon_threadsafe(self._aq.put_nowait, d)

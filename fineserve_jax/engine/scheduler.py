@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fineserve_jax.engine.handle import RequestMetrics
 from fineserve_jax.kvslab import BlockFormat
 from fineserve_jax.sequence import SequenceState
 
@@ -39,11 +40,17 @@ class Seq:
     seed: int
     sink: Any  # receives deltas (``RequestHandle``)
     tokens: list[int]  # prompt + generated ids; while decoding the last is not in KV yet
-    arrival: float = field(default_factory=time.monotonic)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     num_computed: int = 0  # tokens whose K/V are in the pool
     blocks: list[int] = field(default_factory=list)  # block handles, in position order
-    preemptions: int = 0
-    first_token_at: float | None = None
+
+    @property
+    def arrival(self) -> float:
+        return self.metrics.arrival
+
+    @property
+    def preemptions(self) -> int:
+        return self.metrics.preemptions
 
     @property
     def remaining(self) -> int:
@@ -170,7 +177,7 @@ class ModelScheduler:
         self.running.remove(seq)
         self._free(seq)
         seq.num_computed = 0
-        seq.preemptions += 1
+        seq.metrics.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
