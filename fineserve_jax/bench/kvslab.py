@@ -168,8 +168,11 @@ def goal(results: list[dict], rat: list[dict]) -> dict:
     return {
         "kvslab_worst_padding": max(r["worst_padding"] for r in kv),
         "padding_under_1pct": max(r["worst_padding"] for r in kv) < 0.01,
-        "alternating_saturated_cases": [[x["mix"], x["load"]] for x in alt],
+        "concurrency_ratio_by_case": {f"{x['mix']} load {x['load']:g}":
+                                      x["kvslab/static hot_saturated_running"] for x in alt},
         "min_concurrency_ratio": min(conc) if conc else None,
+        "concurrency_1_5x_cases": sum(c >= 1.5 for c in conc),
+        "concurrency_cases": len(conc),
         "concurrency_1_5x": bool(conc) and min(conc) >= 1.5,
     }
 
@@ -210,7 +213,11 @@ def run(args) -> int:
     print()
     print(short_table(rat))
     print()
-    print(f"goal: {record['goal']}")
+    g = record["goal"]
+    print(f"goal: padding worst {g['kvslab_worst_padding']:.2%} (under 1%: "
+          f"{g['padding_under_1pct']}); concurrency >= 1.5x static when load alternates in "
+          f"{g['concurrency_1_5x_cases']} of {g['concurrency_cases']} saturated cases, min "
+          f"{g['min_concurrency_ratio'] or 0:.2f}x (all: {g['concurrency_1_5x']})")
     return 0
 
 
