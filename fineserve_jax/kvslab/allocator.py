@@ -159,10 +159,11 @@ def choose_slab_bytes(block_sizes: Iterable[int], pool_bytes: int, max_waste: fl
        sees that waste in the stats.
 
     ``lcm_first=False`` skips step 1. Smaller slabs trade a bounded padding for memory that
-    moves sooner: a slab returns to the free list only when *every* block in it is free. In
-    the host simulation (docs/benchmarks.md, Llama-3-8B shapes) the 2x LCM slabs of mixed
-    precisions (67-260 MiB) left more reserved memory idle than the 14-40 MiB slabs found
-    here, at 0.6-1.0% padding.
+    moves sooner: a slab returns to the free list only when *every* block in it is free.
+    Without compaction, the 2x LCM slabs of mixed precisions at Llama-3-8B shapes
+    (67-260 MiB) left more reserved memory idle in the host simulation than the 14-40 MiB
+    slabs found here; with ``KVSlabAllocator.compact_for`` both sizes run the same
+    sequences (docs/benchmarks.md), and the small ones pad 0.6-1.0%.
 
     Raises ValueError when the pool cannot hold ``min_slabs`` slabs of the largest block.
     """
