@@ -278,6 +278,7 @@ def run_allocator(kind: str, tenant: Tenant, engine_kw: dict, requests: list[dic
         "output_tok_s": out_tokens / d["wall_s"],
         "preemptions": sum(st.models[m].preemptions for m in TENANTS),
         "preemptions_by_tenant": {m: st.models[m].preemptions for m in TENANTS},
+        "blocks_moved_by_tenant": {m: st.models[m].blocks_moved for m in TENANTS},
         "peak_concurrent": int(max(d["running"])),
         "mean_concurrent": float(np.mean(d["running"])),
         "peak_running_by_tenant": {m: int(max(d["running_by_tenant"][m])) for m in TENANTS},
@@ -497,20 +498,23 @@ def run(args) -> int:
 
 
 def table(record: dict) -> str:
-    header = ["allocator", "tok/s", "wall s", "steps", "done", "preempt", "peak run",
+    header = ["allocator", "tok/s", "wall s", "steps", "done", "preempt", "moved", "peak run",
               "peak a/b", "mean run", "peak blk a/b", "frag mean", "TTFT p50/p90", "E2E p50/p90"]
     rows = []
     for r in record["results"]:
         rows.append([r["allocator"], f"{r['output_tok_s']:.1f}", f"{r['wall_s']:.0f}",
                      str(r["steps"]), f"{r['completed']}/{r['submitted']}",
-                     str(r["preemptions"]), str(r["peak_concurrent"]),
+                     str(r["preemptions"]),
+                     str(sum(r.get("blocks_moved_by_tenant", {}).values())),
+                     str(r["peak_concurrent"]),
                      "/".join(str(r["peak_running_by_tenant"][m]) for m in TENANTS),
                      f"{r['mean_concurrent']:.1f}",
                      "/".join(str(r["peak_blocks_by_tenant"][m]) for m in TENANTS),
                      f"{r['fragmentation_mean']:.1%}",
                      _pair(r, "ttft"), _pair(r, "e2e")])
     foot = [("run: running sequences (both tenants; peak a/b: each tenant's own peak); TTFT "
-            "and E2E: steps | seconds; peak blk: most KV blocks held by tenant a / b")]
+            "and E2E: steps | seconds; peak blk: most KV blocks held by tenant a / b; moved: "
+            "KV blocks moved by compaction")]
     for base, rat in record["ratios"].items():
         if rat:
             foot.append(f"{base}: tok/s {rat['output_tok_s']:.2f}x, steps {rat['steps']:.2f}x, "
