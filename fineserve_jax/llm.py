@@ -16,11 +16,13 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from fineserve_jax.engine import Engine, EngineConfig
+from fineserve_jax.precisions import PRECISIONS as _PRECISIONS
+from fineserve_jax.precisions import get_precision
 from fineserve_jax.runner import DenseRunner, bucket
 from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.sequence import RequestOutput
 
-PRECISIONS = ("bf16",)  # unquantized weights; quantized tenants register here
+PRECISIONS = tuple(_PRECISIONS)
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -44,7 +46,16 @@ class LLM:
         from checkpoints import load_model  # converter imports stay out of `import fineserve_jax`
 
         t0 = time.perf_counter()
-        loaded = load_model(source, dtype, progress=progress)
+        prec = get_precision(precision)
+        # Quantizing starts from float32 weights; the unquantized leaves end in ``dtype``.
+        loaded = load_model(source, "float32" if prec.quantized else dtype, progress=progress)
+        params = loaded.params
+        self.quantize_report = None
+        if prec.quantized:
+            from fineserve_jax.quant.model import quantize_model
+
+            params, self.quantize_report = quantize_model(
+                loaded.config, params, prec, loaded.tokenizer, dtype=dtype, progress=progress)
         self.source = str(source)
         self.precision = precision
         self.dtype = dtype
@@ -55,12 +66,18 @@ class LLM:
                                            max_model_len=self.config.max_position_embeddings)
         self.engine = Engine(ec)
         self.name = "model"
-        self.engine.add_model(self.name, self.config, loaded.params, self.tokenizer, dtype=dtype,
-                              precision=precision)
+        self.engine.add_model(self.name, self.config, params, self.tokenizer, dtype=dtype,
+                              precision=prec)
         self.engine.start()
         # Full-sequence scoring (logits, perplexity) needs no KV pool: a dense pass over the
-        # very weights the engine runs.
-        self.runner = DenseRunner(self.config, self.engine.weights(self.name), dtype)
+        # very weights the engine runs, its K/V through the same KV format.
+        from fineserve_jax.model.kv_formats import kv_format
+
+        info = self.engine.model_info(self.name)
+        fmt = kv_format(info["kv_format"])
+        self.runner = DenseRunner(self.config, self.engine.weights(self.name), dtype,
+                                  kv_format=fmt if prec.kv_format else None,
+                                  query_fp8=prec.query_fp8)
         self.load_seconds = time.perf_counter() - t0
 
     def __repr__(self):

@@ -44,15 +44,21 @@ def backend_weights(params, dtype, backend: str | None = None):
 class DenseRunner:
     """Prefill/decode steps and full-sequence scoring for one model."""
 
-    def __init__(self, cfg: ModelConfig, params, dtype):
+    def __init__(self, cfg: ModelConfig, params, dtype, *, kv_format=None,
+                 query_fp8: bool = False):
+        """``kv_format`` (a ``model.kv_formats`` format, optional): K/V pass through its
+        encoding as they are stored, so scoring sees what the paged pool would hold;
+        ``query_fp8``: queries rounded to FP8 (the precision's setting)."""
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.params = backend_weights(params, self.dtype)
-        self.kv = DenseKVCache(sliding_window=cfg.sliding_window)
-        self._step = jax.jit(partial(_step, cfg, self.kv, self.dtype), static_argnames=("mode",),
-                             donate_argnames=("kv_state",))
-        self._logits = jax.jit(partial(_all_logits, cfg, self.kv, self.dtype))
-        self._logprobs = jax.jit(partial(_target_logprobs, cfg, self.kv, self.dtype))
+        self.kv = (DenseKVCache(sliding_window=cfg.sliding_window) if kv_format is None else
+                   DenseKVCache(sliding_window=cfg.sliding_window, fmt=kv_format))
+        q8 = bool(query_fp8)
+        self._step = jax.jit(partial(_step, cfg, self.kv, self.dtype, q8),
+                             static_argnames=("mode",), donate_argnames=("kv_state",))
+        self._logits = jax.jit(partial(_all_logits, cfg, self.kv, self.dtype, q8))
+        self._logprobs = jax.jit(partial(_target_logprobs, cfg, self.kv, self.dtype, q8))
 
     def new_cache(self, batch: int, max_len: int) -> DenseKVState:
         c = self.cfg
@@ -74,31 +80,31 @@ class DenseRunner:
         return self._logprobs(self.params, tokens)
 
 
-def _step(cfg, kv, dtype, params, kv_state, tokens, positions, seq_lens, logits_idx,
+def _step(cfg, kv, dtype, q8, params, kv_state, tokens, positions, seq_lens, logits_idx,
           sampling, mode):
     # tokens, positions i32[B, T]; seq_lens i32[B] (KV length after the step);
     # logits_idx i32[B]: which of the T tokens predicts the next one.
     h, kv_state = forward(cfg, params, tokens, positions, kv, kv_state,
-                          DenseKVMeta(positions, seq_lens), dtype)
+                          DenseKVMeta(positions, seq_lens), dtype, q8)
     last = jnp.take_along_axis(h, logits_idx[:, None, None], axis=1)[:, 0]  # (B, D)
     logits = lm_head(cfg, params, last)
     return sample(logits, sampling, mode), kv_state
 
 
-def _fresh_forward(cfg, kv, dtype, params, tokens):
+def _fresh_forward(cfg, kv, dtype, q8, params, tokens):
     B, T = tokens.shape
     state = DenseKVCache.init(cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim, dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     meta = DenseKVMeta(positions, jnp.full((B,), T, jnp.int32))
-    h, _ = forward(cfg, params, tokens, positions, kv, state, meta, dtype)
+    h, _ = forward(cfg, params, tokens, positions, kv, state, meta, dtype, q8)
     return h
 
 
-def _all_logits(cfg, kv, dtype, params, tokens):
-    return lm_head(cfg, params, _fresh_forward(cfg, kv, dtype, params, tokens))
+def _all_logits(cfg, kv, dtype, q8, params, tokens):
+    return lm_head(cfg, params, _fresh_forward(cfg, kv, dtype, q8, params, tokens))
 
 
-def _target_logprobs(cfg, kv, dtype, params, tokens):
-    logits = lm_head(cfg, params, _fresh_forward(cfg, kv, dtype, params, tokens))[:, :-1]
+def _target_logprobs(cfg, kv, dtype, q8, params, tokens):
+    logits = lm_head(cfg, params, _fresh_forward(cfg, kv, dtype, q8, params, tokens))[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +40,7 @@ from fineserve_jax.engine.alloc import make_allocator
 from fineserve_jax.engine.pool import BlockMover, new_pool
 from fineserve_jax.model.kv_formats import kv_format
 from fineserve_jax.model.paged import PagedKVCache
+from fineserve_jax.precisions import Precision, get_precision
 from fineserve_jax.sampling import (FILTERED, GREEDY, RANDOM, SamplingArrays, SamplingParams,
                                     batch_mode)
 from fineserve_jax.sequence import SequenceState
@@ -69,6 +71,7 @@ class _Model:
     precision: str
     reserve_blocks: int | None
     cap_blocks: int | None
+    query_fp8: bool = False
     max_len: int = 0  # prompt + output cap of one sequence
     buckets: object = None  # config.Buckets
     runner: PagedRunner | None = None
@@ -114,18 +117,31 @@ class Engine:
     # ----------------------------------------------------------------- setup
     def add_model(self, name: str, config: ModelConfig, params, tokenizer: Tokenizer, *,
                   dtype: str = "bfloat16", kv_format_name: str | None = None,
-                  precision: str = "bf16", reserve_blocks: int | None = None,
+                  precision: str | Precision = "bf16", reserve_blocks: int | None = None,
                   cap_blocks: int | None = None) -> None:
-        """Register a model before ``start``. ``reserve_blocks`` defaults to one full
-        prefill step's blocks; ``cap_blocks`` (optional) bounds what the model may hold."""
+        """Register a model before ``start``. ``params`` are already in ``precision``
+        (``quant.quantize_model`` or a converted checkpoint); the precision picks the KV
+        format (``kv_format_name`` overrides it) and whether queries are rounded to FP8.
+        ``reserve_blocks`` defaults to one full prefill step's blocks; ``cap_blocks``
+        (optional) bounds what the model may hold."""
         if self.started:
             raise RuntimeError("add models before start()")
         if name in self._models:
             raise ValueError(f"model {name!r} already added")
-        fmt_name = kv_format_name or DEFAULT_KV_FORMAT.get(str(jnp.dtype(dtype)))
+        prec = get_precision(precision)
+        w = params["layers"]["wq"]
+        if prec.quantized == isinstance(w, (np.ndarray, jax.Array)):
+            raise ValueError(f"{name}: precision {prec.name!r} needs "
+                             f"{'quantized' if prec.quantized else 'unquantized'} linear "
+                             f"weights, got {type(w).__name__} (quantize with "
+                             f"fineserve_jax.quant.quantize_model or load a checkpoint "
+                             f"converted with --precision {prec.name})")
+        fmt_name = (kv_format_name or prec.kv_format
+                    or DEFAULT_KV_FORMAT.get(str(jnp.dtype(dtype))))
         kv_format(fmt_name)  # validates
         self._models[name] = _Model(name, config, params, tokenizer, str(jnp.dtype(dtype)),
-                                    fmt_name, precision, reserve_blocks, cap_blocks)
+                                    fmt_name, prec.name, reserve_blocks, cap_blocks,
+                                    query_fp8=prec.query_fp8)
 
     def start(self, thread: bool = True) -> "Engine":
         """Build the allocator and pool, warm up every bucket, start the loop thread.
@@ -155,7 +171,7 @@ class Engine:
                               m.config.sliding_window)
             m.max_len = min(c.max_model_len, m.config.max_position_embeddings)
             m.buckets = c.buckets(m.max_len)
-            m.runner = PagedRunner(m.config, m.params, m.dtype, kv)
+            m.runner = PagedRunner(m.config, m.params, m.dtype, kv, m.query_fp8)
             m.params = None  # the runner holds the device copy
             m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim)
             m.max_blocks = self.alloc.free_blocks(m.name)

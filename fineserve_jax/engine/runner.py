@@ -44,13 +44,13 @@ class StepBatch:
 class _TracedStep:
     """A jitted step that counts its traces (one per compiled shape)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, kv: PagedKVCache):
+    def __init__(self, cfg: ModelConfig, dtype, kv: PagedKVCache, query_fp8: bool = False):
         self.traces = 0
 
         def step(params, pool, tokens, positions, seq_lens, page_table, logits_idx):
             self.traces += 1  # runs at trace time only
             meta = PagedKVMeta(positions, seq_lens, page_table)
-            h, pool = forward(cfg, params, tokens, positions, kv, pool, meta, dtype)
+            h, pool = forward(cfg, params, tokens, positions, kv, pool, meta, dtype, query_fp8)
             last = jnp.take_along_axis(h, logits_idx[:, None, None], axis=1)[:, 0]  # (B, D)
             return lm_head(cfg, params, last), pool  # f32[B, vocab]
 
@@ -58,19 +58,22 @@ class _TracedStep:
 
 
 @functools.lru_cache(maxsize=None)
-def traced_step(cfg: ModelConfig, dtype: str, kv: PagedKVCache) -> _TracedStep:
-    return _TracedStep(cfg, jnp.dtype(dtype), kv)
+def traced_step(cfg: ModelConfig, dtype: str, kv: PagedKVCache,
+                query_fp8: bool = False) -> _TracedStep:
+    return _TracedStep(cfg, jnp.dtype(dtype), kv, query_fp8)
 
 
 class PagedRunner:
     """One model's weights and its compiled steps over the device pool."""
 
-    def __init__(self, cfg: ModelConfig, params, dtype: str, kv: PagedKVCache):
+    def __init__(self, cfg: ModelConfig, params, dtype: str, kv: PagedKVCache,
+                 query_fp8: bool = False):
         self.cfg = cfg
         self.dtype = str(jnp.dtype(dtype))
         self.kv = kv
+        self.query_fp8 = query_fp8
         self.params = backend_weights(jax.device_put(params), jnp.dtype(dtype))
-        self._step = traced_step(cfg, self.dtype, kv)
+        self._step = traced_step(cfg, self.dtype, kv, query_fp8)
 
     @property
     def traces(self) -> int:

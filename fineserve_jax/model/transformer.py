@@ -44,14 +44,31 @@ def _proj(x, lp: dict, w: str, b: str):
     return y + lp[b].astype(y.dtype) if b in lp else y
 
 
+def apply_k_post(q: jax.Array, k: jax.Array, k_post: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Post-RoPE key scaling (``quant.smoothing``): k (B, T, Hkv, D) times ``k_post``
+    [Hkv, D], q (B, T, H, D) divided by it (query head h uses KV head h // G); q.k is
+    unchanged."""
+    H, Hkv = q.shape[2], k.shape[2]
+    f = k_post.astype(jnp.float32)
+    qf = jnp.repeat(f, H // Hkv, axis=0)
+    return ((q.astype(jnp.float32) / qf).astype(q.dtype),
+            (k.astype(jnp.float32) * f).astype(k.dtype))
+
+
 def attention_block(cfg: ModelConfig, lp: dict, x, cos, sin, kv: KVCacheOps, kv_state,
-                    layer, kv_meta):
+                    layer, kv_meta, query_fp8: bool = False):
     B, T, _ = x.shape
     hd = cfg.head_dim
     q = _proj(x, lp, "wq", "bq").reshape(B, T, cfg.num_heads, hd)
     k = _proj(x, lp, "wk", "bk").reshape(B, T, cfg.num_kv_heads, hd)
     v = _proj(x, lp, "wv", "bv").reshape(B, T, cfg.num_kv_heads, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if "k_post" in lp:  # a smoothed model: keys scaled after RoPE, queries inversely
+        q, k = apply_k_post(q, k, lp["k_post"])
+    if query_fp8:  # queries rounded to FP8 per token and head
+        from fineserve_jax.quant.fp8 import fake_quant_per_token
+
+        q = fake_quant_per_token(q)
     kv_state = kv.update(kv_state, layer, k, v, kv_meta)
     o = kv.attend(kv_state, layer, q, kv_meta, hd ** -0.5)  # (B, T, H, hd)
     return _proj(o.reshape(B, T, cfg.num_heads * hd), lp, "wo", "bo"), kv_state
@@ -65,12 +82,14 @@ def mlp_block(lp: dict, x):
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
-            kv: KVCacheOps, kv_state: Any, kv_meta: Any, compute_dtype=None
-            ) -> tuple[jax.Array, Any]:
+            kv: KVCacheOps, kv_state: Any, kv_meta: Any, compute_dtype=None,
+            query_fp8: bool = False) -> tuple[jax.Array, Any]:
     """tokens, positions i32[B, T] -> (final hidden [B, T, D], new kv_state).
 
     Activations are kept in ``compute_dtype`` (default: the embedding's dtype); weights may
     be stored wider (see ``runner.backend_weights``) without changing the arithmetic.
+    Linear weights may be any registered weight type (``linear``); ``query_fp8`` rounds
+    the attention queries to FP8 per token and head.
     """
     x = params["embed"][tokens]  # (B, T, D)
     x = x.astype(compute_dtype or x.dtype)
@@ -80,7 +99,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Ar
     def layer_fn(carry, lp):
         x, kv_state, layer = carry
         h, kv_state = attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin,
-                                      kv, kv_state, layer, kv_meta)
+                                      kv, kv_state, layer, kv_meta, query_fp8)
         x = x + h
         x = x + mlp_block(lp, rms_norm(x, lp["mlp_norm"], eps))
         return (x, kv_state, layer + 1), None
