@@ -4,7 +4,9 @@ Layout of a checkpoint directory::
 
     DIR/params/          Orbax StandardSave of the params tree
     DIR/metadata/        Orbax JsonSave: format version, model config, precision, dtype,
-                         tokenizer ids, chat template, source and its sha256
+                         tokenizer ids, chat template, source and its sha256; a quantized
+                         checkpoint adds ``precision_recipe`` (every hyperparameter of
+                         ``precisions.Precision``) and ``quantization`` (calibration figures)
     DIR/tokenizer.json   the tokenizer, readable by HF ``tokenizers``
 
 Restore checks the stored tree against the params spec of the stored config first, so a
@@ -91,7 +93,19 @@ def load(directory: str | Path, target: Any = None) -> tuple[Any, dict, str]:
     directory = Path(directory).absolute()
     meta = read_metadata(directory)
     if target is None:
-        target = abstract_params(ModelConfig.from_dict(meta["config"]), meta["dtype"])
+        cfg = ModelConfig.from_dict(meta["config"])
+        recipe = meta.get("precision_recipe")
+        if recipe is not None:  # quantized: the tree the quantizer makes
+            from fineserve_jax.precisions import Precision
+            from fineserve_jax.quant.model import abstract_quantized
+
+            try:
+                prec = Precision.from_dict(recipe)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{directory}: unreadable precision recipe: {e}") from e
+            target = abstract_quantized(cfg, prec, meta["dtype"])
+        else:
+            target = abstract_params(cfg, meta["dtype"])
     _check_stored_tree(directory, target)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:

@@ -78,7 +78,12 @@ def load_model(src: str | Path, dtype: str = "bfloat16", *, progress: bool = Tru
         params, meta, tok_json = orbax_io.load(src)
         if meta["dtype"] != dtype:  # e.g. a float32 checkpoint served in bfloat16
             want = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-            params = jax.tree.map(lambda a: np.asarray(a).astype(want), params)
+            if meta.get("precision_recipe") is not None:  # quantized weights stay as stored
+                from fineserve_jax.quant.model import cast_unquantized
+
+                params = cast_unquantized(params, want)
+            else:
+                params = jax.tree.map(lambda a: np.asarray(a).astype(want), params)
             meta = dict(meta, dtype=dtype)
         tok = Tokenizer.from_json(tok_json, meta["tokenizer"])
         return LoadedModel(ModelConfig.from_dict(meta["config"]), params, tok, meta)
@@ -106,6 +111,27 @@ def load_model(src: str | Path, dtype: str = "bfloat16", *, progress: bool = Tru
         "source_sha256": sha256_files(hashed),
     }
     return LoadedModel(cfg, params, tok, meta)
+
+
+def quantize_loaded(model: LoadedModel, precision: str, dtype: str, *,
+                    progress: bool = True) -> LoadedModel:
+    """``model`` (loaded in float32) in ``precision``: calibrated, smoothed and rounded by
+    ``fineserve_jax.quant.quantize_model``; unquantized leaves in ``dtype``."""
+    from fineserve_jax.precisions import get_precision
+    from fineserve_jax.quant.model import quantize_model
+
+    prec = get_precision(precision)
+    if model.metadata.get("precision_recipe") is not None:
+        raise CheckpointError(f"the model is already quantized "
+                              f"({model.metadata['precision']}); quantize from its source")
+    if model.metadata.get("dtype") != "float32":
+        raise ValueError("quantize from float32 weights (load_model(src, 'float32'))")
+    params, report = quantize_model(model.config, model.params, prec, model.tokenizer,
+                                    dtype=dtype, progress=progress)
+    meta = dict(model.metadata, precision=prec.name, dtype=dtype)
+    if prec.quantized or prec.smoothing is not None:
+        meta.update(precision_recipe=prec.to_dict(), quantization=report)
+    return LoadedModel(model.config, params, model.tokenizer, meta)
 
 
 def save_model(model: LoadedModel, out: str | Path, *, overwrite: bool = False) -> Path:

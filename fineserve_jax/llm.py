@@ -17,7 +17,7 @@ import numpy as np
 
 from fineserve_jax.engine import Engine, EngineConfig
 from fineserve_jax.precisions import PRECISIONS as _PRECISIONS
-from fineserve_jax.precisions import get_precision
+from fineserve_jax.precisions import Precision, get_precision
 from fineserve_jax.runner import DenseRunner, bucket
 from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.sequence import RequestOutput
@@ -32,30 +32,47 @@ class LLM:
     """One model loaded for generation on the default JAX device.
 
     ``source``: the alias ``smollm2-135m``, a ``.gguf`` file, an HF directory or an Orbax
-    checkpoint directory. ``dtype``: ``"bfloat16"`` or ``"float32"`` compute and storage.
+    checkpoint directory. ``precision``: one of ``precisions.PRECISIONS``; an unquantized
+    source is quantized on load (calibration, smoothing, rounding: a minute or two on a CPU;
+    ``python -m checkpoints.convert --precision`` does it once), a quantized checkpoint is
+    served as stored (None: its own precision, bf16 for other sources). ``dtype``:
+    ``"bfloat16"`` or ``"float32"`` compute and storage of everything not quantized.
     Generation runs on an ``Engine`` of its own (continuous batching over a paged KV pool
     of ``kv_budget_bytes``); shapes compile on first use unless ``engine_config`` asks
     for a warm-up. ``llm.engine`` is that engine, for stats or more requests.
     """
 
-    def __init__(self, source: str | os.PathLike, precision: str = "bf16",
+    def __init__(self, source: str | os.PathLike, precision: str | None = None,
                  dtype: str = "bfloat16", *, progress: bool = True,
                  kv_budget_bytes: int = 256 * 2**20, engine_config: EngineConfig | None = None):
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not available; choose from {PRECISIONS}")
-        from checkpoints import load_model  # converter imports stay out of `import fineserve_jax`
+        from checkpoints import load_model, quantize_loaded, source_kind
 
         t0 = time.perf_counter()
-        prec = get_precision(precision)
-        # Quantizing starts from float32 weights; the unquantized leaves end in ``dtype``.
-        loaded = load_model(source, "float32" if prec.quantized else dtype, progress=progress)
-        params = loaded.params
-        self.quantize_report = None
-        if prec.quantized:
-            from fineserve_jax.quant.model import quantize_model
+        stored = None  # the precision of an already quantized checkpoint
+        if source_kind(source) == "orbax":
+            from checkpoints.orbax_io import read_metadata
 
-            params, self.quantize_report = quantize_model(
-                loaded.config, params, prec, loaded.tokenizer, dtype=dtype, progress=progress)
+            meta = read_metadata(source)
+            if meta.get("precision_recipe") is not None:
+                stored = Precision.from_dict(meta["precision_recipe"])
+        if stored is not None:
+            if precision not in (None, stored.name):
+                raise ValueError(f"{source} holds {stored.name!r} weights; convert the source "
+                                 f"again for {precision!r}")
+            prec = stored
+            loaded = load_model(source, dtype, progress=progress)
+        else:
+            prec = get_precision(precision or "bf16")
+            # Quantizing starts from float32 weights; the other leaves end in ``dtype``.
+            quantize = prec.quantized or prec.smoothing is not None
+            loaded = load_model(source, "float32" if quantize else dtype, progress=progress)
+            if quantize:
+                loaded = quantize_loaded(loaded, prec.name, dtype, progress=progress)
+        params = loaded.params
+        self.quantize_report = loaded.metadata.get("quantization")
+        precision = prec.name
         self.source = str(source)
         self.precision = precision
         self.dtype = dtype

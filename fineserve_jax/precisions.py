@@ -40,6 +40,7 @@ class WeightRecipe:
     scale_dtype: str = "fp8"  # INT4 group scales: "fp8" (with the pow2 multiplier), "bf16", "f16"
     zero: str = "float"  # INT4 asymmetric offsets: "float" (group min) or "int" (zero point)
     fit_grid: bool = True  # INT4 asymmetric: keep a 4-bit grid the weights already lie on
+    pow2: bool = True  # INT4 FP8 scales: the per-tensor power-of-two multiplier (else 2^0)
 
     def __post_init__(self):
         if self.kind not in ("none", "fp8", "int4"):

@@ -404,3 +404,15 @@ def test_reprs_name_the_format():
     assert "asymmetric" in repr(_quantized("w4a16")) and "float16" in repr(_quantized("w4a16"))
     assert repr(_quantized("fp8-weight-only")) == (
         "Fp8Weight(shape=(96, 576), scales=per-channel f32, act=None)")
+
+
+def test_without_pow2_small_scales_sit_at_the_fp8_floor():
+    from fineserve_jax.quant import quantize_int4
+
+    w = np.random.default_rng(7).normal(size=(8, 256)).astype(np.float32) * 1e-4
+    on = quantize_int4(w, group=128)
+    off = quantize_int4(w, group=128, pow2=False)
+    assert int(off.exponent) == 0 and int(on.exponent) > 0
+    err_on = np.abs(np.asarray(on.dequantize()) - w).max()
+    err_off = np.abs(np.asarray(off.dequantize()) - w).max()
+    assert err_on < 0.2 * err_off  # the multiplier is what keeps tiny groups representable

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "model": "fineserve_jax.bench.model",  # SmolLM2 prefill/decode, engine vs transformers
     "kvslab": "fineserve_jax.bench.kvslab",  # KV Slab vs baselines, host simulation
     "engine": "fineserve_jax.bench.engine",  # two SmolLM2 tenants, bursts, per allocator
+    "accuracy": "fineserve_jax.bench.accuracy",  # perplexity per precision and ablation
 }
 
 

@@ -159,8 +159,8 @@ class Int4Weight:
 
 
 def quantize_int4(w, *, group: int = 128, symmetric: bool = True, scale_dtype: str | None = None,
-                  zero: str = "float", fit_grid: bool = True, act: str | None = "fp8"
-                  ) -> Int4Weight:
+                  zero: str = "float", fit_grid: bool = True, act: str | None = "fp8",
+                  pow2: bool = True) -> Int4Weight:
     """Float weight [..., N, K] -> ``Int4Weight``; leading axes are separate tensors.
 
     symmetric: codes for ``round(w / s_eff)`` in [-8, 7], ``s = absmax / 7`` per group;
@@ -168,7 +168,9 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True, scale_dtype: s
     or "f16". Asymmetric: ``w = c * s + b`` with c in [0, 15]; ``scale_dtype`` "f16" (default)
     or "bf16"; ``zero`` "float" (b is the group minimum, or the origin of a 4-bit grid the
     group already lies on when ``fit_grid``) or "int" (AWQ: ``b = -z * s`` with an integer
-    zero point z in [0, 15]). Compiled once per shape and configuration.
+    zero point z in [0, 15]). ``pow2=False`` keeps FP8 scales unmultiplied (exponent 0:
+    small group scales then sit at the E4M3 floor; for ablations). Compiled once per shape
+    and configuration.
     """
     scale_dtype = scale_dtype or ("fp8" if symmetric else "f16")
     _check_args(group, symmetric, scale_dtype, zero, act)
@@ -178,16 +180,16 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True, scale_dtype: s
                          f"got {w.dtype} {w.shape}")
     packed, scales, offsets, exponent = _quantize_int4(
         w, group=group, symmetric=symmetric, scale_dtype=scale_dtype, zero=zero,
-        fit_grid=fit_grid and not symmetric and zero == "float")
+        fit_grid=fit_grid and not symmetric and zero == "float", pow2=bool(pow2))
     return Int4Weight(packed=packed, scales=scales, offsets=offsets, exponent=exponent,
                       group=group, k=w.shape[-1], symmetric=symmetric, act=act)
 
 
-_STATIC = ("group", "symmetric", "scale_dtype", "zero", "fit_grid")
+_STATIC = ("group", "symmetric", "scale_dtype", "zero", "fit_grid", "pow2")
 
 
 @partial(jax.jit, static_argnames=_STATIC)
-def _quantize_int4(w, *, group, symmetric, scale_dtype, zero, fit_grid):
+def _quantize_int4(w, *, group, symmetric, scale_dtype, zero, fit_grid, pow2=True):
     """The arrays of ``quantize_int4`` (validated arguments): packed, scales, offsets, exponent."""
     *lead, n, k = w.shape
     kp = -(-k // group) * group
@@ -195,7 +197,7 @@ def _quantize_int4(w, *, group, symmetric, scale_dtype, zero, fit_grid):
     wf = jnp.pad(w.astype(jnp.float32).reshape(-1, n, k), ((0, 0), (0, 0), (0, kp - k)))
     wg = wf.reshape(-1, n, ng, group)  # (B, N, G, group), B = prod(lead)
     if symmetric:
-        codes, scales, exponent = _quantize_symmetric(wg, scale_dtype)
+        codes, scales, exponent = _quantize_symmetric(wg, scale_dtype, pow2)
         offsets = None
     else:
         valid = (jnp.arange(kp) < k).reshape(ng, group)  # False on the padding of K
@@ -221,11 +223,12 @@ def _check_args(group, symmetric, scale_dtype, zero, act) -> None:
     _check_act(act)
 
 
-def _quantize_symmetric(wg: jax.Array, scale_dtype: str):
+def _quantize_symmetric(wg: jax.Array, scale_dtype: str, pow2: bool = True):
     """wg f32[B, N, G, group] -> (codes u8[B, N, G, group], S [B, N, G], m i32[B])."""
     s = jnp.max(jnp.abs(wg), axis=-1) / 7.0  # (B, N, G)
     if scale_dtype == "fp8":
-        m = jax.vmap(pow2_exponent)(s)  # (B,): one multiplier per tensor
+        m = (jax.vmap(pow2_exponent)(s) if pow2  # (B,): one multiplier per tensor
+             else jnp.zeros(s.shape[0], jnp.int32))
         mb = m[:, None, None]
         stored = to_e4m3(jnp.maximum(s * exp2i(mb), E4M3_MIN_SUBNORMAL))
         s_eff = stored.astype(jnp.float32) * exp2i(-mb)

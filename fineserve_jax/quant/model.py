@@ -44,8 +44,59 @@ def quantize_linears(params: dict, precision: Precision) -> dict:
         else:
             layers[n] = quantize_int4(w, group=r.group, symmetric=r.symmetric,
                                       scale_dtype=r.scale_dtype, zero=r.zero,
-                                      fit_grid=r.fit_grid, act=act)
+                                      fit_grid=r.fit_grid, act=act, pow2=r.pow2)
     return {**params, "layers": layers}
+
+
+def is_quantized_leaf(x) -> bool:
+    from fineserve_jax.quant import Fp8Weight, Int4Weight
+
+    return isinstance(x, (Int4Weight, Fp8Weight))
+
+
+def cast_unquantized(params: dict, dtype) -> dict:
+    """Floating arrays outside the quantized weights and ``k_post``, cast to ``dtype``."""
+    dt = jnp.dtype(dtype)
+
+    def cast(a):
+        if is_quantized_leaf(a) or not jnp.issubdtype(np.asarray(a).dtype, jnp.floating):
+            return a
+        return np.asarray(a).astype(dt)
+
+    layers = {k: (v if k == "k_post" else jax.tree.map(cast, v, is_leaf=is_quantized_leaf))
+              for k, v in params["layers"].items()}
+    rest = {k: jax.tree.map(cast, v, is_leaf=is_quantized_leaf)
+            for k, v in params.items() if k != "layers"}
+    return {**rest, "layers": layers}
+
+
+def abstract_quantized(cfg: ModelConfig, precision: str | Precision, dtype) -> dict:
+    """The ShapeDtypeStruct tree of a model quantized in ``precision``: the restore target
+    of a quantized checkpoint (computed by tracing the quantizer, nothing is rounded)."""
+    from fineserve_jax.model.params import abstract_params
+
+    p = get_precision(precision)
+    f32 = abstract_params(cfg, jnp.float32)
+
+    def build(params):
+        params = quantize_linears(params, p)
+        if p.smoothing is not None and p.smoothing.post_rope:
+            L, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+            params = {**params, "layers": {**params["layers"],
+                                           "k_post": jnp.ones((L, H, D), jnp.float32)}}
+        return params
+
+    tree = jax.eval_shape(build, f32)
+    dt = jnp.dtype(dtype)
+
+    def to_dtype(path, a):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        inside = any(isinstance(k, str) and k in LINEARS for k in keys) and p.quantized
+        if inside or "k_post" in keys or not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jax.ShapeDtypeStruct(a.shape, dt)
+
+    return jax.tree_util.tree_map_with_path(to_dtype, tree)
 
 
 def calibration_sequences(tokenizer, start: int, tokens: int, seq_len: int) -> np.ndarray:
@@ -79,16 +130,6 @@ def quantize_model(cfg: ModelConfig, params: dict, precision: str | Precision, t
             report["calibration_tokens"] = int(seqs.size)
             report["calibration_s"] = round(time.perf_counter() - t0, 2)
         params = smooth(cfg, params, sm, stats)
-    params = quantize_linears(params, p)
-    dt = jnp.dtype(dtype)
-
-    def cast(a):
-        if isinstance(a, (np.ndarray, jax.Array)) and jnp.issubdtype(a.dtype, jnp.floating) \
-                and a.dtype == np.float32:
-            return jnp.asarray(a, dt)
-        return a
-
-    layers = {k: (v if k == "k_post" else cast(v)) for k, v in params["layers"].items()}
-    params = {**{k: cast(v) for k, v in params.items() if k != "layers"}, "layers": layers}
+    params = cast_unquantized(quantize_linears(params, p), dtype)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return params, report
