@@ -44,9 +44,15 @@ class DenseKVState:
 
 @dataclasses.dataclass(frozen=True)
 class DenseKVCache:
-    """Contiguous per-sequence cache: slot b holds sequence b, position p at index p."""
+    """Contiguous per-sequence cache: slot b holds sequence b, position p at index p.
+
+    With ``fmt`` (a KV format of ``kv_formats``) set, K/V are stored as that format gives
+    them back (``fmt.fake_quant``), so a full pass on this cache sees exactly the values
+    the paged pool would return for that format.
+    """
 
     sliding_window: int | None = None
+    fmt: Any = None  # a KV format whose round trip K/V go through; None: stored as given
 
     @staticmethod
     def init(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -61,6 +67,8 @@ class DenseKVCache:
         pos = jnp.where(meta.positions >= 0, meta.positions, S)
         b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
         lyr = jnp.full((B, T), layer, jnp.int32)
+        if self.fmt is not None:
+            k, v = self.fmt.fake_quant(k), self.fmt.fake_quant(v)
         new_k = state.k.at[lyr, b, pos].set(k.astype(state.k.dtype), mode="drop")
         new_v = state.v.at[lyr, b, pos].set(v.astype(state.v.dtype), mode="drop")
         return DenseKVState(new_k, new_v)
