@@ -11,6 +11,7 @@ the metadata, and ``LLM(DIR)`` and the engine serve the result without re-quanti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -28,15 +29,23 @@ def main(argv=None) -> int:
                     help="quantize to this precision (fineserve_jax.precisions)")
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                     help="dtype of the unquantized tensors (embeddings, norms, bf16 weights)")
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibration tokens (default: the precision's recipe); recorded")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
         prec = PRECISIONS[args.precision]
+        if args.calib_tokens is not None and prec.smoothing is not None:
+            if args.calib_tokens < 1:
+                raise ValueError("--calib-tokens must be positive")
+            prec = prec.replace(smoothing=dataclasses.replace(
+                prec.smoothing, calib_tokens=args.calib_tokens,
+                calib_seq_len=min(prec.smoothing.calib_seq_len, args.calib_tokens)))
         if prec.quantized or prec.smoothing is not None:
             model = quantize_loaded(load_model(args.src, "float32", progress=not args.quiet),
-                                    args.precision, args.dtype, progress=not args.quiet)
+                                    prec, args.dtype, progress=not args.quiet)
         else:
             model = load_model(args.src, args.dtype, progress=not args.quiet)
         out = save_model(model, args.out, overwrite=args.force)

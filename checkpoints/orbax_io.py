@@ -66,12 +66,26 @@ def read_metadata(directory: str | Path) -> dict:
     return meta
 
 
+def _path_name(path) -> str:
+    """``layers.wq.packed``: dict keys and dataclass fields alike (the stored metadata tree
+    has dicts where the target has the quantized weight types)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
 def _check_stored_tree(directory: Path, target: Any) -> None:
     stored = ocp.StandardCheckpointHandler().metadata(directory / "params")
     stored = getattr(stored, "tree", stored)
-    flat_stored = {jax.tree_util.keystr(k): v for k, v in
+    flat_stored = {_path_name(k): v for k, v in
                    jax.tree_util.tree_flatten_with_path(stored)[0]}
-    flat_target = {jax.tree_util.keystr(k): v for k, v in
+    flat_target = {_path_name(k): v for k, v in
                    jax.tree_util.tree_flatten_with_path(target)[0]}
     for name, want in flat_target.items():
         have = flat_stored.get(name)

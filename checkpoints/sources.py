@@ -113,7 +113,7 @@ def load_model(src: str | Path, dtype: str = "bfloat16", *, progress: bool = Tru
     return LoadedModel(cfg, params, tok, meta)
 
 
-def quantize_loaded(model: LoadedModel, precision: str, dtype: str, *,
+def quantize_loaded(model: LoadedModel, precision, dtype: str, *,
                     progress: bool = True) -> LoadedModel:
     """``model`` (loaded in float32) in ``precision``: calibrated, smoothed and rounded by
     ``fineserve_jax.quant.quantize_model``; unquantized leaves in ``dtype``."""

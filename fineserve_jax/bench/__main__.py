@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "kvslab": "fineserve_jax.bench.kvslab",  # KV Slab vs baselines, host simulation
     "engine": "fineserve_jax.bench.engine",  # two SmolLM2 tenants, bursts, per allocator
     "accuracy": "fineserve_jax.bench.accuracy",  # perplexity per precision and ablation
+    "memory": "fineserve_jax.bench.memory",  # weight and KV bytes per precision
 }
 
 
