@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import jax
     import uvicorn
 
-    from checkpoints import load_model
+    from checkpoints import load_in_precision
     from fineserve_jax.engine import Engine, EngineConfig
     from fineserve_jax.llm import PRECISIONS
     from fineserve_jax.server import build_app
@@ -82,12 +82,13 @@ def main(argv=None) -> int:
             return 1
         t0 = time.perf_counter()
         try:
-            loaded = load_model(s["source"], s["dtype"], progress=True)
+            loaded, prec = load_in_precision(s["source"], s["precision"], s["dtype"],
+                                             progress=True)
         except (OSError, ValueError) as e:
             log.error("cannot load model %s from %s: %s", s["name"], s["source"], e)
             return 1
         engine.add_model(s["name"], loaded.config, loaded.params, loaded.tokenizer,
-                         dtype=s["dtype"], precision=s["precision"])
+                         dtype=s["dtype"], precision=prec)
         log.info("model %s: %s precision=%s dtype=%s loaded in %.1fs", s["name"], s["source"],
                  s["precision"], s["dtype"], time.perf_counter() - t0)
     t0 = time.perf_counter()

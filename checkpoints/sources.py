@@ -134,6 +134,33 @@ def quantize_loaded(model: LoadedModel, precision, dtype: str, *,
     return LoadedModel(model.config, params, model.tokenizer, meta)
 
 
+def load_in_precision(src: str | Path, precision=None, dtype: str = "bfloat16", *,
+                      progress: bool = True):
+    """(model with params in ``precision``, that ``Precision``), for serving.
+
+    A quantized Orbax checkpoint is served as stored (``precision`` None or its own name;
+    anything else is refused: convert the source again). Any other source is loaded and,
+    for a quantized precision, quantized now (float32 in, ``dtype`` for the rest).
+    """
+    from fineserve_jax.precisions import Precision, get_precision
+
+    stored = None
+    if source_kind(src) == "orbax":
+        meta = orbax_io.read_metadata(src)
+        if meta.get("precision_recipe") is not None:
+            stored = Precision.from_dict(meta["precision_recipe"])
+    if stored is not None:
+        if precision not in (None, stored.name):
+            raise ValueError(f"{src} holds {stored.name!r} weights; convert the source "
+                             f"again for {precision!r}")
+        return load_model(src, dtype, progress=progress), stored
+    prec = get_precision(precision or "bf16")
+    if prec.quantized or prec.smoothing is not None:
+        return (quantize_loaded(load_model(src, "float32", progress=progress), prec, dtype,
+                                progress=progress), prec)
+    return load_model(src, dtype, progress=progress), prec
+
+
 def save_model(model: LoadedModel, out: str | Path, *, overwrite: bool = False) -> Path:
     return orbax_io.save(out, model.params, model.metadata, model.tokenizer.to_json(),
                          overwrite=overwrite)

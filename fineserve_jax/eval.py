@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ppl", help="perplexity on the packaged Wikipedia corpus")
     p.add_argument("--model", required=True, help="alias, .gguf, HF or Orbax directory")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default=None,
+                   help="quantize on load (default: the checkpoint's own precision, or bf16)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--tokens", type=int, required=True, help="tokens to evaluate")
     p.add_argument("--window", type=int, default=1024)
@@ -68,12 +69,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     res = perplexity(llm, toks, args.window, progress=not args.quiet)
-    res.update(model=args.model, precision=args.precision, dtype=args.dtype,
+    res.update(model=args.model, precision=llm.precision, dtype=args.dtype,
                start=args.start, tokens=args.tokens, seconds=round(time.perf_counter() - t0, 2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-    print(f"model={args.model} precision={args.precision} dtype={args.dtype} "
+    print(f"model={args.model} precision={llm.precision} dtype={args.dtype} "
           f"tokens={args.start}:{args.start + args.tokens} window={args.window} "
           f"predicted={res['predicted_tokens']} ppl={res['ppl']:.4f}")
     return 0

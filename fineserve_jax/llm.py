@@ -17,7 +17,6 @@ import numpy as np
 
 from fineserve_jax.engine import Engine, EngineConfig
 from fineserve_jax.precisions import PRECISIONS as _PRECISIONS
-from fineserve_jax.precisions import Precision, get_precision
 from fineserve_jax.runner import DenseRunner, bucket
 from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.sequence import RequestOutput
@@ -47,29 +46,10 @@ class LLM:
                  kv_budget_bytes: int = 256 * 2**20, engine_config: EngineConfig | None = None):
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not available; choose from {PRECISIONS}")
-        from checkpoints import load_model, quantize_loaded, source_kind
+        from checkpoints import load_in_precision  # converter imports stay out of the package
 
         t0 = time.perf_counter()
-        stored = None  # the precision of an already quantized checkpoint
-        if source_kind(source) == "orbax":
-            from checkpoints.orbax_io import read_metadata
-
-            meta = read_metadata(source)
-            if meta.get("precision_recipe") is not None:
-                stored = Precision.from_dict(meta["precision_recipe"])
-        if stored is not None:
-            if precision not in (None, stored.name):
-                raise ValueError(f"{source} holds {stored.name!r} weights; convert the source "
-                                 f"again for {precision!r}")
-            prec = stored
-            loaded = load_model(source, dtype, progress=progress)
-        else:
-            prec = get_precision(precision or "bf16")
-            # Quantizing starts from float32 weights; the other leaves end in ``dtype``.
-            quantize = prec.quantized or prec.smoothing is not None
-            loaded = load_model(source, "float32" if quantize else dtype, progress=progress)
-            if quantize:
-                loaded = quantize_loaded(loaded, prec.name, dtype, progress=progress)
+        loaded, prec = load_in_precision(source, precision, dtype, progress=progress)
         params = loaded.params
         self.quantize_report = loaded.metadata.get("quantization")
         precision = prec.name
