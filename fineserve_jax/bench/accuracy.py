@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from fineserve_jax.bench.common import _cpu_model, cpu_count, format_table, versions, write_json
-from fineserve_jax.precisions import PRECISIONS, Precision, SmoothingConfig, WeightRecipe
+from fineserve_jax.precisions import PRECISIONS, Precision, SmoothingConfig
 
 HELP = "perplexity of every precision, the FireQ ablation and the KV options (SmolLM2, CPU)"
 
