@@ -73,14 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def kv_bytes_per_token(cfg, fmt_name: str | None, dtype: str) -> float:
-    from fineserve_jax.engine.engine import DEFAULT_KV_FORMAT
-    from fineserve_jax.model.kv_formats import kv_format
-
-    name = fmt_name or DEFAULT_KV_FORMAT[dtype]
-    return kv_format(name).block_format(cfg, 16).token_bytes
-
-
 def linear_weight_bytes(params) -> int:
     from fineserve_jax.quant.model import LINEARS
 
@@ -96,6 +88,7 @@ def run(args) -> int:
 
     from checkpoints import load_model
     from fineserve_jax.eval import corpus_slice
+    from fineserve_jax.bench.memory import kv_format_of
     from fineserve_jax.model.kv_formats import kv_format
     from fineserve_jax.quant.model import calibration_sequences, quantize_model
     from fineserve_jax.quant.smoothing import key_stats
@@ -118,7 +111,8 @@ def run(args) -> int:
     sm = SmoothingConfig()
     calib_tokens = args.calib_tokens or sm.calib_tokens
     t0 = time.perf_counter()
-    seqs = calibration_sequences(tok, sm.calib_start, calib_tokens, sm.calib_seq_len)
+    seqs = calibration_sequences(tok, sm.calib_start, calib_tokens,
+                                 min(sm.calib_seq_len, calib_tokens))
     if sm.calib_start < args.tokens:
         raise SystemExit("calibration tokens overlap the evaluation tokens")
     stats = key_stats(cfg, params32, seqs, progress=not args.quiet)
@@ -146,7 +140,7 @@ def run(args) -> int:
             "variant": label, "precision": prec.to_dict(), "ppl": ppl,
             "predicted_tokens": count,
             "linear_weight_bytes": linear_weight_bytes(params),
-            "kv_bytes_per_token": kv_bytes_per_token(cfg, prec.kv_format, args.dtype),
+            "kv_bytes_per_token": kv_format_of(prec, args.dtype).block_format(cfg, 16).token_bytes,
             "quantize_s": round(tq, 2), "eval_s": round(time.perf_counter() - t0, 2)})
         print(f"{label}: ppl {ppl:.4f} ({results[-1]['eval_s']:.0f}s)", file=sys.stderr,
               flush=True)

@@ -47,12 +47,18 @@ def model_config(src: str):
     return ModelConfig.from_dict(read_metadata(src)["config"])
 
 
+def kv_format_of(precision, dtype: str):
+    """The KV format a precision's model stores in the pool (its own, or the dtype's)."""
+    from fineserve_jax.engine.engine import DEFAULT_KV_FORMAT
+    from fineserve_jax.model.kv_formats import kv_format
+
+    return kv_format(precision.kv_format or DEFAULT_KV_FORMAT[dtype])
+
+
 def figures(cfg, dtype: str = "bfloat16", block_tokens: int = 16) -> list[dict]:
     import jax
     import numpy as np
 
-    from fineserve_jax.engine.engine import DEFAULT_KV_FORMAT
-    from fineserve_jax.model.kv_formats import kv_format
     from fineserve_jax.quant.model import LINEARS, abstract_quantized
 
     def nbytes(tree) -> int:
@@ -63,7 +69,7 @@ def figures(cfg, dtype: str = "bfloat16", block_tokens: int = 16) -> list[dict]:
     for name, p in PRECISIONS.items():
         tree = abstract_quantized(cfg, p, dtype)
         lin = nbytes({n: tree["layers"][n] for n in LINEARS})
-        fmt = kv_format(p.kv_format or DEFAULT_KV_FORMAT[dtype])
+        fmt = kv_format_of(p, dtype)
         out.append({"precision": name, "linear_weight_bytes": lin,
                     "all_weight_bytes": nbytes(tree), "kv_format": fmt.name,
                     "kv_bytes_per_token": fmt.block_format(cfg, block_tokens).token_bytes})

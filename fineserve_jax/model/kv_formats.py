@@ -45,6 +45,7 @@ import numpy as np
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.kvslab import BlockFormat
 from fineserve_jax.quant.fp8 import E4M3, E4M3_MAX, to_e4m3
+from fineserve_jax.quant.int4 import pack_int4, unpack_int4
 
 # |x| saturates here before quantizing: a scale rounded up to bf16 (at most 2**-7 above
 # absmax / qmax) times qmax stays below the float32 maximum (3.40e38).
@@ -265,8 +266,7 @@ class Int4KVFormat(_KVFormatBase):
             scale = _scale_for(jnp.max(jnp.abs(xg), axis=-1), 7.0)
             q = jnp.clip(jnp.round(xg / scale.astype(jnp.float32)[..., None]), -8, 7) + 8
             side = scale
-        q = q.astype(jnp.uint8).reshape(N, H, D // 2, 2)
-        packed = q[..., 0] | (q[..., 1] << 4)  # element 2i low nibble, 2i+1 high
+        packed = pack_int4(q.astype(jnp.uint8).reshape(N, H, D))  # 2i low, 2i+1 high nibble
         return packed.reshape(N, -1), _bf16_bytes(side)
 
     def decode(self, values: jax.Array, scales: jax.Array, kv_heads: int,
@@ -274,8 +274,7 @@ class Int4KVFormat(_KVFormatBase):
         """values u8[..., Hkv*D/2], scales u8[..., Hkv*head_scale_bytes] -> f32[..., Hkv, D]."""
         lead = values.shape[:-1]
         G = self.groups(head_dim)
-        b = values.reshape(*lead, kv_heads, head_dim // 2)
-        q = jnp.stack([b & 0xF, b >> 4], axis=-1).astype(jnp.float32)  # (..., H, D/2, 2)
+        q = unpack_int4(values.reshape(*lead, kv_heads, head_dim // 2)).astype(jnp.float32)
         q = q.reshape(*lead, kv_heads, G, head_dim // G)
         if self.asymmetric:
             side = _bf16_from_bytes(scales, (kv_heads, G, 2))
