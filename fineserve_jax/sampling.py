@@ -15,6 +15,7 @@ import numpy as np
 
 # Which sampler a batch needs; the cheapest one that covers every row is compiled.
 GREEDY, RANDOM, FILTERED = "greedy", "random", "filtered"
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,22 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # per generated token: its logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (max_tokens may be 0)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        for f in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                                  or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{f} must be an int in [0, {MAX_LOGPROBS}] or None, got {v!r}")
+        least = 0 if self.prompt_logprobs is not None else 1  # scoring a prompt only
+        if not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            raise ValueError(f"max_tokens must be an int >= {least}, got {self.max_tokens!r}")
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

@@ -254,3 +254,49 @@ def test_failed_step_fails_its_batch_and_the_engine_goes_on(tiny):
     assert "device fault" in ha[0].error
     assert [h.result().token_ids for h in hb] == want  # b's KV was lost and recomputed
     _assert_pool_empty(e)
+
+
+def _dense_logprobs(tiny, ids):
+    """Log-softmax of the dense reference forward at every position (float32)."""
+    from fineserve_jax.runner import DenseRunner
+
+    params, _ = tiny
+    r = DenseRunner(CFG, params, "float32")
+    logits = np.asarray(r.logits(np.asarray(ids, np.int32)[None]))[0]
+    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+
+def test_logprobs_of_prompt_and_generated_tokens(tiny):
+    # A 45-token prompt is prefilled in chunks of 32 and 13 tokens; every prompt token's
+    # logprob and top-3 must be the dense forward's, as must every generated token's.
+    e = _engine(tiny, models=("a",), warmup=True, context_buckets=(32,))
+    compiled = e.compiled_steps()
+    prompt = _prompts(1, seed=3, lo=45, hi=46)[0]
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3,
+                        prompt_logprobs=3)
+    h = e.submit("a", prompt, sp)
+    plain = e.submit("a", prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    e.run_until_idle()
+    assert h.token_ids == plain.token_ids and plain.logprobs == [] and plain.prompt_logprobs is None
+    ref = _dense_logprobs(tiny, prompt + h.token_ids)
+    assert h.prompt_logprobs[0] is None and len(h.prompt_logprobs) == len(prompt)
+    got = h.prompt_logprobs[1:] + h.logprobs
+    assert [t.token_id for t in got] == (prompt + h.token_ids)[1:]
+    for pos, t in enumerate(got):  # entry for token pos + 1, predicted at position pos
+        assert t.logprob == pytest.approx(ref[pos, t.token_id], abs=2e-4)
+        order = np.argsort(-ref[pos], kind="stable")
+        assert [i for i, _ in t.top] == order[:3].tolist()
+        assert t.rank == 1 + int((ref[pos] > ref[pos, t.token_id] + 1e-5).sum())
+    assert all(t.rank == 1 for t in h.logprobs)  # greedy picks the best token
+    # Scoring only: max_tokens=0 returns the prompt's logprobs and no token.
+    s = e.submit("a", prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    e.run_until_idle()
+    assert s.finish_reason == "length" and s.token_ids == []
+    assert [t.logprob for t in s.prompt_logprobs[1:]] == [t.logprob for t in h.prompt_logprobs[1:]]
+    assert all(t.top == [] for t in s.prompt_logprobs[1:])
+    assert e.compiled_steps() == compiled
+    _assert_pool_empty(e)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)

@@ -31,8 +31,9 @@ import numpy as np
 
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.engine.config import EngineConfig, pick
-from fineserve_jax.engine.handle import RequestHandle, StreamDelta
-from fineserve_jax.engine.runner import SAMPLER, PagedRunner, StepBatch
+from fineserve_jax.engine.handle import RequestHandle, StreamDelta, TokenLogprob
+from fineserve_jax.engine.runner import (LOGPROBS, PROMPT_LOGPROBS, SAMPLER, PagedRunner,
+                                         StepBatch, TopLogprobs)
 from fineserve_jax.engine.scheduler import (DECODE, BatchLimits, ModelScheduler, Scheduled,
                                             Seq)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
@@ -232,7 +233,13 @@ class Engine:
                                       np.zeros(B, np.int32), np.zeros((B, P), np.int32),
                                       np.zeros(B, np.int32), SamplingArrays.build([], [], [], B),
                                       mode)
-                    nxt, self.pool = m.runner.step(self.pool, batch)
+                    nxt, self.pool, aux = m.runner.step(self.pool, batch)
+                if P != m.buckets.context[0]:
+                    continue
+                # Log-probabilities: per batch size, and per prefill (rows, tokens).
+                LOGPROBS.fn(aux.logits, nxt)
+                if T > 1:
+                    m.runner.prompt_logprobs(aux, np.zeros((B, T), np.int32))
             nxt.block_until_ready()
         self.pool = self._mover.warmup(self.pool, [self.alloc.fmt(n).block_bytes
                                                    for n in self._models])
@@ -264,7 +271,8 @@ class Engine:
         """Traces (compilations) of this engine's model steps, shared ones counted once,
         plus the process-wide sampler's: constant once warm-up is done."""
         runners = {id(m.runner._step): m.runner for m in self._models.values() if m.runner}
-        return sum(r.traces for r in runners.values()) + SAMPLER.traces + self._mover.traces
+        return (sum(r.traces for r in runners.values()) + SAMPLER.traces + self._mover.traces
+                + LOGPROBS.traces + PROMPT_LOGPROBS.traces)
 
     # -------------------------------------------------------------- requests
     def submit(self, model: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -349,8 +357,9 @@ class Engine:
             m, work = picked
             batch = self._build_batch(m, work)
         try:
-            nxt, self.pool = m.runner.step(self.pool, batch)
+            nxt, self.pool, aux = m.runner.step(self.pool, batch)
             nxt = np.asarray(nxt)
+            lps = self._logprobs(m, work, batch, nxt, aux)
         except Exception as e:
             log.exception("step of model %s failed", m.name)
             with self._lock:
@@ -360,7 +369,7 @@ class Engine:
                     self._new_pool()
             return True
         with self._lock:
-            self._postprocess(m, work, nxt)
+            self._postprocess(m, work, nxt, lps)
         return True
 
     def _drain_inbox(self) -> None:
@@ -443,12 +452,66 @@ class Engine:
         return StepBatch(tokens, positions, seq_lens, page_table, logits_idx, sampling,
                          batch_mode(params))
 
-    def _postprocess(self, m: _Model, work: Scheduled, nxt: np.ndarray) -> None:
+    def _logprobs(self, m: _Model, work: Scheduled, batch: StepBatch, nxt: np.ndarray,
+                  aux) -> tuple[TopLogprobs | None, TopLogprobs | None]:
+        """(generated-token, prompt-token) log-probabilities as numpy, for the rows that
+        asked for them; None where no row did."""
+        params = [s.state.params for s, _ in work.rows]
+        gen = prompt = None
+        if any(p.logprobs is not None for p in params):
+            gen = TopLogprobs(*map(np.asarray, LOGPROBS.fn(aux.logits, nxt)))
+        targets = np.zeros(batch.tokens.shape, np.int32)
+        want = False
+        for i, (seq, c) in enumerate(work.rows):
+            if seq.state.params.prompt_logprobs is None:
+                continue
+            n_prompt, a = len(seq.state.prompt_ids), seq.num_computed
+            end = min(a + c, n_prompt - 1)  # fed positions [a, end) predict prompt tokens
+            if max(a, len(seq.prompt_lps)) >= end:
+                continue  # all recorded (a recompute after preemption), or none fed
+            targets[i, :end - a] = seq.tokens[a + 1:end + 1]
+            want = True
+        if want:
+            prompt = TopLogprobs(*map(np.asarray, m.runner.prompt_logprobs(aux, targets)))
+        return gen, prompt
+
+    @staticmethod
+    def _token_lp(t: TopLogprobs, idx, token: int, k: int) -> TokenLogprob:
+        return TokenLogprob(int(token), float(t.logprob[idx]), int(t.rank[idx]),
+                            [(int(a), float(b)) for a, b in
+                             zip(t.top_ids[idx][:k], t.top_logprobs[idx][:k])])
+
+    def _record_prompt_logprobs(self, seq: Seq, c: int, i: int, t: TopLogprobs) -> None:
+        n_prompt, a = len(seq.state.prompt_ids), seq.num_computed
+        k = seq.state.params.prompt_logprobs
+        for pos in range(a, min(a + c, n_prompt - 1)):  # fed position -> token pos + 1
+            if pos == len(seq.prompt_lps):
+                seq.prompt_lps.append(self._token_lp(t, (i, pos - a), seq.tokens[pos + 1], k))
+
+    def _postprocess(self, m: _Model, work: Scheduled, nxt: np.ndarray,
+                     lps: tuple[TopLogprobs | None, TopLogprobs | None] = (None, None)) -> None:
         m.steps += 1
         m.peak_running = max(m.peak_running, len(m.sched.running))
         now = time.monotonic()
+        gen_lp, prompt_lp = lps
         for i, (seq, c) in enumerate(work.rows):
-            if seq.id not in m.seqs or not m.sched.advance(seq, c):
+            if seq.id not in m.seqs:
+                continue
+            params = seq.state.params
+            if prompt_lp is not None and params.prompt_logprobs is not None:
+                self._record_prompt_logprobs(seq, c, i, prompt_lp)
+            if not m.sched.advance(seq, c):
+                continue
+            first = not seq.state.output_ids and not seq.prompt_sent
+            prompt_out = None
+            if first and params.prompt_logprobs is not None:
+                prompt_out = [None] + seq.prompt_lps
+                seq.prompt_sent = True
+            if params.max_tokens == 0:  # scoring the prompt only
+                seq.metrics.first_token = seq.metrics.first_token or now
+                m.finished += 1
+                self._finish(m, seq, StreamDelta("", [], "length", len(seq.state.prompt_ids), 0,
+                                                 prompt_logprobs=prompt_out))
                 continue
             tok = int(nxt[i])
             seq.metrics.first_token = seq.metrics.first_token or now
@@ -456,7 +519,9 @@ class Engine:
             seq.tokens.append(tok)
             m.tokens_out += 1
             d = StreamDelta(text, [tok], seq.state.finish_reason, len(seq.state.prompt_ids),
-                            len(seq.state.output_ids))
+                            len(seq.state.output_ids), prompt_logprobs=prompt_out)
+            if gen_lp is not None and params.logprobs is not None:
+                d.logprobs = [self._token_lp(gen_lp, i, tok, params.logprobs)]
             if seq.state.finished:
                 m.finished += 1
                 self._finish(m, seq, d)

@@ -20,6 +20,17 @@ from fineserve_jax.sequence import RequestOutput
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (raw logits, before temperature and
+    filters) and, when asked for, the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
 class StreamDelta:
     """Text and token ids produced by one engine step for one request."""
 
@@ -29,6 +40,9 @@ class StreamDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, this delta included
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # per token of ``token_ids``, when asked for
+    # First delta only, when asked for: one per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -65,6 +79,8 @@ class RequestHandle:
         self.prompt_ids = list(prompt_ids)
         self.text = ""
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = RequestMetrics(time.monotonic())
@@ -87,6 +103,10 @@ class RequestHandle:
         """Called by the engine thread only."""
         self.text += d.text
         self.token_ids.extend(d.token_ids)
+        if d.logprobs:
+            self.logprobs.extend(d.logprobs)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
         if d.finish_reason is not None:
             self.finish_reason, self.error = d.finish_reason, d.error
             self.metrics.finished = time.monotonic()

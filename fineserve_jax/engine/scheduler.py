@@ -43,6 +43,8 @@ class Seq:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     num_computed: int = 0  # tokens whose K/V are in the pool
     blocks: list[int] = field(default_factory=list)  # block handles, in position order
+    prompt_lps: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1.., if asked
+    prompt_sent: bool = False  # prompt logprobs delivered
 
     @property
     def arrival(self) -> float:
