@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "engine": "fineserve_jax.bench.engine",  # two SmolLM2 tenants, bursts, per allocator
     "accuracy": "fineserve_jax.bench.accuracy",  # perplexity per precision and ablation
     "memory": "fineserve_jax.bench.memory",  # weight and KV bytes per precision
+    "serve": "fineserve_jax.bench.serve",  # load client against a running server
 }
 
 

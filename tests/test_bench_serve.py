@@ -1,0 +1,206 @@
+"""``python -m fineserve_jax.bench serve`` end to end against a fake streaming server.
+
+The fake (Starlette on uvicorn, loopback, a thread of this process) streams ``max_tokens``
+one-token chunks: the first after ``FIRST_DELAY``, the rest ``TOKEN_DELAY`` apart. Model
+``fast`` answers, ``busy`` answers 429, ``broken`` sends one token and then an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from fineserve_jax.bench import serve as bench
+from fineserve_jax.bench.__main__ import main
+
+FIRST_DELAY, TOKEN_DELAY = 0.15, 0.03
+MODELS = ("fast", "busy", "broken")
+FIELDS = {"model", "max_tokens", "temperature", "stream", "stream_options", "ignore_eos"}
+SEEN: list[dict] = []  # every request body the fake accepted
+
+
+def _event(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def fake_app() -> Starlette:
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "max_model_len": 512, "device": "fake"} for m in MODELS]})
+
+    async def generate(request):
+        body = await request.json()
+        chat_or_prompt = {"messages"} if request.url.path.endswith("/chat/completions") \
+            else {"prompt"}
+        unknown = set(body) - FIELDS - chat_or_prompt
+        if unknown:  # as strict as our server: an unknown field is a 400
+            return JSONResponse({"error": {"message": f"unknown {sorted(unknown)}"}},
+                                status_code=400)
+        SEEN.append(body)
+        chat = request.url.path.endswith("/chat/completions")
+        if body["model"] == "busy":
+            return JSONResponse({"error": {"message": "too many requests", "type": "rate"}},
+                                status_code=429)
+        n = body["max_tokens"]
+        prompt = body["messages"][0]["content"] if chat else body["prompt"]
+
+        def chunk(text, finish):
+            c = ({"index": 0, "delta": {"content": text}, "finish_reason": finish} if chat
+                 else {"index": 0, "text": text, "finish_reason": finish})
+            return _event({"object": "chunk", "choices": [c]})
+
+        async def events():
+            if chat:  # OpenAI's first chat chunk: the role, no text
+                yield _event({"choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                  "content": ""}}]})
+            await asyncio.sleep(FIRST_DELAY)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(TOKEN_DELAY)
+                yield chunk(f" t{i}", "length" if i == n - 1 else None)
+                if body["model"] == "broken":
+                    yield _event({"error": {"message": "engine died", "type": "server_error"}})
+                    yield "data: [DONE]\n\n"
+                    return
+            if body["stream_options"]["include_usage"]:
+                yield _event({"choices": [], "usage": {"prompt_tokens": len(prompt.split()),
+                                                       "completion_tokens": n}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/models", models),
+                             Route("/v1/completions", generate, methods=["POST"]),
+                             Route("/v1/chat/completions", generate, methods=["POST"])])
+
+
+@pytest.fixture(scope="module")
+def url():
+    server = uvicorn.Server(uvicorn.Config(fake_app(), host="127.0.0.1", port=0,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "fake server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def _run(url, tmp_path, *extra) -> dict:
+    out = tmp_path / "serve.json"
+    assert main(["serve", "--url", url, "--prompt-tokenizer", "words", "--prompt-len", "12",
+                 "--prompt-sigma", "0", "--output-len", "6", "--output-sigma", "0",
+                 "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_counts_latencies_and_failures(url, tmp_path, capsys):
+    SEEN.clear()
+    rec = _run(url, tmp_path, "--num-requests", "9", "--rate", "inf", "--ttft-slo", "5",
+               "--tpot-slo", "5", "--api-key", "secret")
+    assert [m["id"] for m in rec["server"]["models"]["data"]] == list(MODELS)
+    s = rec["summary"]
+    assert s["all"]["submitted"] == 9 and s["all"]["completed"] == 3 and s["all"]["failed"] == 6
+    fast, busy, broken = (s["per_model"][m] for m in MODELS)
+    assert fast["completed"] == 3 and fast["failed"] == 0 and fast["errors"] == {}
+    assert busy["completed"] == 0 and busy["errors"] == {"HTTP 429": 3}
+    assert broken["completed"] == 0 and broken["errors"] == {"error event": 3}
+    assert fast["output_tokens"] == 18 and fast["short_outputs"] == 0
+    assert fast["prompt_tokens"] == 3 * 12  # the fake counts words; prompts are 12 words
+    for q in ("p50", "p90", "p99"):
+        assert FIRST_DELAY * 0.9 <= fast["ttft_s"][q] <= FIRST_DELAY + 2.0
+        assert TOKEN_DELAY * 0.8 <= fast["tpot_s"][q] <= TOKEN_DELAY + 0.5
+    assert TOKEN_DELAY * 0.5 <= fast["itl_s"]["p50"] <= TOKEN_DELAY + 0.5
+    assert fast["e2e_s"]["p50"] >= FIRST_DELAY + 5 * TOKEN_DELAY * 0.8
+    assert busy["ttft_s"]["p50"] is None and busy["output_tok_s"] == 0
+    assert s["all"]["slo"]["attainment"] == pytest.approx(3 / 9)
+    assert fast["slo"]["attainment"] == 1.0 and busy["slo"]["attainment"] == 0.0
+    assert rec["wall_s"] >= FIRST_DELAY + 5 * TOKEN_DELAY * 0.8
+    assert fast["output_tok_s"] == pytest.approx(18 / rec["wall_s"])
+    reqs = rec["requests"]
+    assert [r["model"] for r in reqs] == list(MODELS) * 3  # round-robin
+    for r in reqs:
+        if r["model"] == "fast":
+            assert r["error"] is None and r["completion_tokens"] == 6
+            assert len(r["chunk_s"]) == 6 and r["chunk_s"][0] == r["first_s"]
+            assert r["ttft_s"] == pytest.approx(r["first_s"] - r["send_s"])
+            assert r["tpot_s"] == pytest.approx((r["end_s"] - r["first_s"]) / 5)
+    assert "--api-key secret" in rec["command"] and rec["benchmark"] == "serve"
+    assert len(SEEN) == 9 and all(b["ignore_eos"] is True and b["temperature"] == 0
+                                  and b["stream"] for b in SEEN)
+    table = capsys.readouterr().out
+    assert "fast" in table and "HTTP 429 x3" in table
+
+
+def test_trace_saved_and_replayed_on_chat(url, tmp_path):
+    trace = tmp_path / "trace.json"
+    first = _run(url, tmp_path, "--num-requests", "4", "--rate", "40", "--models", "fast",
+                 "--seed", "3", "--save-trace", str(trace))
+    rows = json.loads(trace.read_text())
+    assert [sorted(r) for r in rows] == [["arrival_s", "max_tokens", "model", "prompt"]] * 4
+    assert rows[0]["arrival_s"] == 0 and rows[-1]["arrival_s"] > 0
+    assert all(len(r["prompt"].split()) == 12 for r in rows)
+    SEEN.clear()
+    again = _run(url, tmp_path, "--trace", str(trace), "--endpoint", "chat", "--no-ignore-eos")
+    assert len(SEEN) == 4 and not any("ignore_eos" in b for b in SEEN)
+    assert "--no-ignore-eos" in again["command"]
+    assert again["workload"] == {"source": "trace", "trace": str(trace)}
+    assert again["summary"]["all"]["completed"] == 4
+    for a, b in zip(first["requests"], again["requests"]):
+        assert a["arrival_s"] == b["arrival_s"] and a["max_tokens"] == b["max_tokens"]
+        assert b["completion_tokens"] == 6 and b["send_s"] >= b["arrival_s"] - 1e-3
+        assert b["ttft_s"] >= FIRST_DELAY * 0.9  # the role-only chunk is not a token
+
+
+def test_workload_is_seeded_and_shaped():
+    w = bench.Workload(num_requests=4000, rate=4.0, seed=1)
+    gaps = np.diff(w.arrivals())
+    assert np.array_equal(w.arrivals(), bench.Workload(num_requests=4000, rate=4.0,
+                                                       seed=1).arrivals())
+    assert gaps.mean() == pytest.approx(0.25, rel=0.1)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.1)  # Poisson
+    bursty = np.diff(bench.Workload(num_requests=4000, rate=4.0, cv=3.0).arrivals())
+    assert bursty.std() / bursty.mean() == pytest.approx(3.0, rel=0.25)
+    assert not bench.Workload(num_requests=5, rate=float("inf")).arrivals().any()
+    picks = w.models(["a", "b"], [3, 1])
+    assert picks.count("a") / len(picks) == pytest.approx(0.75, abs=0.05)
+    assert w.models(["a", "b"], None)[:4] == ["a", "b", "a", "b"]
+    p, o = bench.Workload(num_requests=5, prompt_sigma=0, output_sigma=0, prompt_len=30,
+                          output_len=7).lengths()
+    assert p.tolist() == [30] * 5 and o.tolist() == [7] * 5
+    with pytest.raises(ValueError):
+        bench.Workload(rate=0)
+
+
+def test_summary_formulas():
+    def rec(model, send, first, end, tokens, error=None):
+        chunks = [] if first is None else list(np.linspace(first, end, tokens))
+        return {"model": model, "arrival_s": send, "send_s": send, "first_s": first,
+                "end_s": end, "chunk_s": chunks, "completion_tokens": tokens,
+                "max_tokens": 11, "prompt_tokens": 5, "error": error}
+
+    recs = [rec("a", 0.0, 0.5, 1.5, 11), rec("a", 1.0, 1.2, 3.2, 11),
+            rec("b", 0.0, None, 0.1, 0, "HTTP 429: busy")]
+    s = bench.summary(recs, wall_s=4.0, ttft_slo=0.3, tpot_slo=0.15)
+    a = s["per_model"]["a"]
+    assert a["ttft_s"]["p50"] == pytest.approx(0.35) and a["tpot_s"]["p50"] == pytest.approx(0.15)
+    assert a["e2e_s"]["mean"] == pytest.approx(1.85)
+    assert a["itl_s"]["p50"] == pytest.approx(0.15)  # gaps 0.1 and 0.2, ten of each
+    assert a["output_tok_s"] == pytest.approx(22 / 4) and a["req_s"] == pytest.approx(0.5)
+    assert a["slo"]["ttft_attainment"] == 0.5 and a["slo"]["tpot_attainment"] == 0.5
+    assert a["slo"]["attainment"] == 0.0  # one meets TTFT only, the other TPOT only
+    assert s["all"]["failed"] == 1 and s["all"]["errors"] == {"HTTP 429": 1}
+    assert s["all"]["slo"]["ttft_attainment"] == pytest.approx(1 / 3)
