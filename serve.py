@@ -1,105 +1,284 @@
-"""Serve models behind one OpenAI-compatible endpoint.
+"""Serve several models behind one OpenAI-compatible endpoint.
 
-    python serve.py                       # SmolLM2-135M (bf16) on 127.0.0.1:8000
-    python serve.py --model fast=smollm2-135m,dtype=float32 --port 9000
+    python serve.py          # SmolLM2-135M in bf16 and in fireq-g32, one KV pool, 127.0.0.1:8000
 
-``--model NAME=SOURCE[,precision=P][,dtype=D]`` is repeatable; SOURCE is an alias, a
-.gguf file, an HF directory or an Orbax checkpoint. Every model shares one engine and
-one KV pool of ``--kv-budget`` bytes on the default device.
+The default serves the packaged SmolLM2-135M twice: ``smollm2-135m-bf16`` and
+``smollm2-135m-fireq-g32`` (W4A8 weights, INT4 KV), sharing one KV Slab pool. The
+quantized checkpoint is made on the first start (calibration and rounding, with a progress
+bar) and cached under ``~/.cache/fineserve-jax`` (``--cache-dir`` or ``$FINESERVE_CACHE``).
+
+Models: ``--model NAME=SOURCE[,precision=P][,dtype=D][,ttft-slo=MS][,tpot-slo=MS]
+[,calib-tokens=N]`` (repeatable; SOURCE is an alias, a .gguf file, an HF directory or an
+Orbax checkpoint), or a ``--config`` file (JSON or TOML) whose ``models`` list holds the
+same keys (name, source, precision, dtype, ttft_slo_ms, tpot_slo_ms, calib_tokens) and
+whose other keys set any option below. Command-line options win over the file.
+
+Placement: without ``--placement`` every model shares one engine and one KV pool of
+``--kv-budget`` bytes on the default device. A placement file (JSON) puts models on local
+devices: ``{"devices": [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": N}, ...]}``,
+one engine and one pool per device.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-DEFAULT_MODELS = ["smollm2-135m-bf16=smollm2-135m,precision=bf16,dtype=bfloat16"]
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fineserve-jax")
+DEFAULT_MODELS = ["smollm2-135m-bf16=smollm2-135m,precision=bf16",
+                  "smollm2-135m-fireq-g32=smollm2-135m,precision=fireq-g32"]
+SPEC_KEYS = {"precision": str, "dtype": str, "ttft_slo_ms": float, "tpot_slo_ms": float,
+             "calib_tokens": int}
+
+log = logging.getLogger("serve")
 
 
 def parse_model_spec(spec: str) -> dict:
+    """``NAME=SOURCE[,key=value...]`` -> model dict (keys as in a config file)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise argparse.ArgumentTypeError(f"--model {spec!r}: expected NAME=SOURCE[,key=value...]")
     source, *opts = rest.split(",")
-    out = {"name": name, "source": source, "precision": "bf16", "dtype": "bfloat16"}
+    out = {"name": name, "source": source}
     for o in opts:
         k, sep, v = o.partition("=")
-        if not sep or k not in ("precision", "dtype"):
-            raise argparse.ArgumentTypeError(f"--model {spec!r}: unknown option {o!r} "
-                                             f"(precision=, dtype=)")
+        k = k.strip().replace("-", "_")
+        k = {"ttft_slo": "ttft_slo_ms", "tpot_slo": "tpot_slo_ms"}.get(k, k)
+        if not sep or k not in SPEC_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"--model {spec!r}: unknown option {o!r} (precision=, dtype=, ttft-slo=MS, "
+                f"tpot-slo=MS, calib-tokens=N)")
         out[k] = v
+    return check_model(out, f"--model {spec!r}")
+
+
+def check_model(m: dict, where: str) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not isinstance(
+            m.get("source"), str) or not m["name"] or not m["source"]:
+        raise argparse.ArgumentTypeError(f"{where}: a model needs a name and a source")
+    out = {"name": m["name"], "source": m["source"], "precision": None, "dtype": "bfloat16",
+           "ttft_slo_ms": None, "tpot_slo_ms": None, "calib_tokens": None}
+    for k, v in m.items():
+        if k in ("name", "source"):
+            continue
+        if k not in SPEC_KEYS:
+            raise argparse.ArgumentTypeError(f"{where}: unknown model key {k!r} "
+                                             f"(known: {sorted(SPEC_KEYS)})")
+        try:
+            out[k] = SPEC_KEYS[k](v)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{where}: {k}={v!r} is not a "
+                                             f"{SPEC_KEYS[k].__name__}") from None
+    if out["dtype"] not in ("bfloat16", "float32"):
+        raise argparse.ArgumentTypeError(f"{where}: dtype must be bfloat16 or float32")
+    return out
+
+
+def read_config(path: str) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --config {path}: {e}") from None
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"error: --config {path} is not valid {p.suffix[1:] or 'JSON'}: {e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="JSON or TOML file: models and any option below")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (loopback unless you mean otherwise)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model", action="append", type=parse_model_spec, dest="models",
+                    help="NAME=SOURCE[,precision=P][,dtype=D][,ttft-slo=MS][,tpot-slo=MS]"
+                         "[,calib-tokens=N] (repeatable)")
+    ap.add_argument("--placement", help="JSON file placing models on local devices")
+    ap.add_argument("--kv-budget", type=int, default=512 * 2**20, metavar="BYTES",
+                    help="bytes of the KV pool shared by the models of one device")
+    ap.add_argument("--max-seqs", type=int, default=16, help="running sequences per model")
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="prompt + output tokens of one request (capped by each model)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="where quantized checkpoints are kept (default ~/.cache/fineserve-jax)")
+    ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
+    ap.add_argument("--api-key-file", help="read the API key from this file")
+    ap.add_argument("--admin-key", help="separate key for /admin/* and /metrics")
+    ap.add_argument("--admin-key-file", help="read the admin key from this file")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--max-n", type=int, default=8, help="largest n (choices per prompt)")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens accepted")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="longest prompt accepted (default: the model's context)")
+    ap.add_argument("--max-waiting", type=int, default=256,
+                    help="queued requests per model beyond those running; then 429")
+    ap.add_argument("--log-level", default="info",
+                    choices=("debug", "info", "warning", "error"))
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.config:
+        cfg = read_config(args.config)
+        if not isinstance(cfg, dict):
+            ap.error(f"--config {args.config}: expected a table/object at the top")
+        models = cfg.pop("models", None)
+        known = {a.dest for a in ap._actions}
+        unknown = [k for k in cfg if k.replace("-", "_") not in known or k == "config"]
+        if unknown:
+            ap.error(f"--config {args.config}: unknown keys {unknown}")
+        ap.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+        args = ap.parse_args(argv)
+        if args.models is None and models is not None:
+            if not isinstance(models, list) or not models:
+                ap.error(f"--config {args.config}: 'models' must be a non-empty list")
+            try:
+                args.models = [check_model(m, f"--config {args.config}") for m in models]
+            except argparse.ArgumentTypeError as e:
+                ap.error(str(e))
+    args.models = args.models or [parse_model_spec(s) for s in DEFAULT_MODELS]
+    names = [m["name"] for m in args.models]
+    if len(set(names)) != len(names):
+        ap.error(f"duplicate model names: {names}")
+    return args
+
+
+def read_placement(path: str, names: list[str], kv_budget: int) -> list[dict]:
+    """[{device index, model names, kv budget}] from a placement file, checked."""
+    try:
+        plan = json.loads(Path(path).read_text())
+        groups = plan["devices"]
+        out = [{"device": int(g["device"]), "models": list(g["models"]),
+                "kv_budget_bytes": int(g.get("kv_budget_bytes", kv_budget))} for g in groups]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --placement {path}: {type(e).__name__}: {e} (expected "
+                         f'{{"devices": [{{"device": 0, "models": [...]}}]}})') from None
+    placed = [n for g in out for n in g["models"]]
+    missing, unknown = set(names) - set(placed), set(placed) - set(names)
+    if missing or unknown or len(placed) != len(set(placed)):
+        raise SystemExit(f"error: --placement {path}: every served model exactly once "
+                         f"(not placed: {sorted(missing)}, not served: {sorted(unknown)})")
+    return out
+
+
+def load_models(args, specs: list[dict]) -> dict:
+    """name -> (LoadedModel, Precision); quantized ones through the checkpoint cache."""
+    from checkpoints import load_in_precision, source_kind
+    from checkpoints.cache import cached_checkpoint, with_calibration
+    from fineserve_jax.precisions import PRECISIONS
+
+    out = {}
+    for s in specs:
+        t0 = time.perf_counter()
+        src, prec_name = s["source"], s["precision"]
+        if prec_name is not None and prec_name not in PRECISIONS:
+            raise SystemExit(f"error: model {s['name']}: precision {prec_name!r} is not "
+                             f"available; choose from {sorted(PRECISIONS)}")
+        try:
+            prec = PRECISIONS.get(prec_name or "bf16")
+            if source_kind(src) != "orbax" and (prec.quantized or prec.smoothing is not None):
+                prec = with_calibration(prec, s["calib_tokens"])
+                path, made = cached_checkpoint(src, prec, s["dtype"], cache_dir=args.cache_dir)
+                log.info("model %s: %s checkpoint %s %s", s["name"], prec.name, path,
+                         "written" if made else "from the cache")
+                src = str(path)
+            loaded, prec = load_in_precision(src, prec_name, s["dtype"], progress=True)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot load model {s['name']} from {s['source']}: "
+                             f"{e}") from None
+        log.info("model %s: %s, precision %s, dtype %s, loaded in %.1fs", s["name"],
+                 s["source"], prec.name, s["dtype"], time.perf_counter() - t0)
+        out[s["name"]] = (loaded, prec)
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--model", action="append", type=parse_model_spec, dest="models",
-                    help="NAME=SOURCE[,precision=P][,dtype=D] (repeatable)")
-    ap.add_argument("--kv-budget", type=int, default=512 * 2**20, metavar="BYTES",
-                    help="bytes of the KV pool shared by all models")
-    ap.add_argument("--max-seqs", type=int, default=16, help="running sequences per model")
-    ap.add_argument("--max-model-len", type=int, default=2048,
-                    help="prompt + output tokens of one request (capped by each model)")
-    ap.add_argument("--log-level", default="info",
-                    choices=("debug", "info", "warning", "error"))
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("serve")
-    specs = args.models or [parse_model_spec(s) for s in DEFAULT_MODELS]
-    names = [s["name"] for s in specs]
-    if len(set(names)) != len(names):
-        ap.error(f"duplicate model names: {names}")
+    specs = {m["name"]: m for m in args.models}
 
     import jax
     import uvicorn
 
-    from checkpoints import load_in_precision
     from fineserve_jax.engine import Engine, EngineConfig
-    from fineserve_jax.llm import PRECISIONS
     from fineserve_jax.server import build_app
+    from fineserve_jax.server.auth import load_key
+    from fineserve_jax.server.protocol import Limits
+    from checkpoints.cache import default_cache_dir
 
-    # Compiled steps persist between starts: the second start skips most of the warm-up.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(CACHE_DIR, "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     try:
-        cfg = EngineConfig(kv_budget_bytes=args.kv_budget, max_seqs=args.max_seqs,
-                           max_model_len=args.max_model_len)
+        api_key = load_key(args.api_key, args.api_key_file)
+        admin_key = load_key(args.admin_key, args.admin_key_file, "admin key")
+        limits = Limits(max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                        max_waiting=args.max_waiting)
     except ValueError as e:
-        ap.error(str(e))
-    engine = Engine(cfg)
-    for s in specs:
-        if s["precision"] not in PRECISIONS:
-            log.error("model %s: precision %r is not available; choose from %s", s["name"],
-                      s["precision"], PRECISIONS)
-            return 1
-        t0 = time.perf_counter()
+        log.error("%s", e)
+        return 2
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    # Compiled steps persist between starts: the second start skips most of the warm-up.
+    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    groups = (read_placement(args.placement, list(specs), args.kv_budget) if args.placement
+              else [{"device": None, "models": list(specs), "kv_budget_bytes": args.kv_budget}])
+    devices = jax.local_devices()
+    for g in groups:
+        if g["device"] is not None and not 0 <= g["device"] < len(devices):
+            log.error("placement names device %d; this host has %d", g["device"], len(devices))
+            return 2
+    loaded = load_models(args, list(specs.values()))
+    engines = []
+    for g in groups:
         try:
-            loaded, prec = load_in_precision(s["source"], s["precision"], s["dtype"],
-                                             progress=True)
-        except (OSError, ValueError) as e:
-            log.error("cannot load model %s from %s: %s", s["name"], s["source"], e)
-            return 1
-        engine.add_model(s["name"], loaded.config, loaded.params, loaded.tokenizer,
-                         dtype=s["dtype"], precision=prec)
-        log.info("model %s: %s precision=%s dtype=%s loaded in %.1fs", s["name"], s["source"],
-                 s["precision"], s["dtype"], time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    engine.start()
-    pool = engine.stats().pool
-    log.info("engine on %s: KV pool %.0f MiB (%d slabs of %d B, allocator %s), warm-up %.1fs",
-             engine.device, pool.pool_bytes / 2**20, pool.rows_total, pool.row_bytes,
-             cfg.allocator, time.perf_counter() - t0)
-    log.info("serving %s on http://%s:%d/v1", ", ".join(engine.models), args.host, args.port)
-    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
-    engine.shutdown()
+            cfg = EngineConfig(kv_budget_bytes=g["kv_budget_bytes"], max_seqs=args.max_seqs,
+                               max_model_len=args.max_model_len)
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
+        dev = devices[g["device"]] if g["device"] is not None else None
+        engine = Engine(cfg, device=dev)
+        for name in g["models"]:
+            model, prec = loaded[name]
+            engine.add_model(name, model.config, model.params, model.tokenizer,
+                             dtype=specs[name]["dtype"], precision=prec)
+        t0 = time.perf_counter()
+        engine.start()
+        pool = engine.stats().pool
+        log.info("engine on %s: KV budget %.0f MiB = %d slabs of %d B (allocator %s); "
+                 "warm-up %.1fs", engine.device, pool.pool_bytes / 2**20, pool.rows_total,
+                 pool.row_bytes, cfg.allocator, time.perf_counter() - t0)
+        for name, p in engine.kv_plan().items():
+            log.info("  %s: KV %s, %d-token blocks of %d B; reserve %d tokens (%.1f MiB), "
+                     "up to %d tokens when the others idle", name, p["kv_format"],
+                     p["block_tokens"], p["block_bytes"], p["reserve_tokens"],
+                     p["reserve_blocks"] * p["block_bytes"] / 2**20, p["max_tokens"])
+        engines.append(engine)
+    extra = {n: {k: s[k] for k in ("ttft_slo_ms", "tpot_slo_ms") if s[k] is not None}
+             for n, s in specs.items()}
+    app = build_app(engines, limits=limits, api_key=api_key, admin_key=admin_key,
+                    model_extra=extra)
+    where = ", ".join(f"{n} on {e.device}" for e in engines for n in e.models)
+    log.info("serving %s at http://%s:%d/v1%s", where, args.host, args.port,
+             " (API key required)" if api_key else "")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        for e in engines:
+            e.shutdown()
     return 0
 
 

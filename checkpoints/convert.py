@@ -11,10 +11,10 @@ the metadata, and ``LLM(DIR)`` and the engine serve the result without re-quanti
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
+from checkpoints.cache import with_calibration
 from checkpoints.errors import CheckpointError
 from checkpoints.sources import DTYPES, load_model, quantize_loaded, save_model
 from fineserve_jax.precisions import PRECISIONS
@@ -36,13 +36,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        prec = PRECISIONS[args.precision]
-        if args.calib_tokens is not None and prec.smoothing is not None:
-            if args.calib_tokens < 1:
-                raise ValueError("--calib-tokens must be positive")
-            prec = prec.replace(smoothing=dataclasses.replace(
-                prec.smoothing, calib_tokens=args.calib_tokens,
-                calib_seq_len=min(prec.smoothing.calib_seq_len, args.calib_tokens)))
+        prec = with_calibration(PRECISIONS[args.precision], args.calib_tokens)
         if prec.quantized or prec.smoothing is not None:
             model = quantize_loaded(load_model(args.src, "float32", progress=not args.quiet),
                                     prec, args.dtype, progress=not args.quiet)

@@ -92,8 +92,11 @@ class _Model:
 class Engine:
     """Continuous batching of several models on one device over one shared KV pool."""
 
-    def __init__(self, config: EngineConfig | None = None, policy: ModelChoicePolicy | None = None):
+    def __init__(self, config: EngineConfig | None = None, policy: ModelChoicePolicy | None = None,
+                 device: jax.Device | None = None):
+        """``device``: where the pool and every model's weights live (default: JAX's)."""
         self.config = config or EngineConfig()
+        self._device = device
         self.policy = policy or RoundRobin()
         self._models: dict[str, _Model] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -165,6 +168,7 @@ class Engine:
                 reserve = min(c.max_prefill_seqs, c.prefill_token_budget) + blk.blocks_for(
                     c.prefill_token_budget)
             self.alloc.add_model(m.name, blk, reserve_blocks=reserve, cap_blocks=m.cap_blocks)
+            m.reserve_blocks = reserve
         for m in self._models.values():
             blk = formats[m.name]
             layout = self.alloc.layout(m.name)
@@ -172,7 +176,8 @@ class Engine:
                               m.config.sliding_window)
             m.max_len = min(c.max_model_len, m.config.max_position_embeddings)
             m.buckets = c.buckets(m.max_len)
-            m.runner = PagedRunner(m.config, m.params, m.dtype, kv, m.query_fp8)
+            m.runner = PagedRunner(m.config, m.params, m.dtype, kv, m.query_fp8,
+                                   device=self._device)
             m.params = None  # the runner holds the device copy
             m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim)
             m.max_blocks = self.alloc.free_blocks(m.name)
@@ -191,7 +196,8 @@ class Engine:
         for m in self._models.values():
             for seq in list(m.sched.running):
                 m.sched.preempt(seq)
-        self.pool = new_pool(self.alloc.num_rows, self.alloc.row_bytes, self.config.pool_fill)
+        self.pool = new_pool(self.alloc.num_rows, self.alloc.row_bytes, self.config.pool_fill,
+                             self._device)
 
     def _reclaim(self, name: str, n: int) -> bool:
         """Compact other models' sparse slabs until ``n`` blocks fit ``name`` (if they can):
@@ -252,6 +258,12 @@ class Engine:
         if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
+    @property
+    def running(self) -> bool:
+        """Started and its loop thread (if any) still alive."""
+        return self.started and not self._stop and (
+            self._thread is None or self._thread.is_alive())
+
     def weights(self, name: str):
         """The device weights a model's steps run on (after ``start``)."""
         return self._model(name).runner.params
@@ -259,6 +271,18 @@ class Engine:
     @property
     def models(self) -> tuple[str, ...]:
         return tuple(self._models)
+
+    def kv_plan(self) -> dict[str, dict]:
+        """How the KV budget serves each model (after ``start``): block size, reserve, and
+        the most tokens one model may hold when the others hold only their reserves."""
+        out = {}
+        for m in self._models.values():
+            f = self.alloc.fmt(m.name)
+            out[m.name] = {"kv_format": m.kv_format, "block_tokens": f.block_tokens,
+                           "block_bytes": f.block_bytes, "reserve_blocks": m.reserve_blocks,
+                           "reserve_tokens": m.reserve_blocks * f.block_tokens,
+                           "max_tokens": m.max_blocks * f.block_tokens}
+        return out
 
     def model_info(self, name: str) -> dict:
         m = self._model(name)

@@ -19,9 +19,14 @@ from fineserve_jax.model.paged import read_rows, write_rows
 MOVE_BUCKETS = (1, 4, 16, 64)  # moves per call; longer lists run in chunks of the largest
 
 
-def new_pool(num_rows: int, row_bytes: int, fill: int = 0) -> jax.Array:
-    """A fresh pool, every byte ``fill`` (tests poison it with 0xFF: NaN in bf16/f32)."""
-    return jnp.full((num_rows, row_bytes), fill, jnp.uint8)
+def new_pool(num_rows: int, row_bytes: int, fill: int = 0,
+             device: jax.Device | None = None) -> jax.Array:
+    """A fresh pool on ``device`` (default: JAX's), every byte ``fill`` (tests poison it
+    with 0xFF: NaN in bf16/f32)."""
+    if device is None:
+        return jnp.full((num_rows, row_bytes), fill, jnp.uint8)
+    with jax.default_device(device):
+        return jnp.full((num_rows, row_bytes), fill, jnp.uint8)
 
 
 class BlockMover:

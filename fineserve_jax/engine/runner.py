@@ -73,12 +73,12 @@ class PagedRunner:
     """One model's weights and its compiled steps over the device pool."""
 
     def __init__(self, cfg: ModelConfig, params, dtype: str, kv: PagedKVCache,
-                 query_fp8: bool = False):
+                 query_fp8: bool = False, device: jax.Device | None = None):
         self.cfg = cfg
         self.dtype = str(jnp.dtype(dtype))
         self.kv = kv
         self.query_fp8 = query_fp8
-        self.params = backend_weights(jax.device_put(params), jnp.dtype(dtype))
+        self.params = backend_weights(jax.device_put(params, device), jnp.dtype(dtype))
         self._step = traced_step(cfg, self.dtype, kv, query_fp8)
 
     @property

@@ -1,126 +1,122 @@
-"""Starlette app: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``.
+"""The OpenAI-compatible HTTP front end: one Starlette app over every served model.
 
-Requests route by ``model`` to the engine serving it; each request's handle is fed by
-that engine's thread through an ``asyncio.Queue``. Streaming responses are OpenAI
-server-sent events ending in ``data: [DONE]``. Invalid requests get a 4xx with an
-OpenAI-style error body naming the parameter; a client that disconnects has its request
-aborted, which frees its KV blocks at the engine's next iteration.
+Routes::
+
+    POST /v1/completions        prompt as text, token ids or a list of either; n, echo, logprobs
+    POST /v1/chat/completions   messages through the model's chat template; logprobs
+    GET  /v1/models             every served model with its precision and device
+    GET  /health                open even when an API key is set
+    GET  /metrics               Prometheus text (``server.metrics``)
+    GET  /admin/kv              JSON snapshot of every device's KV pool and queues
+
+Requests route by ``model`` to the engine serving it. Each choice is one engine request
+whose handle is fed by the engine thread through an ``asyncio.Queue``; streaming answers
+are OpenAI server-sent events ending in ``data: [DONE]``. A client that disconnects
+(streaming or not) has its requests aborted, which frees their KV blocks at the engine's
+next iteration. Every error is an OpenAI-style body; no traceback reaches a client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
-from typing import Any
+from collections import defaultdict
+from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fineserve_jax.engine import Engine, RequestHandle, RequestRejected, StreamDelta
-from fineserve_jax.sampling import SamplingParams
+from fineserve_jax.server.auth import AuthMiddleware, BodyLimitMiddleware
+from fineserve_jax.server.metrics import ServerMetrics
+from fineserve_jax.server.protocol import (
+    APIError,
+    GenRequest,
+    Limits,
+    chat_logprobs,
+    completion_logprobs,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+
+log = logging.getLogger(__name__)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status)
-
-
-def _sampling_params(body: dict, chat: bool) -> SamplingParams:
-    def num(name, default, kind=float):
-        v = body.get(name, default)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-            raise APIError(400, f"'{name}' must be a {'integer' if kind is int else 'number'}", name)
-        return kind(v)
-
-    max_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a non-empty string or a list of them", "stop")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported by this server", "n")
-    kw = dict(max_tokens=num(max_key, 16, int), temperature=num("temperature", 1.0),
-              top_p=num("top_p", 1.0), top_k=num("top_k", 0, int),
-              min_p=num("min_p", 0.0), seed=body.get("seed"), stop=tuple(stop))
-    if kw["seed"] is not None and (not isinstance(kw["seed"], int) or isinstance(kw["seed"], bool)):
-        raise APIError(400, "'seed' must be an integer", "seed")
-    if kw["top_k"] == -1:  # vLLM's spelling of "off"
-        kw["top_k"] = 0
-    try:
-        return SamplingParams(**kw)
-    except ValueError as e:
-        param = str(e).split()[0]
-        raise APIError(400, str(e), param if param in kw else None) from None
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 class Server:
-    def __init__(self, routes: dict[str, Engine]):
+    def __init__(self, routes: dict[str, Engine], limits: Limits, model_extra: dict):
         self.routes = routes  # served model name -> the engine running it
+        self.limits = limits
+        self.model_extra = model_extra  # name -> extra fields for /v1/models (e.g. SLO)
+        self.engines = list(dict.fromkeys(routes.values()))
+        self.metrics = ServerMetrics(self.engines)
+        self.inflight: dict[str, int] = defaultdict(int)  # engine requests not finished
         self.created = int(time.time())
 
+    # ------------------------------------------------------------------ parsing
     def _route(self, body: dict) -> tuple[str, Engine]:
         name = body.get("model")
         if name is None and len(self.routes) == 1:
             name = next(iter(self.routes))
-        if name not in self.routes:
-            raise APIError(404, f"model {name!r} does not exist; served: {sorted(self.routes)}",
-                           "model", code="model_not_found")
+        if not isinstance(name, str) or name not in self.routes:
+            raise APIError(404, f"the model {name!r} does not exist; served: "
+                                f"{sorted(self.routes)}", "model", code="model_not_found")
         return name, self.routes[name]
 
-    async def _json(self, request: HTTPRequest) -> dict:
+    async def _parse(self, request: HTTPRequest, chat: bool) -> tuple[GenRequest, Engine]:
         try:
-            body = await request.json()
-        except Exception:
-            raise APIError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        return body
+            raw = await request.body()
+        except ClientDisconnect:
+            raise APIError(400, "the client went away") from None
+        body = parse_json(raw)
+        name, engine = self._route(body)
+        info = engine.model_info(name)
+        parse = parse_chat if chat else parse_completion
+        req = parse(body, info["tokenizer"], info["config"].vocab_size, info["max_model_len"],
+                    self.limits)
+        req.model = name
+        return req, engine
 
-    def _prompt_ids(self, info: dict, body: dict, chat: bool) -> list[int]:
-        tok, cfg = info["tokenizer"], info["config"]
-        if chat:
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
-                raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-            for m in msgs:
-                if isinstance(m.get("content"), list):  # OpenAI content parts: keep the text ones
-                    m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
-            try:
-                ids = tok.encode_chat(msgs)
-            except Exception as e:
-                raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                ids = tok.encode(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
-                ids = prompt
-            else:
-                raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt")
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if any(not 0 <= i < cfg.vocab_size for i in ids):
-            raise APIError(400, f"token ids must be in [0, {cfg.vocab_size})", "prompt")
-        if len(ids) >= info["max_model_len"]:
-            raise APIError(400, f"prompt has {len(ids)} tokens; the context is "
-                                f"{info['max_model_len']}", "prompt")
-        return ids
+    def _submit(self, req: GenRequest, engine: Engine) -> list[RequestHandle]:
+        """One engine request per choice, or none (429) when the model's queue is full."""
+        want = sum(len(p) for p in req.params)
+        cap = engine.config.max_seqs + self.limits.max_waiting
+        if self.inflight[req.model] + want > cap:
+            self.metrics.request_dropped(req.model, "queue_full")
+            raise APIError(429, f"model {req.model!r} has {self.inflight[req.model]} requests "
+                                f"in flight (limit {cap}); retry later", None,
+                           type_="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
+        handles: list[RequestHandle] = []
+        try:
+            for ids, params in zip(req.prompts, req.params):
+                for p in params:
+                    handles.append(engine.submit(req.model, ids, p))
+        except RequestRejected as e:
+            for h in handles:
+                h.abort()
+            raise APIError(400, str(e), e.param) from None
+        self.inflight[req.model] += len(handles)
+        return handles
 
+    def _done(self, model: str, h: RequestHandle, last: StreamDelta | None) -> None:
+        self.inflight[model] -= 1
+        if last is not None and last.finish_reason not in (None, "abort"):
+            self.metrics.request_finished(model, last.finish_reason, h.metrics,
+                                          last.prompt_tokens, last.completion_tokens)
+
+    # --------------------------------------------------------------- endpoints
     async def completions(self, request: HTTPRequest):
         return await self._generate(request, chat=False)
 
@@ -128,94 +124,221 @@ class Server:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: HTTPRequest, chat: bool):
+        model = None
         try:
-            body = await self._json(request)
-            name, engine = self._route(body)
-            params = _sampling_params(body, chat)
-            ids = self._prompt_ids(engine.model_info(name), body, chat)
-            try:
-                handle = engine.submit(name, ids, params)
-            except RequestRejected as e:
-                raise APIError(400, str(e), e.param)
-            except ValueError as e:  # any other refusal: still the client's request
-                raise APIError(400, str(e), None)
+            req, engine = await self._parse(request, chat)
+            model = req.model
+            handles = self._submit(req, engine)
         except APIError as e:
-            return e.response()
-        kind = "chat.completion" if chat else "text_completion"
-        rid = ("chatcmpl-" if chat else "cmpl-") + handle.id
-        if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._sse(handle, rid, name, chat, usage),
-                                     media_type="text/event-stream")
-        text, last = [], None
-        async for d in handle:  # leaving early (disconnect) aborts the request
-            text.append(d.text)
-            last = d
-        if last.error:
-            return APIError(500, last.error, type_="server_error").response()
-        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice.update(text="".join(text), logprobs=None)
-        return JSONResponse({"id": rid, "object": kind, "created": int(time.time()),
-                             "model": name, "choices": [choice],
-                             "usage": _usage(last)})
+            self.metrics.request_rejected(model, e.status, e.code)
+            return _error(e)
+        self.metrics.request_started(req.model, "chat" if chat else "completions")
+        rid = ("chatcmpl-" if chat else "cmpl-") + handles[0].id
+        tok = engine.model_info(req.model)["tokenizer"]
+        if req.stream:
+            return StreamingResponse(self._sse(req, handles, rid, tok),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, req, handles, rid, tok)
 
-    async def _sse(self, handle: RequestHandle, rid: str, model: str, chat: bool,
-                   include_usage: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        created = int(time.time())
+    async def _events(self, model: str, handles: list[RequestHandle]
+                      ) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """(choice index, delta) from every handle as they come; aborts all on exit."""
+        q: asyncio.Queue = asyncio.Queue()
 
-        def chunk(text, finish, role=False):
-            if chat:
-                delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-                c = {"index": 0, "delta": delta, "finish_reason": finish}
+        async def pump(i: int, h: RequestHandle):
+            last = None
+            try:
+                async for d in h:
+                    last = d
+                    await q.put((i, d))
+            finally:
+                self._done(model, h, last)
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            left = len(handles)
+            while left:
+                i, d = await q.get()
+                yield i, d
+                left -= d.finish_reason is not None
+        finally:
+            for t in tasks:
+                t.cancel()  # the handle's iterator aborts an unfinished request
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _whole(self, request: HTTPRequest, req: GenRequest, handles, rid: str, tok):
+        n_per = len(req.params[0]) if req.params else 1
+        deltas: list[list[StreamDelta]] = [[] for _ in handles]
+
+        async def collect():
+            async for i, d in self._events(req.model, handles):
+                deltas[i].append(d)
+
+        async def disconnected():
+            while True:
+                msg = await request.receive()
+                if msg["type"] == "http.disconnect":
+                    return
+
+        work = asyncio.create_task(collect())
+        watch = asyncio.create_task(disconnected())
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:  # the client went away: abort everything
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            self.metrics.client_disconnected(req.model)
+            return Response(status_code=499)
+        watch.cancel()
+        work.result()
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        for i, (h, ds) in enumerate(zip(handles, deltas)):
+            last = ds[-1]
+            if last.error:
+                log.error("request %s failed: %s", h.id, last.error)
+                e = APIError(500, "generation failed inside the server; the request was not "
+                                  "completed", type_="server_error", code="generation_failed")
+                return _error(e)
+            text = "".join(d.text for d in ds)
+            choice: dict[str, Any] = {"index": i, "finish_reason": last.finish_reason}
+            p = i // n_per
+            if req.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+                choice["logprobs"] = (chat_logprobs(tok, h.logprobs)
+                                      if req.logprobs is not None else None)
             else:
-                c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return _event({"id": rid, "object": obj, "created": created, "model": model,
-                           "choices": [c]})
+                prefix = ""
+                if req.echo:
+                    prefix = (req.prompt_texts[p] if req.prompt_texts[p] is not None
+                              else tok.decode(req.prompts[p]))
+                choice["text"] = prefix + text
+                choice["logprobs"] = (self._completion_lp(req, p, h, tok)
+                                      if req.logprobs is not None else None)
+            choices.append(choice)
+            if i % n_per == 0:
+                usage["prompt_tokens"] += last.prompt_tokens
+            usage["completion_tokens"] += last.completion_tokens
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return JSONResponse({"id": rid, "object": "chat.completion" if req.chat
+                             else "text_completion", "created": int(time.time()),
+                             "model": req.model, "choices": choices, "usage": usage})
 
-        if chat:
-            yield chunk("", None, role=True)
-        # A client that goes away cancels this generator; the handle's iterator then
-        # aborts the request.
-        async for d in handle:
-            if d.error:
-                yield _event({"error": {"message": d.error, "type": "server_error"}})
-                break
-            if d.text or d.finish_reason:
-                yield chunk(d.text, d.finish_reason)
-            if d.finish_reason and include_usage:
-                yield _event({"id": rid, "object": obj, "created": created,
-                              "model": model, "choices": [], "usage": _usage(d)})
-        yield "data: [DONE]\n\n"
+    @staticmethod
+    def _completion_lp(req: GenRequest, p: int, h: RequestHandle, tok) -> dict:
+        ids, entries = list(h.token_ids), list(h.logprobs)
+        if req.echo:
+            ids = req.prompts[p] + ids
+            entries = list(h.prompt_logprobs or [None] * len(req.prompts[p])) + entries
+        return completion_logprobs(tok, entries, ids)
 
-    async def models(self, request: HTTPRequest):
+    async def _sse(self, req: GenRequest, handles, rid: str, tok):
+        obj = "chat.completion.chunk" if req.chat else "text_completion"
+        created = int(time.time())
+        n_per = len(req.params[0])
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        offsets = [0] * len(handles)  # characters streamed per choice (logprobs text_offset)
+        started = [False] * len(handles)
+
+        def event(choices: list, **extra) -> str:
+            return _event({"id": rid, "object": obj, "created": created, "model": req.model,
+                           "choices": choices, **extra})
+
+        def completion_choice(i: int, d: StreamDelta) -> dict | None:
+            text, ids, entries = d.text, list(d.token_ids), list(d.logprobs or [])
+            if req.echo and not started[i]:  # the prompt leads the first chunk
+                p = i // n_per
+                text = (req.prompt_texts[p] if req.prompt_texts[p] is not None
+                        else tok.decode(req.prompts[p])) + text
+                ids = req.prompts[p] + ids
+                entries = list(d.prompt_logprobs or [None] * len(req.prompts[p])) + entries
+            started[i] = True
+            lp = (completion_logprobs(tok, entries, ids, offsets[i])
+                  if req.logprobs is not None and ids else None)
+            offsets[i] += len(text)
+            if not (text or lp or d.finish_reason):
+                return None
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+
+        def chat_choice(i: int, d: StreamDelta) -> dict | None:
+            lp = (chat_logprobs(tok, d.logprobs)
+                  if req.logprobs is not None and d.logprobs else None)
+            if not (d.text or lp or d.finish_reason):
+                return None
+            return {"index": i, "delta": {"content": d.text} if d.text else {}, "logprobs": lp,
+                    "finish_reason": d.finish_reason}
+
+        if req.chat:
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}
+                         for i in range(len(handles))])
+        ended = False  # the stream reached its end (not cut by the client)
+        try:
+            async for i, d in self._events(req.model, handles):
+                if d.error:
+                    log.error("request %s failed: %s", handles[i].id, d.error)
+                    ended = True
+                    yield _event({"error": {"message": "generation failed inside the server",
+                                            "type": "server_error", "param": None,
+                                            "code": "generation_failed"}})
+                    yield "data: [DONE]\n\n"
+                    return
+                if d.finish_reason:
+                    if i % n_per == 0:
+                        usage["prompt_tokens"] += d.prompt_tokens
+                    usage["completion_tokens"] += d.completion_tokens
+                c = chat_choice(i, d) if req.chat else completion_choice(i, d)
+                if c is not None:
+                    yield event([c])
+            ended = True
+            if req.include_usage:
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield event([], usage=usage)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended:
+                self.metrics.client_disconnected(req.model)
+
+    async def list_models(self, request: HTTPRequest):
         data = []
         for name, engine in self.routes.items():
             info = engine.model_info(name)
             data.append({"id": name, "object": "model", "created": self.created,
                          "owned_by": "fineserve-jax", "precision": info["precision"],
                          "dtype": info["dtype"], "kv_format": info["kv_format"],
-                         "max_model_len": info["max_model_len"], "device": engine.device})
+                         "max_model_len": info["max_model_len"], "device": engine.device,
+                         **self.model_extra.get(name, {})})
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: HTTPRequest):
-        return JSONResponse({"status": "ok", "models": sorted(self.routes)})
+        alive = all(e.running for e in self.engines)
+        return JSONResponse({"status": "ok" if alive else "engine stopped",
+                             "models": sorted(self.routes)}, status_code=200 if alive else 503)
 
+    async def prometheus(self, request: HTTPRequest):
+        body, ctype = self.metrics.render()
+        return Response(body, media_type=ctype)
 
-def _usage(d: StreamDelta) -> dict:
-    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens}
+    async def admin_kv(self, request: HTTPRequest):
+        devices = []
+        for e in self.engines:
+            st = e.stats().to_dict()
+            devices.append({"device": e.device, "allocator": e.config.allocator,
+                            "kv_budget_bytes": e.config.kv_budget_bytes, **st})
+        return JSONResponse({"devices": devices})
 
 
 def _event(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def build_app(engines: Engine | list[Engine]) -> Starlette:
-    """The ASGI app over started engines; every model of every engine is served by name."""
+def build_app(engines: Engine | list[Engine], *, limits: Limits | None = None,
+              api_key: str | None = None, admin_key: str | None = None,
+              model_extra: dict | None = None) -> Starlette:
+    """The ASGI app over started engines; every model of every engine is served by name.
+
+    ``api_key`` guards every endpoint but ``/health``; ``admin_key`` (when given) guards
+    ``/admin/*`` and ``/metrics`` instead. ``model_extra``: name -> fields added to the
+    model's ``/v1/models`` entry."""
     engines = [engines] if isinstance(engines, Engine) else list(engines)
     routes: dict[str, Engine] = {}
     for e in engines:
@@ -223,17 +346,32 @@ def build_app(engines: Engine | list[Engine]) -> Starlette:
             if name in routes:
                 raise ValueError(f"model name {name!r} is served twice")
             routes[name] = e
-    s = Server(routes)
+    limits = limits or Limits()
+    s = Server(routes, limits, model_extra or {})
 
-    async def not_found(request, exc):
-        return APIError(404, f"no route {request.url.path}", type_="not_found_error").response()
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            e = APIError(404, f"no route {request.url.path}", type_="not_found_error")
+        elif exc.status_code == 405:
+            e = APIError(405, f"method {request.method} is not allowed on {request.url.path}")
+        else:
+            e = APIError(exc.status_code, str(exc.detail))
+        return _error(e)
 
-    async def bad_method(request, exc):
-        return APIError(405, f"method {request.method} not allowed on {request.url.path}").response()
+    async def crash(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(APIError(500, "internal server error", type_="server_error"))
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/v1/completions", s.completions, methods=["POST"]),
         Route("/v1/chat/completions", s.chat_completions, methods=["POST"]),
-        Route("/v1/models", s.models, methods=["GET"]),
+        Route("/v1/models", s.list_models, methods=["GET"]),
         Route("/health", s.health, methods=["GET"]),
-    ], exception_handlers={404: not_found, 405: bad_method})
+        Route("/metrics", s.prometheus, methods=["GET"]),
+        Route("/admin/kv", s.admin_kv, methods=["GET"]),
+    ], exception_handlers={HTTPException: http_error, Exception: crash}, middleware=[
+        Middleware(AuthMiddleware, api_key=api_key, admin_key=admin_key),
+        Middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes),
+    ])
+    app.state.server = s
+    return app

@@ -1,0 +1,79 @@
+"""Quantized checkpoints made once and kept: the server's first start converts, later
+starts load.
+
+A cache entry is an ordinary Orbax checkpoint (``checkpoints.convert`` writes the same)
+under ``<cache>/checkpoints/<source>-<precision>-<key>``, where the key hashes the
+source's identity (resolved path, size, modification time), the whole precision recipe
+and the dtype: changing any of them makes a new entry instead of serving a stale one. An
+entry is written to a temporary directory and renamed into place, so an interrupted
+conversion never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from checkpoints import orbax_io
+from checkpoints.sources import ALIASES, load_model, quantize_loaded, save_model, source_kind
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$FINESERVE_CACHE`` or ``~/.cache/fineserve-jax``."""
+    env = os.environ.get("FINESERVE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fineserve-jax"
+
+
+def with_calibration(precision, tokens: int | None):
+    """``precision`` calibrated on ``tokens`` tokens instead of its recipe's (None: as is)."""
+    if tokens is None or precision.smoothing is None:
+        return precision
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"calibration tokens must be a positive int, got {tokens!r}")
+    s = precision.smoothing
+    return precision.replace(smoothing=dataclasses.replace(
+        s, calib_tokens=tokens, calib_seq_len=min(s.calib_seq_len, tokens)))
+
+
+def _identity(src: str) -> list:
+    path = Path(ALIASES[src]()) if source_kind(src) == "alias" else Path(src)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                                    for p in files]
+
+
+def cached_checkpoint(src: str, precision, dtype: str = "bfloat16", *,
+                      cache_dir: str | Path | None = None, progress: bool = True
+                      ) -> tuple[Path, bool]:
+    """(path of an Orbax checkpoint of ``src`` quantized to ``precision``, made now?).
+
+    ``precision`` is a ``Precision`` (``with_calibration`` to change its calibration)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(json.dumps([_identity(str(src)), precision.to_dict(), dtype],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    stem = Path(str(src)).name.removesuffix(".gguf") or "model"
+    out = root / "checkpoints" / f"{stem}-{precision.name}-{key}"
+    if out.is_dir() and orbax_io.is_orbax_checkpoint(out):
+        return out, False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("quantizing %s to %s (once; cached as %s)", src, precision.name, out)
+    model = quantize_loaded(load_model(src, "float32", progress=progress), precision, dtype,
+                            progress=progress)
+    try:
+        save_model(model, tmp)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out.is_dir() and orbax_io.is_orbax_checkpoint(out)):  # not a lost race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, True
