@@ -59,7 +59,7 @@ def test_tiny_pool_finishes_every_request_and_leaks_nothing(kind):
     fmts = [BF16, INT4]
     pool = 32 * 3840  # 32 slabs of 2 x LCM(256, 96) = 3840 B
     alloc, names = build(kind, pool, fmts, reserve=8)
-    trace = make_trace(SMALL, 2, SMALL.rate([f.token_bytes for f in fmts], alloc.pool_bytes))
+    trace = make_trace(SMALL, SMALL.rates([f.token_bytes for f in fmts], alloc.pool_bytes))
     rec = Recording(alloc)
     res = simulate(rec, names, trace, stats_every=1)  # stats() checks live <= used each step
     assert res.arrived == len(trace) > 100
@@ -115,30 +115,36 @@ def test_request_that_can_never_fit_is_rejected():
     assert res.rejected == 1 and res.completed == 1
 
 
-def test_trace_is_bursty_seeded_and_meets_its_load():
+def test_trace_is_bursty_seeded_and_meets_its_load_in_every_phase():
     w = Workload(steps=4000, phase_steps=1000, hot_share=0.9, load=0.8, seed=5)
-    token_bytes, pool = [BF16.token_bytes, INT4.token_bytes], 1 << 24
-    rate = w.rate(token_bytes, pool)
-    t1, t2 = make_trace(w, 2, rate), make_trace(w, 2, rate)
+    token_bytes, pool = np.array([BF16.token_bytes, INT4.token_bytes]), 1 << 24
+    rates = w.rates(list(token_bytes), pool)
+    assert rates[1] / rates[0] == pytest.approx(token_bytes[0] / token_bytes[1])
+    t1, t2 = make_trace(w, rates), make_trace(w, rates)
     assert all((getattr(t1, f) == getattr(t2, f)).all() for f in ("arrival", "model", "prompt"))
-    assert abs(len(t1) / w.steps - rate) < 4 * np.sqrt(rate / w.steps)  # Poisson mean
-    phase = t1.arrival // w.phase_steps
-    for p in range(4):
-        share = np.mean(t1.model[phase == p] == p % 2)
-        assert abs(share - 0.9) < 0.03
+    assert (np.diff(t1.arrival) >= 0).all()
+    expected = w.steps * (0.9 + 0.1) / 2 * sum(rates)  # each model hot half the time
+    assert abs(len(t1) - expected) < 4 * np.sqrt(expected)  # Poisson mean
     assert t1.prompt.min() >= w.min_len and t1.output.max() <= w.max_len
     assert abs(t1.prompt.mean() / w.prompt_mean - 1) < 0.1
     assert abs(t1.output.mean() / w.output_mean - 1) < 0.1
-    # Little's law: offered token-steps times mean token bytes, over the pool
+    # Little's law per phase: offered token-steps times each request's token bytes, over
+    # the pool, is the load whichever model is hot; the hot model offers 0.9 of it.
     o, p = t1.output.astype(float), t1.prompt.astype(float)
-    offered = np.sum(o * (p + (o + 1) / 2)) / w.steps * np.mean(token_bytes) / pool
-    assert offered == pytest.approx(0.8, rel=0.1)
+    demand = o * (p + (o + 1) / 2) * token_bytes[t1.model] / pool
+    phase = t1.arrival // w.phase_steps
+    for ph in range(4):
+        sel = phase == ph
+        offered = demand[sel].sum() / w.phase_steps
+        assert offered == pytest.approx(0.8, rel=0.12)
+        hot_part = demand[sel & (t1.model == ph % 2)].sum() / w.phase_steps
+        assert hot_part / offered == pytest.approx(0.9, abs=0.04)
 
 
 def test_same_stream_for_every_allocator():
     fmts = [BF16, INT4]
     pool = 32 * 3840
-    trace = make_trace(SMALL, 2, SMALL.rate([f.token_bytes for f in fmts], pool))
+    trace = make_trace(SMALL, SMALL.rates([f.token_bytes for f in fmts], pool))
     results = {}
     for kind in ("kvslab", "static", "fixed-page"):
         alloc, names = build(kind, pool, fmts, reserve=8)
@@ -162,7 +168,7 @@ def test_compaction_lets_the_busy_model_take_sparse_slabs():
     w = Workload(steps=1200, phase_steps=300, hot_share=1.0, load=1.0, prompt_mean=12,
                  output_mean=40, max_len=120, seed=4)
     pool = 48 * 8 * 3840
-    trace = make_trace(w, 2, w.rate([f.token_bytes for f in fmts], pool))
+    trace = make_trace(w, w.rates([f.token_bytes for f in fmts], pool))
     out = {}
     for label, wrap in (("compact", Recording), ("no-compact", NoCompaction)):
         alloc, names = build("kvslab", pool, fmts, reserve=8, slab_bytes=8 * 3840)

@@ -105,15 +105,15 @@ def run_mix(mix: str, load: float, hot_share: float, args) -> list[dict]:
     pool = int(args.pool_gib * GIB)
     w = Workload(steps=args.steps, phase_steps=args.phase_steps, hot_share=hot_share,
                  load=load, seed=args.seed)
-    rate = w.rate([f.token_bytes for f in fmts], pool)
-    trace = make_trace(w, len(fmts), rate)
+    rates = w.rates([f.token_bytes for f in fmts], pool)
+    trace = make_trace(w, rates)
     out = []
     for kind in ALLOCATORS:
         t0 = time.perf_counter()
         alloc, names = build(kind, pool, fmts, args.reserve_tokens)
         res = simulate(alloc, names, trace, warmup=WARMUP, window_end=w.steps)
         out.append({"mix": mix, "load": load, "hot_share": hot_share, "allocator": kind,
-                    "rate_per_step": rate,
+                    "rates_per_step": rates,
                     "row_bytes": alloc.row_bytes, "num_rows": alloc.num_rows,
                     "pool_tokens_per_gib": pool_tokens_per_gib(alloc, names, args.pool_gib),
                     **res.metrics(w.phase_steps), "sim_s": time.perf_counter() - t0})

@@ -7,16 +7,19 @@ and its baselines can be compared on exactly the same stream in one process.
 
 Workload (``Workload``, all parameters fixed by a seed):
 
-* Arrivals: Poisson per step. Time is cut into phases of ``phase_steps``; in phase ``p``
-  model ``p % N`` is *hot* and gets ``hot_share`` of the arrivals, the others share the rest.
-  Load thus alternates between the models in bursts.
+* Arrivals: Poisson per step and model. Time is cut into phases of ``phase_steps``; in
+  phase ``p`` model ``p % N`` is *hot* and gets ``hot_share`` of the offered KV demand, the
+  others share the rest. Load thus alternates between the models in bursts.
 * Lengths: ShareGPT-like, lognormal, means 161 prompt and 338 output tokens (the ShareGPT
   means reported in the vLLM paper, Kwon et al. 2023), log-space sigmas 1.0 and 0.9 (our
   assumption: long right tails), clipped to [4, 2048] each.
-* Rate: ``load`` is the offered KV demand over the pool, by Little's law: a request holds
-  on average ``P + (O + 1) / 2`` tokens for ``O`` steps, so
-  ``rate = load * pool_bytes / (E[O * (P + (O + 1) / 2)] * mean token bytes of the models)``.
-  At ``load = 1`` the pool would be exactly full if memory were perfectly shared.
+* Rate: ``load`` is the offered KV demand over the pool in every phase, by Little's law: a
+  request holds on average ``P + (O + 1) / 2`` tokens for ``O`` steps, so model ``m`` at
+  full share arrives at
+  ``rate_m = load * pool_bytes / (E[O * (P + (O + 1) / 2)] * token bytes of m)``
+  per step. Models of smaller formats thus get more requests for the same bytes, and each
+  phase offers the same demand whichever model is hot. At ``load = 1`` the pool would be
+  exactly full if memory were perfectly shared.
 
 Scheduling (identical for every allocator): one FCFS queue per model. A request is admitted
 when the blocks for its prompt (plus tokens generated before a preemption) fit; it then
@@ -80,11 +83,11 @@ class Workload:
         return (lognormal_lengths(rng, self.prompt_mean, self.prompt_sigma, n, lo, hi),
                 lognormal_lengths(rng, self.output_mean, self.output_sigma, n, lo, hi))
 
-    def rate(self, token_bytes: list[float], pool_bytes: int) -> float:
-        """Arrivals per step giving ``load`` (module docstring) for models of these formats."""
+    def rates(self, token_bytes: list[float], pool_bytes: int) -> list[float]:
+        """Arrivals per step of each model at full share, giving ``load`` (module docstring)."""
         p, o = self.lengths(np.random.default_rng([self.seed, 7]), 200_000)
         token_steps = float(np.mean(o * (p + (o + 1) / 2)))  # E[O (P + (O+1)/2)]
-        return self.load * pool_bytes / (token_steps * float(np.mean(token_bytes)))
+        return [self.load * pool_bytes / (token_steps * float(b)) for b in token_bytes]
 
 
 @dataclass(frozen=True)
@@ -98,17 +101,22 @@ class Trace:
         return len(self.arrival)
 
 
-def make_trace(w: Workload, n_models: int, rate: float) -> Trace:
-    """The bursty stream of the module docstring, ``rate`` arrivals per step on average."""
+def make_trace(w: Workload, rates: list[float]) -> Trace:
+    """The bursty stream of the module docstring; ``rates[m]``: model m's full-share rate."""
+    n = len(rates)
     rng = np.random.default_rng([w.seed, 1])
-    counts = rng.poisson(rate, w.steps)  # i64[steps]
-    arrival = np.repeat(np.arange(w.steps), counts)
-    hot = (arrival // w.phase_steps) % n_models
-    is_hot = rng.random(len(arrival)) < w.hot_share
-    others = rng.integers(0, max(1, n_models - 1), len(arrival))  # which non-hot model
-    model = np.where(is_hot | (n_models == 1), hot, (hot + 1 + others) % n_models)
+    hot = (np.arange(w.steps) // w.phase_steps) % n  # i64[steps]
+    arrival, model = [], []
+    for m, r in enumerate(rates):
+        cold = (1 - w.hot_share) / (n - 1) if n > 1 else 0.0
+        share = np.where(hot == m, w.hot_share if n > 1 else 1.0, cold)
+        counts = rng.poisson(r * share)  # i64[steps]
+        arrival.append(np.repeat(np.arange(w.steps), counts))
+        model.append(np.full(int(counts.sum()), m, np.int32))
+    arrival, model = np.concatenate(arrival), np.concatenate(model)
+    order = np.argsort(arrival, kind="stable")  # by step, then model
     prompt, output = w.lengths(np.random.default_rng([w.seed, 2]), len(arrival))
-    return Trace(arrival, model.astype(np.int32), prompt, output)
+    return Trace(arrival[order].astype(np.int64), model[order], prompt, output)
 
 
 @dataclass(frozen=True)
