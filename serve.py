@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-seqs", type=int, default=16, help="running sequences per model")
     ap.add_argument("--max-model-len", type=int, default=2048,
                     help="prompt + output tokens of one request (capped by each model)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=256,
+                    help="prompt tokens of one prefill step (longer prompts run in chunks)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="one compiled shape per step kind: outputs independent of batching "
+                         "(slower at low load)")
     ap.add_argument("--cache-dir", default=None,
                     help="where quantized checkpoints are kept (default ~/.cache/fineserve-jax)")
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
@@ -245,7 +250,9 @@ def main(argv=None) -> int:
     for g in groups:
         try:
             cfg = EngineConfig(kv_budget_bytes=g["kv_budget_bytes"], max_seqs=args.max_seqs,
-                               max_model_len=args.max_model_len)
+                               max_model_len=args.max_model_len,
+                               prefill_token_budget=args.max_prefill_tokens,
+                               batch_invariant=args.batch_invariant)
         except ValueError as e:
             log.error("%s", e)
             return 2

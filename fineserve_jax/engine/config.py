@@ -29,6 +29,12 @@ class EngineConfig:
 
     Buckets left as ``None`` are derived: powers of ``bucket_factor`` up to the limit.
     Every combination is compiled at warm-up (when ``warmup``), so keep them few.
+
+    ``batch_invariant`` compiles only the largest shape of each step kind. Matmuls then
+    run on the same shapes whatever the batch, so their rounding does not depend on the
+    other requests. Without it, a request batched with others can round differently from
+    one run alone: with FP8 activations (``fireq``) or bfloat16 compute that can change a
+    greedy token at a near-tie.
     """
 
     kv_budget_bytes: int = 256 * 2**20  # the device's KV pool, shared by all its models
@@ -46,6 +52,9 @@ class EngineConfig:
     min_chunk: int = 16
     min_context_blocks: int = 8
     warmup: bool = True  # compile every bucket before serving
+    # One compiled shape per step kind (the largest): a request's output then does not
+    # depend on what else shares its batch, at the price of full-size steps at low load.
+    batch_invariant: bool = False
     pool_fill: int = 0  # byte the pool starts as (tests poison it with 0xFF = NaN)
 
     def __post_init__(self):
@@ -70,6 +79,9 @@ class EngineConfig:
         f = self.bucket_factor
         max_blocks = -(-max_len // self.block_tokens)
         chunk_hi = self.prefill_token_budget
+        if self.batch_invariant:
+            return Buckets((self.max_seqs,), (self.max_prefill_seqs,), (chunk_hi,),
+                           (max_blocks,))
         return Buckets(
             decode=self.decode_buckets or geometric_buckets(1, self.max_seqs, f),
             prefill_rows=self.prefill_row_buckets or geometric_buckets(1, self.max_prefill_seqs, f),
