@@ -5,7 +5,7 @@
 The default serves the packaged SmolLM2-135M twice: ``smollm2-135m-bf16`` and
 ``smollm2-135m-fireq-g32`` (W4A8 weights, INT4 KV), sharing one KV Slab pool. The
 quantized checkpoint is made on the first start (calibration and rounding, with a progress
-bar) and cached under ``~/.cache/fineserve-jax`` (``--cache-dir`` or ``$FINESERVE_CACHE``).
+bar) and cached under ``~/.cache/fineserve-jax`` (``--cache-dir`` to choose).
 
 Models: ``--model NAME=SOURCE[,precision=P][,dtype=D][,ttft-slo=MS][,tpot-slo=MS]
 [,calib-tokens=N]`` (repeatable; SOURCE is an alias, a .gguf file, an HF directory or an
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -71,8 +70,8 @@ def check_model(m: dict, where: str) -> dict:
         try:
             out[k] = SPEC_KEYS[k](v)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{where}: {k}={v!r} is not a "
-                                             f"{SPEC_KEYS[k].__name__}") from None
+            raise argparse.ArgumentTypeError(f"{where}: {k}={v!r} is not valid "
+                                             f"({SPEC_KEYS[k].__name__} expected)") from None
     if out["dtype"] not in ("bfloat16", "float32"):
         raise argparse.ArgumentTypeError(f"{where}: dtype must be bfloat16 or float32")
     return out
@@ -91,7 +90,8 @@ def read_config(path: str) -> dict:
             return tomllib.loads(text)
         return json.loads(text)
     except ValueError as e:
-        raise SystemExit(f"error: --config {path} is not valid {p.suffix[1:] or 'JSON'}: {e}")
+        kind = "TOML" if p.suffix == ".toml" else "JSON"
+        raise SystemExit(f"error: --config {path} is not valid {kind}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,11 +219,11 @@ def main(argv=None) -> int:
     import jax
     import uvicorn
 
+    from checkpoints.cache import default_cache_dir
     from fineserve_jax.engine import Engine, EngineConfig
     from fineserve_jax.server import build_app
     from fineserve_jax.server.auth import load_key
     from fineserve_jax.server.protocol import Limits
-    from checkpoints.cache import default_cache_dir
 
     try:
         api_key = load_key(args.api_key, args.api_key_file)

@@ -20,15 +20,20 @@ import shutil
 from pathlib import Path
 
 from checkpoints import orbax_io
-from checkpoints.sources import ALIASES, load_model, quantize_loaded, save_model, source_kind
+from checkpoints.sources import (
+    ALIASES,
+    load_model,
+    quantize_loaded,
+    save_model,
+    source_kind,
+)
 
 log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """``$FINESERVE_CACHE`` or ``~/.cache/fineserve-jax``."""
-    env = os.environ.get("FINESERVE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fineserve-jax"
+    """``~/.cache/fineserve-jax``."""
+    return Path.home() / ".cache" / "fineserve-jax"
 
 
 def with_calibration(precision, tokens: int | None):

@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     port = _free_port()
     cmd = [sys.executable, "serve.py", "--port", str(port), "--cache-dir", str(cache),
            "--api-key", KEY, "--admin-key", ADMIN, "--max-model-len", str(CONTEXT),
-           "--max-prefill-tokens", "64", "--max-seqs", "8", "--max-waiting", "200",
+           "--max-prefill-tokens", "32", "--max-seqs", "8", "--max-waiting", "200",
            "--kv-budget", str(64 * 2**20), "--log-level", "warning",
            "--batch-invariant",
            "--model", f"{BF16}=smollm2-135m,precision=bf16",

@@ -216,9 +216,7 @@ def parse_completion(body: dict, tok: Tokenizer, vocab: int, context: int,
                      limits: Limits) -> GenRequest:
     _check_fields(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(
+    if isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(
             isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(
