@@ -82,3 +82,62 @@ def test_bad_requests_get_openai_errors(client, body, status, param):
 def test_invalid_json(client):
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def _sse_events(r) -> list[dict]:
+    lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_stream_echo_logprobs_and_n(client):
+    prompt = "The capital of France is"
+    body = {"model": "smol", "prompt": prompt, "max_tokens": 3, "temperature": 0,
+            "echo": True, "logprobs": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"].startswith(prompt) and whole["text"].endswith(" Paris.\n")
+    lp = whole["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["tokens"]) == 5 + 3 and "".join(lp["tokens"]) == whole["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(8)]
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = _sse_events(r)
+    streamed = [c for ev in events for c in ev["choices"]]
+    assert "".join(c["text"] for c in streamed) == whole["text"]
+    assert streamed[0]["text"].startswith(prompt)  # the prompt leads the first chunk
+    merged = [x for c in streamed if c["logprobs"] for x in c["logprobs"]["token_logprobs"]]
+    assert merged[0] is None and merged[1:] == pytest.approx(lp["token_logprobs"][1:])
+    offsets = [x for c in streamed if c["logprobs"] for x in c["logprobs"]["text_offset"]]
+    assert offsets == lp["text_offset"]
+    # n=2, streamed: both choices run to their end under their own index.
+    with client.stream("POST", "/v1/completions", json={
+            "model": "smol", "prompt": "Once", "max_tokens": 4, "n": 2, "seed": 3,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = _sse_events(r)
+    done = {c["index"]: c["finish_reason"] for ev in events for c in ev["choices"]
+            if c["finish_reason"]}
+    assert done == {0: "length", 1: "length"}
+    assert events[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_a_failing_step_is_a_500_body_and_the_server_goes_on(client):
+    engine = client.app.state.server.routes["smol"]
+    runner = engine._models["smol"].runner
+    real = runner.step
+
+    def broken(pool, batch):
+        raise RuntimeError("device fault")
+
+    runner.step = broken
+    try:
+        r = client.post("/v1/completions", json={"model": "smol", "prompt": "Hi",
+                                                 "max_tokens": 2})
+    finally:
+        runner.step = real
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "device fault" not in r.text and "Traceback" not in r.text
+    ok = client.post("/v1/completions", json={"model": "smol", "prompt": "The capital of "
+                                              "France is", "max_tokens": 3, "temperature": 0})
+    assert ok.json()["choices"][0]["text"] == " Paris.\n"
