@@ -141,3 +141,30 @@ def test_a_failing_step_is_a_500_body_and_the_server_goes_on(client):
     ok = client.post("/v1/completions", json={"model": "smol", "prompt": "The capital of "
                                               "France is", "max_tokens": 3, "temperature": 0})
     assert ok.json()["choices"][0]["text"] == " Paris.\n"
+
+
+def test_a_request_the_engine_sheds_is_a_503_with_retry_after(client):
+    engine = client.app.state.server.routes["smol"]
+    real = engine.submit
+
+    def submit_then_drop(*a, **kw):
+        h = real(*a, **kw)
+        engine.drop(h.id, "it cannot meet its TTFT SLO")
+        return h
+
+    engine.submit = submit_then_drop
+    try:
+        r = client.post("/v1/completions", json={"model": "smol", "prompt": "Hi",
+                                                 "max_tokens": 50})
+        with client.stream("POST", "/v1/completions", json={
+                "model": "smol", "prompt": "Hi", "max_tokens": 50, "stream": True}) as s:
+            events = _sse_events(s)
+    finally:
+        engine.submit = real
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    err = r.json()["error"]
+    assert err["code"] == "dropped" and "TTFT SLO" in err["message"]
+    assert events[-1]["error"]["code"] == "dropped"
+    assert engine.stats().models["smol"].dropped == 2
+    text = client.get("/metrics").text
+    assert 'fineserve_requests_dropped_total{model="smol",reason="slo"} 2.0' in text

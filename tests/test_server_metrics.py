@@ -24,8 +24,8 @@ SLAB = 7680
 
 def model_stats(name, **kw):
     counts = ("waiting", "running", "prefilling", "preempted_waiting", "preemptions",
-              "finished", "aborted", "failed", "steps", "tokens_generated", "peak_running",
-              "blocks_held", "blocks_moved")
+              "finished", "aborted", "dropped", "failed", "steps", "tokens_generated",
+              "peak_running", "blocks_held", "blocks_moved")
     base = {"name": name, "precision": "bf16", "kv_format": "bf16"} | dict.fromkeys(counts, 0)
     return EngineModelStats(**(base | kw))
 

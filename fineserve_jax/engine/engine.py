@@ -83,6 +83,7 @@ class _Model:
     tokens_out: int = 0
     finished: int = 0
     aborted: int = 0
+    dropped: int = 0  # shed by ``drop`` (SLO)
     failed: int = 0
     peak_running: int = 0
     blocks_moved: int = 0  # relocated by compaction
@@ -333,6 +334,13 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def drop(self, request_id: str, reason: str) -> None:
+        """Shed a request the engine will not serve (e.g. it cannot meet its SLO): it
+        finishes with ``finish_reason="dropped"`` and ``reason`` as its error, its blocks
+        freed before the next step; the server answers 503 with ``Retry-After``."""
+        self._inbox.put(("drop", request_id, reason))
+        self._wake.set()
+
     def _check_prompt(self, m: _Model, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise RequestRejected("the prompt is empty", "prompt")
@@ -407,11 +415,16 @@ class Engine:
                 m = self._models[name]
                 m.seqs[seq.id] = seq
                 m.sched.add(seq)
-            else:
+            else:  # ("abort", id) from the caller, ("drop", id, reason) from a scheduler
                 rid = msg[1]
                 for m in self._models.values():
                     seq = m.seqs.get(rid)
-                    if seq is not None:
+                    if seq is None:
+                        continue
+                    if msg[0] == "drop":
+                        m.dropped += 1
+                        self._finish(m, seq, self._final(seq, "dropped", msg[2]))
+                    else:
                         m.aborted += 1
                         self._finish(m, seq, self._final(seq, "abort"))
 
@@ -580,7 +593,7 @@ class Engine:
                     prefilling=s.prefilling if s else 0,
                     preempted_waiting=sum(q.preemptions > 0 for q in s.waiting) if s else 0,
                     preemptions=s.preemptions if s else 0, finished=m.finished,
-                    aborted=m.aborted, failed=m.failed, steps=m.steps,
+                    aborted=m.aborted, dropped=m.dropped, failed=m.failed, steps=m.steps,
                     tokens_generated=m.tokens_out, peak_running=m.peak_running,
                     blocks_held=s.blocks_held() if s else 0, blocks_moved=m.blocks_moved)
             live = {m.name: m.sched.live_tokens() for m in self._models.values() if m.sched}

@@ -36,7 +36,7 @@ class StreamDelta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "dropped" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, this delta included
     error: str | None = None
@@ -149,7 +149,7 @@ class RequestHandle:
         """Blocks until the request finishes; the whole output."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} still running after {timeout} s")
-        if self.finish_reason == "error":
-            raise RuntimeError(f"request {self.id} failed: {self.error}")
+        if self.finish_reason in ("error", "dropped"):
+            raise RuntimeError(f"request {self.id} {self.finish_reason}: {self.error}")
         return RequestOutput(self.prompt, self.prompt_ids, self.text, list(self.token_ids),
                              self.finish_reason)

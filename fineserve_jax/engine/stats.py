@@ -18,6 +18,7 @@ class EngineModelStats:
     preemptions: int  # total since start
     finished: int
     aborted: int
+    dropped: int  # shed by Engine.drop (SLO)
     failed: int
     steps: int  # engine steps this model ran
     tokens_generated: int

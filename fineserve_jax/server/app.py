@@ -195,6 +195,9 @@ class Server:
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for i, (h, ds) in enumerate(zip(handles, deltas)):
             last = ds[-1]
+            if last.finish_reason == "dropped":
+                self.metrics.request_dropped(req.model, "slo")
+                return _error(_dropped(req.model, last.error))
             if last.error:
                 log.error("request %s failed: %s", h.id, last.error)
                 e = APIError(500, "generation failed inside the server; the request was not "
@@ -275,6 +278,12 @@ class Server:
         ended = False  # the stream reached its end (not cut by the client)
         try:
             async for i, d in self._events(req.model, handles):
+                if d.finish_reason == "dropped":
+                    self.metrics.request_dropped(req.model, "slo")
+                    ended = True
+                    yield _event(_dropped(req.model, d.error).body())
+                    yield "data: [DONE]\n\n"
+                    return
                 if d.error:
                     log.error("request %s failed: %s", handles[i].id, d.error)
                     ended = True
@@ -326,6 +335,12 @@ class Server:
             devices.append({"device": e.device, "allocator": e.config.allocator,
                             "kv_budget_bytes": e.config.kv_budget_bytes, **st})
         return JSONResponse({"devices": devices})
+
+
+def _dropped(model: str, reason: str | None) -> APIError:
+    return APIError(503, f"model {model!r} shed this request: {reason or 'overloaded'}; "
+                         f"retry later", type_="server_overloaded", code="dropped",
+                    headers={"Retry-After": "1"})
 
 
 def _event(obj) -> str:
