@@ -214,6 +214,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # checkpoint I/O chatter
+        for noisy in ("absl", "jax._src.xla_bridge"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     specs = {m["name"]: m for m in args.models}
 
     import jax
@@ -265,7 +268,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         engine.start()
         pool = engine.stats().pool
-        log.info("engine on %s: KV budget %.0f MiB = %d slabs of %d B (allocator %s); "
+        log.info("engine on %s: KV pool %.0f MiB of the budget = %d slabs of %d B (allocator %s); "
                  "warm-up %.1fs", engine.device, pool.pool_bytes / 2**20, pool.rows_total,
                  pool.row_bytes, cfg.allocator, time.perf_counter() - t0)
         for name, p in engine.kv_plan().items():
