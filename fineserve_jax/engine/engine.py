@@ -31,7 +31,9 @@ import numpy as np
 
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.engine.config import EngineConfig, pick
-from fineserve_jax.engine.handle import RequestHandle, StreamDelta, TokenLogprob
+from fineserve_jax.engine.handle import RequestHandle, StreamDelta
+from fineserve_jax.engine.logprobs import (record_prompt_logprobs, step_logprobs,
+                                           token_logprob)
 from fineserve_jax.engine.runner import (LOGPROBS, PROMPT_LOGPROBS, SAMPLER, PagedRunner,
                                          StepBatch, TopLogprobs)
 from fineserve_jax.engine.scheduler import (DECODE, BatchLimits, ModelScheduler, Scheduled,
@@ -391,7 +393,7 @@ class Engine:
         try:
             nxt, self.pool, aux = m.runner.step(self.pool, batch)
             nxt = np.asarray(nxt)
-            lps = self._logprobs(m, work, batch, nxt, aux)
+            lps = step_logprobs(m.runner, work.rows, batch, nxt, aux)
         except Exception as e:
             log.exception("step of model %s failed", m.name)
             with self._lock:
@@ -489,42 +491,6 @@ class Engine:
         return StepBatch(tokens, positions, seq_lens, page_table, logits_idx, sampling,
                          batch_mode(params))
 
-    def _logprobs(self, m: _Model, work: Scheduled, batch: StepBatch, nxt: np.ndarray,
-                  aux) -> tuple[TopLogprobs | None, TopLogprobs | None]:
-        """(generated-token, prompt-token) log-probabilities as numpy, for the rows that
-        asked for them; None where no row did."""
-        params = [s.state.params for s, _ in work.rows]
-        gen = prompt = None
-        if any(p.logprobs is not None for p in params):
-            gen = TopLogprobs(*map(np.asarray, LOGPROBS.fn(aux.logits, nxt)))
-        targets = np.zeros(batch.tokens.shape, np.int32)
-        want = False
-        for i, (seq, c) in enumerate(work.rows):
-            if seq.state.params.prompt_logprobs is None:
-                continue
-            n_prompt, a = len(seq.state.prompt_ids), seq.num_computed
-            end = min(a + c, n_prompt - 1)  # fed positions [a, end) predict prompt tokens
-            if max(a, len(seq.prompt_lps)) >= end:
-                continue  # all recorded (a recompute after preemption), or none fed
-            targets[i, :end - a] = seq.tokens[a + 1:end + 1]
-            want = True
-        if want:
-            prompt = TopLogprobs(*map(np.asarray, m.runner.prompt_logprobs(aux, targets)))
-        return gen, prompt
-
-    @staticmethod
-    def _token_lp(t: TopLogprobs, idx, token: int, k: int) -> TokenLogprob:
-        return TokenLogprob(int(token), float(t.logprob[idx]), int(t.rank[idx]),
-                            [(int(a), float(b)) for a, b in
-                             zip(t.top_ids[idx][:k], t.top_logprobs[idx][:k])])
-
-    def _record_prompt_logprobs(self, seq: Seq, c: int, i: int, t: TopLogprobs) -> None:
-        n_prompt, a = len(seq.state.prompt_ids), seq.num_computed
-        k = seq.state.params.prompt_logprobs
-        for pos in range(a, min(a + c, n_prompt - 1)):  # fed position -> token pos + 1
-            if pos == len(seq.prompt_lps):
-                seq.prompt_lps.append(self._token_lp(t, (i, pos - a), seq.tokens[pos + 1], k))
-
     def _postprocess(self, m: _Model, work: Scheduled, nxt: np.ndarray,
                      lps: tuple[TopLogprobs | None, TopLogprobs | None] = (None, None)) -> None:
         m.steps += 1
@@ -536,7 +502,7 @@ class Engine:
                 continue
             params = seq.state.params
             if prompt_lp is not None and params.prompt_logprobs is not None:
-                self._record_prompt_logprobs(seq, c, i, prompt_lp)
+                record_prompt_logprobs(seq, c, i, prompt_lp)
             if not m.sched.advance(seq, c):
                 continue
             first = not seq.state.output_ids and not seq.prompt_sent
@@ -558,7 +524,7 @@ class Engine:
             d = StreamDelta(text, [tok], seq.state.finish_reason, len(seq.state.prompt_ids),
                             len(seq.state.output_ids), prompt_logprobs=prompt_out)
             if gen_lp is not None and params.logprobs is not None:
-                d.logprobs = [self._token_lp(gen_lp, i, tok, params.logprobs)]
+                d.logprobs = [token_logprob(gen_lp, i, tok, params.logprobs)]
             if seq.state.finished:
                 m.finished += 1
                 self._finish(m, seq, d)

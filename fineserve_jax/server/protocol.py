@@ -149,7 +149,7 @@ def _token_list(v, name: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _sampling(body: dict, max_tokens: int, limits: Limits, logprobs: int | None,
+def _sampling(body: dict, max_tokens: int, logprobs: int | None,
               prompt_logprobs: int | None) -> SamplingParams:
     temperature = _number(body, "temperature", 1.0, lo=0, hi=2)
     top_k = _number(body, "top_k", 0, integer=True, lo=-1)
@@ -206,7 +206,7 @@ def _check_prompt(ids: list[int], tok_vocab: int, context: int, limits: Limits,
                             f"(context {context})", param, code="context_length_exceeded")
 
 
-def _choices_params(body, base: SamplingParams, n: int) -> list[SamplingParams]:
+def _choices_params(base: SamplingParams, n: int) -> list[SamplingParams]:
     if n == 1 or base.seed is None:
         return [base] * n
     return [replace(base, seed=(base.seed + j) % 2**31) for j in range(n)]
@@ -245,8 +245,8 @@ def parse_completion(body: dict, tok: Tokenizer, vocab: int, context: int,
     for m in mt:
         # Echo scores the prompt when logprobs are asked for (or nothing is generated).
         plp = lp if echo and lp is not None else (0 if echo and m == 0 else None)
-        base = _sampling(body, m, limits, lp, plp)
-        params.append(_choices_params(body, base, n))
+        base = _sampling(body, m, lp, plp)
+        params.append(_choices_params(base, n))
     texts = [p if isinstance(p, str) else None for p in prompts]
     return GenRequest(body.get("model"), ids, texts, params, echo=echo, logprobs=lp,
                       **_stream(body))
@@ -297,9 +297,9 @@ def parse_chat(body: dict, tok: Tokenizer, vocab: int, context: int,
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     mt = _max_tokens(body, name, len(ids), context, limits, None, 1)
-    base = _sampling(body, mt, limits, lp, None)
+    base = _sampling(body, mt, lp, None)
     return GenRequest(body.get("model"), [ids], [None],
-                      [_choices_params(body, base, _n(body, limits))], logprobs=lp, chat=True,
+                      [_choices_params(base, _n(body, limits))], logprobs=lp, chat=True,
                       **_stream(body))
 
 
