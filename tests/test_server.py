@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from starlette.testclient import TestClient
@@ -168,3 +169,44 @@ def test_a_request_the_engine_sheds_is_a_503_with_retry_after(client):
     assert engine.stats().models["smol"].dropped == 2
     text = client.get("/metrics").text
     assert 'fineserve_requests_dropped_total{model="smol",reason="slo"} 2.0' in text
+
+
+def test_stream_whose_client_is_gone_before_the_first_byte_is_aborted(client):
+    import asyncio
+
+    app, server = client.app, client.app.state.server
+    engine = server.routes["smol"]
+    before = engine.stats().models["smol"].aborted
+    body = json.dumps({"model": "smol", "prompt": "Tell me a story", "max_tokens": 200,
+                       "ignore_eos": True, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if msgs:
+            return msgs.pop()
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            raise OSError("connection reset by peer")
+
+    async def call():
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            pass  # the server reports the broken connection; what matters is below
+
+    asyncio.run(call())
+    deadline = time.monotonic() + 30
+    while engine.stats().models["smol"].aborted == before:
+        assert time.monotonic() < deadline, "the request was never aborted"
+        time.sleep(0.05)
+    assert server.inflight["smol"] == 0 and not server._open
+    st = engine.stats().models["smol"]
+    assert st.running == 0 and st.waiting == 0 and st.blocks_held == 0

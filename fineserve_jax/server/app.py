@@ -62,7 +62,8 @@ class Server:
         self.model_extra = model_extra  # name -> extra fields for /v1/models (e.g. SLO)
         self.engines = list(dict.fromkeys(routes.values()))
         self.metrics = ServerMetrics(self.engines)
-        self.inflight: dict[str, int] = defaultdict(int)  # engine requests not finished
+        self.inflight: dict[str, int] = defaultdict(int)  # engine requests not released
+        self._open: set[str] = set()  # ids of the handles counted in ``inflight``
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ parsing
@@ -109,9 +110,13 @@ class Server:
                 h.abort()
             raise APIError(400, str(e), e.param) from None
         self.inflight[req.model] += len(handles)
+        self._open.update(h.id for h in handles)
         return handles
 
     def _done(self, model: str, h: RequestHandle, last: StreamDelta | None) -> None:
+        if h.id not in self._open:
+            return  # released already
+        self._open.discard(h.id)
         self.inflight[model] -= 1
         if last is not None and last.finish_reason not in (None, "abort"):
             self.metrics.request_finished(model, last.finish_reason, h.metrics,
@@ -137,10 +142,18 @@ class Server:
         rid = ("chatcmpl-" if chat else "cmpl-") + handles[0].id
         tok = engine.model_info(req.model)["tokenizer"]
         if req.stream:
-            return StreamingResponse(self._sse(req, handles, rid, tok),
+            return _Stream(self._sse(req, handles, rid, tok),
+                           cleanup=lambda: self._release(req.model, handles),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await self._whole(request, req, handles, rid, tok)
+
+    def _release(self, model: str, handles: list[RequestHandle]) -> None:
+        """After a streamed response, however it ended (even before its first byte):
+        abort what still runs and release what was never released."""
+        for h in handles:
+            h.abort()  # no-op once finished
+            self._done(model, h, None)
 
     async def _events(self, model: str, handles: list[RequestHandle]
                       ) -> AsyncIterator[tuple[int, StreamDelta]]:
@@ -335,6 +348,21 @@ class Server:
             devices.append({"device": e.device, "allocator": e.config.allocator,
                             "kv_budget_bytes": e.config.kv_budget_bytes, **st})
         return JSONResponse({"devices": devices})
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that runs ``cleanup`` however it ends: a client gone before
+    the first byte leaves the body generator unstarted, so its own cleanup never runs."""
+
+    def __init__(self, content, *, cleanup, **kw):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
 
 def _dropped(model: str, reason: str | None) -> APIError:
