@@ -207,6 +207,6 @@ def test_stream_whose_client_is_gone_before_the_first_byte_is_aborted(client):
     while engine.stats().models["smol"].aborted == before:
         assert time.monotonic() < deadline, "the request was never aborted"
         time.sleep(0.05)
-    assert server.inflight["smol"] == 0 and not server._open
+    assert server.inflight("smol") == 0 and not server._open
     st = engine.stats().models["smol"]
     assert st.running == 0 and st.waiting == 0 and st.blocks_held == 0

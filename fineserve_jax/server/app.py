@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,8 +61,7 @@ class Server:
         self.model_extra = model_extra  # name -> extra fields for /v1/models (e.g. SLO)
         self.engines = list(dict.fromkeys(routes.values()))
         self.metrics = ServerMetrics(self.engines)
-        self.inflight: dict[str, int] = defaultdict(int)  # engine requests not released
-        self._open: set[str] = set()  # ids of the handles counted in ``inflight``
+        self._open: dict[str, str] = {}  # handle id -> model, engine requests not released
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ parsing
@@ -94,9 +92,10 @@ class Server:
         """One engine request per choice, or none (429) when the model's queue is full."""
         want = sum(len(p) for p in req.params)
         cap = engine.config.max_seqs + self.limits.max_waiting
-        if self.inflight[req.model] + want > cap:
+        held = self.inflight(req.model)
+        if held + want > cap:
             self.metrics.request_dropped(req.model, "queue_full")
-            raise APIError(429, f"model {req.model!r} has {self.inflight[req.model]} requests "
+            raise APIError(429, f"model {req.model!r} has {held} requests "
                                 f"in flight (limit {cap}); retry later", None,
                            type_="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
@@ -109,15 +108,16 @@ class Server:
             for h in handles:
                 h.abort()
             raise APIError(400, str(e), e.param) from None
-        self.inflight[req.model] += len(handles)
-        self._open.update(h.id for h in handles)
+        self._open.update((h.id, req.model) for h in handles)
         return handles
 
+    def inflight(self, model: str) -> int:
+        """Engine requests of ``model`` submitted here and not yet released."""
+        return sum(m == model for m in self._open.values())
+
     def _done(self, model: str, h: RequestHandle, last: StreamDelta | None) -> None:
-        if h.id not in self._open:
+        if self._open.pop(h.id, None) is None:
             return  # released already
-        self._open.discard(h.id)
-        self.inflight[model] -= 1
         if last is not None and last.finish_reason not in (None, "abort"):
             self.metrics.request_finished(model, last.finish_reason, h.metrics,
                                           last.prompt_tokens, last.completion_tokens)
