@@ -1,0 +1,118 @@
+"""Time every compiled step shape of a started engine: the points of the cost model.
+
+``measure_steps(engine)`` runs each model's jitted step on the engine's own pool at every
+(rows, tokens per row, page-table width) bucket, on realistic inputs: random valid token
+ids, positions that end each row's context at the page table's full width, and page
+tables that point to blocks allocated to that model from the pool. Before timing, those
+blocks are filled with the model's real K/V by prefill steps, so attention reads real
+context (not zeros, not the poison a test pool starts with). The blocks are freed again
+at the end; sequences the engine is running keep theirs untouched.
+
+The records feed ``schedulers.costmodel.ProfiledCost``; ``python -m schedulers.profile``
+writes them as a cost-model JSON.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from fineserve_jax.engine.runner import StepBatch
+from fineserve_jax.sampling import GREEDY, SamplingArrays
+
+
+def measure_steps(engine, reps: int = 5, models: Iterable[str] | None = None,
+                  seed: int = 0) -> list[dict]:
+    """Median seconds of one step at every compiled shape of each model.
+
+    ``engine``: started with ``thread=False`` (the caller owns the loop, so nothing else
+    donates the pool meanwhile); warmed up, or the untimed first run of a shape compiles it.
+    Each shape runs once untimed, then ``reps`` timed runs, each until its sampled tokens
+    are ready. Returns ``{model, precision, kind: "prefill"|"decode", rows, tokens,
+    context_blocks, seconds}`` records, one per shape, in ``Buckets.shapes()`` order.
+    """
+    if not engine.started:
+        raise RuntimeError("start the engine (thread=False) before measuring it")
+    if engine._thread is not None:
+        raise RuntimeError("the engine runs its own loop thread; measure an engine started "
+                           "with thread=False")
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    names = list(engine.models if models is None else models)
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        m = engine._model(name)
+        bk = m.buckets
+        shapes = ([("decode", B, 1, P) for B in bk.decode for P in bk.context]
+                  + [("prefill", R, T, P) for R in bk.prefill_rows for T in bk.chunks
+                     for P in bk.context])  # the order of ``Buckets.shapes()``
+        handles = _allocate(engine, name, max(B * P for _, B, _, P in shapes))
+        try:
+            _fill(engine, m, handles, rng)
+            for kind, B, T, P in shapes:
+                sec = _time_step(engine, m.runner, _batch(m, B, T, P, handles, rng), reps)
+                out.append({"model": name, "precision": m.precision, "kind": kind,
+                            "rows": B, "tokens": T, "context_blocks": P, "seconds": sec})
+        finally:
+            engine.alloc.free(name, handles)
+    return out
+
+
+def _allocate(engine, name: str, want: int) -> list[int]:
+    """Up to ``want`` blocks of ``name`` (what the pool can give; rows share them if fewer)."""
+    n = min(want, engine.alloc.free_blocks(name))
+    if n < 1:
+        raise RuntimeError(f"model {name!r} can get no KV block from the pool to measure with")
+    return engine.alloc.allocate(name, n)
+
+
+def _table(handles: Sequence[int], rows: int, width: int, first: int = 0) -> np.ndarray:
+    """i32[rows, width]: row r's page j is handle (first + r * width + j) mod len."""
+    idx = (first + np.arange(rows)[:, None] * width + np.arange(width)[None, :]) % len(handles)
+    return np.asarray(handles, np.int32)[idx]
+
+
+def _batch(m, B: int, T: int, P: int, handles: Sequence[int], rng: np.random.Generator,
+           first: int = 0, start: int | None = None) -> StepBatch:
+    """Every row feeds ``min(T, P * block_tokens)`` tokens ending at the table's full
+    context, or from position ``start`` on (as many as fit); other columns are padding."""
+    cap = P * m.runner.kv.block.block_tokens
+    a = cap - min(T, cap) if start is None else start
+    c = min(T, cap - a)
+    tokens = np.zeros((B, T), np.int32)
+    tokens[:, :c] = rng.integers(0, m.config.vocab_size, size=(B, c))
+    positions = np.full((B, T), -1, np.int32)
+    positions[:, :c] = np.arange(a, a + c)
+    seq_lens = np.full(B, a + c, np.int32)
+    logits_idx = np.full(B, c - 1, np.int32)
+    return StepBatch(tokens, positions, seq_lens, _table(handles, B, P, first), logits_idx,
+                     SamplingArrays.build([], [], [], B), GREEDY)
+
+
+def _fill(engine, m, handles: Sequence[int], rng: np.random.Generator) -> None:
+    """Write real K/V into every measured block: prefill steps at the model's largest
+    prefill shape over consecutive groups of blocks, as sequences of the widest table."""
+    bk = m.buckets
+    R, T, P = bk.prefill_rows[-1], bk.chunks[-1], bk.context[-1]
+    cap = P * m.runner.kv.block.block_tokens
+    for first in range(0, len(handles), R * P):
+        for start in range(0, cap, T):
+            b = _batch(m, R, T, P, handles, rng, first=first, start=start)
+            nxt, engine.pool, _ = m.runner.step(engine.pool, b)
+    nxt.block_until_ready()
+
+
+def _time_step(engine, runner, batch: StepBatch, reps: int) -> float:
+    nxt, engine.pool, _ = runner.step(engine.pool, batch)  # untimed (compiles if needed)
+    nxt.block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        nxt, engine.pool, _ = runner.step(engine.pool, batch)
+        nxt.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
