@@ -1,6 +1,7 @@
 """Continuous batching for one model: admission, chunked prefill, decode, preemption.
 
-Plain Python (no JAX). Each engine iteration for a model is one step of one kind:
+Plain Python (no JAX): the engine and the simulator (``schedulers.simulator``) run this
+same code. Each engine iteration for a model is one step of one kind:
 
 - *prefill*: chunks of prompts (partially prefilled sequences first, then waiting ones in
   arrival order) up to ``prefill_token_budget`` tokens and ``max_prefill_seqs`` rows; a
@@ -8,8 +9,10 @@ Plain Python (no JAX). Each engine iteration for a model is one step of one kind
   its chunks;
 - *decode*: one token for every running sequence whose prompt is in KV.
 
-The two kinds alternate while both have work, so a burst of long prompts delays decodes
-by at most one prefill step. When a decode needs a block and the pool has none for this
+Left to itself (``schedule()``) the two kinds alternate while both have work, so a burst
+of long prompts delays decodes by at most one prefill step; a device's local scheduler
+(``schedulers.local``) may instead name the kind and the order of the prompts to admit,
+and shed requests (``drop``). When a decode needs a block and the pool has none for this
 model, the newest running sequence is preempted by recompute: its blocks are freed and
 it goes back to the front of the queue with its prompt *and* generated tokens, which
 are prefilled again when memory returns; the sampler's per-step keys make the result
@@ -24,11 +27,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fineserve_jax.engine.handle import RequestMetrics
 from fineserve_jax.kvslab import BlockFormat
-from fineserve_jax.sequence import SequenceState
 
 PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass
+class RequestMetrics:
+    """Timings (``time.monotonic()`` seconds, or simulated time) and counts of one request."""
+
+    arrival: float  # submitted
+    first_scheduled: float | None = None  # first step that fed any of its tokens
+    first_token: float | None = None
+    finished: float | None = None
+    preemptions: int = 0  # times its KV was freed and recomputed
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from submission to the first token."""
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def queued(self) -> float | None:
+        """Seconds from submission to the first step that ran it."""
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
 
 
 @dataclass(eq=False)
@@ -36,7 +58,7 @@ class Seq:
     """One request's sequence as the engine tracks it."""
 
     id: str
-    state: SequenceState  # stop rules and streamed text
+    state: Any  # stop rules and streamed text (``SequenceState``; None in the simulator)
     seed: int
     sink: Any  # receives deltas (``RequestHandle``)
     tokens: list[int]  # prompt + generated ids; while decoding the last is not in KV yet
@@ -45,6 +67,8 @@ class Seq:
     blocks: list[int] = field(default_factory=list)  # block handles, in position order
     prompt_lps: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1.., if asked
     prompt_sent: bool = False  # prompt logprobs delivered
+    deadline: float = float("inf")  # first token due (arrival + the model's TTFT SLO)
+    slo_missed: bool = False  # judged unable to meet its TTFT SLO and served best-effort
 
     @property
     def arrival(self) -> float:
@@ -77,6 +101,30 @@ class Scheduled:
 
 
 @dataclass(frozen=True)
+class SLO:
+    """A model's latency targets in seconds (None: no target)."""
+
+    ttft_s: float | None = None  # submission to first token
+    tpot_s: float | None = None  # mean time per output token after the first
+
+    def __post_init__(self):
+        for f in ("ttft_s", "tpot_s"):
+            v = getattr(self, f)
+            if v is not None and not v > 0:
+                raise ValueError(f"SLO {f} must be > 0 seconds, got {v!r}")
+
+    def met(self, m: RequestMetrics, output_tokens: int) -> bool:
+        """Whether a finished request met both targets (a one-token output meets any TPOT)."""
+        if m.first_token is None or m.finished is None:
+            return False
+        if self.ttft_s is not None and m.first_token - m.arrival > self.ttft_s:
+            return False
+        if self.tpot_s is not None and output_tokens > 1:
+            return (m.finished - m.first_token) / (output_tokens - 1) <= self.tpot_s
+        return True
+
+
+@dataclass(frozen=True)
 class BatchLimits:
     max_seqs: int  # running sequences (the largest decode batch)
     max_prefill_seqs: int  # rows of one prefill step
@@ -93,15 +141,22 @@ class ModelScheduler:
     """
 
     def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits,
-                 reclaim: Callable[[str, int], bool] | None = None):
+                 reclaim: Callable[[str, int], bool] | None = None, *,
+                 slo: SLO | None = None, cost: Any = None):
         self.name = name
         self.alloc = alloc
         self.reclaim = reclaim
         self.block = block
         self.limits = limits
+        self.slo = slo or SLO()
+        self.cost = cost  # ``schedulers.costmodel.StepCost`` of this model on this device
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []  # admission order
         self.preemptions = 0
+        self.dropped: list[tuple[Seq, str]] = []  # shed by ``drop``, for the caller to finish
+        self.slo_misses = 0  # requests judged unable to meet their TTFT SLO
+        self.last_step = -1  # device iteration at which this model last stepped
+        self.last_decode_at: float | None = None  # when its last decode step started
         self._last_kind = DECODE
 
     # ---------------------------------------------------------------- queries
@@ -120,7 +175,19 @@ class ModelScheduler:
 
     # ----------------------------------------------------------------- verbs
     def add(self, seq: Seq) -> None:
+        if self.slo.ttft_s is not None:
+            seq.deadline = seq.arrival + self.slo.ttft_s
         self.waiting.append(seq)
+
+    def drop(self, seq: Seq, reason: str) -> None:
+        """Shed a waiting sequence; the caller finishes it (``take_dropped``)."""
+        self.waiting.remove(seq)
+        self._free(seq)
+        self.dropped.append((seq, reason))
+
+    def take_dropped(self) -> list[tuple[Seq, str]]:
+        out, self.dropped = self.dropped, []
+        return out
 
     def remove(self, seq: Seq) -> None:
         """Drop a sequence wherever it is (finished or aborted) and free its blocks now."""
@@ -130,22 +197,43 @@ class ModelScheduler:
             self.waiting.remove(seq)
         self._free(seq)
 
-    def schedule(self) -> Scheduled | None:
-        """The next step for this model, with its blocks allocated; None if it can't run."""
-        decodable = any(not s.prefilling for s in self.running)
-        has_prefill = bool(self.waiting) or any(s.prefilling for s in self.running)
-        order = [PREFILL, DECODE] if self._last_kind == DECODE else [DECODE, PREFILL]
-        for kind in order:
-            if kind == PREFILL and has_prefill:
-                rows = self._schedule_prefill()
-            elif kind == DECODE and decodable:
+    def schedule(self, kind: str | None = None, order: list[Seq] | None = None
+                 ) -> Scheduled | None:
+        """The next step for this model, with its blocks allocated; None if it can't run.
+
+        ``kind`` forces a step kind (default: alternate while both have work); ``order``
+        is the prefill candidates in the order to feed them (default: sequences partly
+        prefilled, then waiting ones in arrival order)."""
+        if kind is None:
+            order_kinds = [PREFILL, DECODE] if self._last_kind == DECODE else [DECODE, PREFILL]
+        else:
+            order_kinds = [kind]
+        for k in order_kinds:
+            if k == PREFILL and self.has_prefill():
+                rows = self._schedule_prefill(order)
+            elif k == DECODE and self.decodable():
                 rows = self._schedule_decode()
             else:
                 continue
             if rows:
-                self._last_kind = kind
-                return Scheduled(kind, rows)
+                self._last_kind = k
+                return Scheduled(k, rows)
         return None
+
+    @property
+    def last_kind(self) -> str:
+        """The kind of this model's last step (DECODE before any)."""
+        return self._last_kind
+
+    def decodable(self) -> bool:
+        return any(not s.prefilling for s in self.running)
+
+    def has_prefill(self) -> bool:
+        return bool(self.waiting) or any(s.prefilling for s in self.running)
+
+    def prefill_candidates(self) -> list[Seq]:
+        """Sequences partly prefilled (admission order), then waiting ones (queue order)."""
+        return [s for s in self.running if s.prefilling] + list(self.waiting)
 
     def advance(self, seq: Seq, fed: int) -> bool:
         """After a step fed ``fed`` tokens of ``seq``: True if it now samples a token."""
@@ -197,16 +285,16 @@ class ModelScheduler:
                 rows.append((seq, 1))
         return rows
 
-    def _schedule_prefill(self) -> list[tuple[Seq, int]]:
+    def _schedule_prefill(self, order: list[Seq] | None = None) -> list[tuple[Seq, int]]:
         lim = self.limits
         budget = lim.prefill_token_budget
         rows: list[tuple[Seq, int]] = []
         bt = self.block.block_tokens
-        partial = [s for s in self.running if s.prefilling]
+        partial = sum(s.prefilling for s in self.running)
         # New sequences are admitted only while the running ones keep a block each of
         # headroom for their next decode step (admit-then-preempt would thrash).
-        headroom = len(self.running) - len(partial)
-        for seq in partial + list(self.waiting):
+        headroom = len(self.running) - partial
+        for seq in self.prefill_candidates() if order is None else order:
             if len(rows) == lim.max_prefill_seqs or budget == 0:
                 break
             admitting = seq not in self.running
@@ -221,7 +309,7 @@ class ModelScheduler:
                 fit = (len(seq.blocks) + self.alloc.free_blocks(self.name)) * bt - seq.num_computed
                 chunk = min(chunk, fit)
                 if chunk <= 0 or not self._grow(seq, seq.num_computed + chunk):
-                    break  # arrival order: nothing behind it jumps ahead
+                    break  # queue order: nothing behind it jumps ahead
             if admitting:
                 self.waiting.remove(seq)
                 self.running.append(seq)

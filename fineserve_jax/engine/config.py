@@ -56,6 +56,11 @@ class EngineConfig:
     # depend on what else shares its batch, at the price of full-size steps at low load.
     batch_invariant: bool = False
     pool_fill: int = 0  # byte the pool starts as (tests poison it with 0xFF = NaN)
+    # Local scheduler (``schedulers.local``): "fineserve" (SLO-aware adaptive batching),
+    # "prism" or "fcfs"; and what it does with a request predicted to miss its TTFT SLO:
+    # "reject" (finish it as dropped at once) or "best-effort" (serve it last, count it).
+    scheduler: str = "fineserve"
+    on_slo_miss: str = "reject"
 
     def __post_init__(self):
         for f in ("kv_budget_bytes", "block_tokens", "max_seqs", "max_prefill_seqs",
@@ -65,6 +70,11 @@ class EngineConfig:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
+        from schedulers.local import ON_MISS, POLICIES
+        if self.scheduler not in POLICIES:
+            raise ValueError(f"scheduler must be one of {list(POLICIES)}, got {self.scheduler!r}")
+        if self.on_slo_miss not in ON_MISS:
+            raise ValueError(f"on_slo_miss must be one of {ON_MISS}, got {self.on_slo_miss!r}")
         if self.bucket_factor < 2:
             raise ValueError("bucket_factor must be >= 2")
         if not 0 <= self.pool_fill <= 255:

@@ -8,7 +8,8 @@
     engine.stats()                                   # waiting/running per model, slabs by owner
 
 Each iteration (``step``) reads like the design: take submissions and aborts, ask the
-policy which model steps, let that model's scheduler pick its batch and blocks, run the
+local scheduler (``schedulers.local``) which model steps and with which batch (it may shed
+requests that cannot meet their SLO), allocate that batch's blocks, run the
 model's jitted step on the shared pool (donated and returned), hand out the tokens, free
 what finished. Submissions and aborts from other threads go through an inbox that the
 loop drains first, so blocks of an aborted request are free before the next step.
@@ -36,8 +37,6 @@ from fineserve_jax.engine.logprobs import (record_prompt_logprobs, step_logprobs
                                            token_logprob)
 from fineserve_jax.engine.runner import (LOGPROBS, PROMPT_LOGPROBS, SAMPLER, PagedRunner,
                                          StepBatch, TopLogprobs)
-from fineserve_jax.engine.scheduler import (DECODE, BatchLimits, ModelScheduler, Scheduled,
-                                            Seq)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
 from fineserve_jax.engine.alloc import make_allocator
 from fineserve_jax.engine.pool import BlockMover, new_pool
@@ -48,7 +47,8 @@ from fineserve_jax.sampling import (FILTERED, GREEDY, RANDOM, SamplingArrays, Sa
                                     batch_mode)
 from fineserve_jax.sequence import SequenceState
 from fineserve_jax.tokenizer import Tokenizer
-from schedulers.policy import ModelChoicePolicy, ModelLoad, RoundRobin
+from schedulers.batching import DECODE, SLO, BatchLimits, ModelScheduler, Scheduled, Seq
+from schedulers.local import LocalScheduler, make_local_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,13 @@ class _Model:
     reserve_blocks: int | None
     cap_blocks: int | None
     query_fp8: bool = False
+    slo: SLO | None = None
+    cost: object = None  # schedulers.costmodel.StepCost of this model on this device
     max_len: int = 0  # prompt + output cap of one sequence
     buckets: object = None  # config.Buckets
     runner: PagedRunner | None = None
     sched: ModelScheduler | None = None
     max_blocks: int = 0  # most blocks one sequence may ever get (pool empty)
-    last_step: int = -1
     steps: int = 0
     tokens_out: int = 0
     finished: int = 0
@@ -95,12 +96,20 @@ class _Model:
 class Engine:
     """Continuous batching of several models on one device over one shared KV pool."""
 
-    def __init__(self, config: EngineConfig | None = None, policy: ModelChoicePolicy | None = None,
-                 device: jax.Device | None = None):
-        """``device``: where the pool and every model's weights live (default: JAX's)."""
+    def __init__(self, config: EngineConfig | None = None,
+                 scheduler: LocalScheduler | None = None, device: jax.Device | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        """``scheduler``: the device's local scheduler (default: ``config.scheduler``).
+        ``device``: where the pool and every model's weights live (default: JAX's).
+        ``mesh``: instead, a 1-D ``"tp"`` mesh (``engine.sharding.tp_mesh``): every model
+        is sharded tensor-parallel over its devices and the pool replicated on them."""
+        if device is not None and mesh is not None:
+            raise ValueError("Engine: give a device or a mesh, not both")
         self.config = config or EngineConfig()
         self._device = device
-        self.policy = policy or RoundRobin()
+        self._mesh = mesh
+        self.scheduler = scheduler or make_local_scheduler(self.config.scheduler,
+                                                           self.config.on_slo_miss)
         self._models: dict[str, _Model] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.RLock()
@@ -125,12 +134,15 @@ class Engine:
     def add_model(self, name: str, config: ModelConfig, params, tokenizer: Tokenizer, *,
                   dtype: str = "bfloat16", kv_format_name: str | None = None,
                   precision: str | Precision = "bf16", reserve_blocks: int | None = None,
-                  cap_blocks: int | None = None) -> None:
+                  cap_blocks: int | None = None, slo: SLO | None = None,
+                  cost=None) -> None:
         """Register a model before ``start``. ``params`` are already in ``precision``
         (``quant.quantize_model`` or a converted checkpoint); the precision picks the KV
         format (``kv_format_name`` overrides it) and whether queries are rounded to FP8.
         ``reserve_blocks`` defaults to one full prefill step's blocks; ``cap_blocks``
-        (optional) bounds what the model may hold."""
+        (optional) bounds what the model may hold. ``slo`` sets its latency targets and
+        ``cost`` (a ``schedulers.costmodel.StepCost``) predicts its step times for the
+        local scheduler."""
         if self.started:
             raise RuntimeError("add models before start()")
         if name in self._models:
@@ -148,7 +160,7 @@ class Engine:
         kv_format(fmt_name)  # validates
         self._models[name] = _Model(name, config, params, tokenizer, str(jnp.dtype(dtype)),
                                     fmt_name, prec.name, reserve_blocks, cap_blocks,
-                                    query_fp8=prec.query_fp8)
+                                    query_fp8=prec.query_fp8, slo=slo, cost=cost)
 
     def start(self, thread: bool = True) -> "Engine":
         """Build the allocator and pool, warm up every bucket, start the loop thread.
@@ -180,9 +192,10 @@ class Engine:
             m.max_len = min(c.max_model_len, m.config.max_position_embeddings)
             m.buckets = c.buckets(m.max_len)
             m.runner = PagedRunner(m.config, m.params, m.dtype, kv, m.query_fp8,
-                                   device=self._device)
+                                   device=self._device, mesh=self._mesh)
             m.params = None  # the runner holds the device copy
-            m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim)
+            m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim,
+                                     slo=m.slo, cost=m.cost)
             m.max_blocks = self.alloc.free_blocks(m.name)
         self._new_pool()
         self.device = str(next(iter(self.pool.devices())))
@@ -200,7 +213,7 @@ class Engine:
             for seq in list(m.sched.running):
                 m.sched.preempt(seq)
         self.pool = new_pool(self.alloc.num_rows, self.alloc.row_bytes, self.config.pool_fill,
-                             self._device)
+                             self._device, mesh=self._mesh)
 
     def _reclaim(self, name: str, n: int) -> bool:
         """Compact other models' sparse slabs until ``n`` blocks fit ``name`` (if they can):
@@ -431,19 +444,19 @@ class Engine:
                         self._finish(m, seq, self._final(seq, "abort"))
 
     def _schedule(self) -> tuple[_Model, Scheduled] | None:
-        candidates = {m.name: m for m in self._models.values() if m.sched.has_work()}
-        while candidates:
-            loads = [self._load(m) for m in candidates.values()]
-            m = candidates.pop(self.policy.choose(loads))
-            work = m.sched.schedule()
-            if work is not None:
-                self._iteration += 1
-                m.last_step = self._iteration
-                now = time.monotonic()
-                for seq, _ in work.rows:
-                    seq.metrics.first_scheduled = seq.metrics.first_scheduled or now
-                return m, work
-        return None
+        now = time.monotonic()
+        got = self.scheduler.next_step([m.sched for m in self._models.values()], now)
+        for m in self._models.values():
+            for seq, reason in m.sched.take_dropped():
+                m.dropped += 1
+                self._finish(m, seq, self._final(seq, "dropped", reason))
+        if got is None:
+            return None
+        sched, work = got
+        self._iteration += 1
+        for seq, _ in work.rows:
+            seq.metrics.first_scheduled = seq.metrics.first_scheduled or now
+        return self._models[sched.name], work
 
     def _fail_unschedulable(self) -> None:
         # Nothing could run: if no sequence holds blocks anywhere, the head request of a
@@ -456,12 +469,6 @@ class Engine:
                 m.failed += 1
                 self._finish(m, seq, self._final(seq, "error", "the request does not fit the "
                                                  "KV pool"))
-
-    def _load(self, m: _Model) -> ModelLoad:
-        s = m.sched
-        now = time.monotonic()
-        oldest = now - s.waiting[0].arrival if s.waiting else 0.0
-        return ModelLoad(m.name, len(s.waiting), len(s.running), s.prefilling, oldest, m.last_step)
 
     def _build_batch(self, m: _Model, work: Scheduled) -> StepBatch:
         bk = m.buckets

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fineserve_jax.sequence import RequestOutput
+from schedulers.batching import RequestMetrics
 
 
 @dataclass
@@ -43,27 +44,6 @@ class StreamDelta:
     logprobs: list[TokenLogprob] | None = None  # per token of ``token_ids``, when asked for
     # First delta only, when asked for: one per prompt token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-@dataclass
-class RequestMetrics:
-    """Timings (``time.monotonic()`` seconds) and counts of one request, kept by the engine."""
-
-    arrival: float  # submitted
-    first_scheduled: float | None = None  # first step that fed any of its tokens
-    first_token: float | None = None
-    finished: float | None = None
-    preemptions: int = 0  # times its KV was freed and recomputed
-
-    @property
-    def ttft(self) -> float | None:
-        """Seconds from submission to the first token."""
-        return None if self.first_token is None else self.first_token - self.arrival
-
-    @property
-    def queued(self) -> float | None:
-        """Seconds from submission to the first step that ran it."""
-        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
 
 
 class RequestHandle:

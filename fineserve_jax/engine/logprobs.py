@@ -12,7 +12,7 @@ import numpy as np
 
 from fineserve_jax.engine.handle import TokenLogprob
 from fineserve_jax.engine.runner import LOGPROBS, PagedRunner, StepAux, StepBatch, TopLogprobs
-from fineserve_jax.engine.scheduler import Seq
+from schedulers.batching import Seq
 
 
 def step_logprobs(runner: PagedRunner, rows: list[tuple[Seq, int]], batch: StepBatch,

@@ -1,0 +1,317 @@
+"""The local scheduler: one per device, it decides every step of every model on it.
+
+Plain Python, no JAX: the engine (``fineserve_jax.engine``) and the simulator
+(``schedulers.simulator``) call the same ``next_step``. Each call sees the device's
+``ModelScheduler``s (one per model, sharing the device's KV allocator) and the current
+time, and returns the model to step and its batch (blocks allocated), or None. Requests it
+sheds are left in each model's ``dropped`` list for the caller to finish.
+
+Three policies with this interface:
+
+``FCFS``
+    What one serving process per model does, sharing a device: each model takes its
+    prompts in arrival order and alternates prefill and decode; models take turns
+    (least recently stepped first). Nothing is dropped.
+
+``PrismStyle``
+    Deadline checks in queue order: each model walks its queue in arrival order,
+    predicting each request's first-token time from the cost model and the prompts
+    ahead of it in the same queue, and drops the ones that would miss their TTFT SLO.
+    The model whose oldest request is due first steps next; each model alternates
+    prefill and decode.
+
+``SLOAware`` (FineServe's SLO-aware adaptive batching)
+    Every call:
+
+    1. *Feasibility*, device-wide: waiting requests of every model in deadline order.
+       A request's first token is predicted at ``now + (W + p) / (1 - u)``, where ``p`` is
+       the time of its own prefill steps alone (``costmodel``), ``W`` the prefill work of
+       the requests ahead of it (partly prefilled ones first, then earlier deadlines that
+       are kept), and ``u`` the share of the device the running decodes need to keep
+       their TPOT SLOs (``sum(decode_time / tpot)`` over models, at most 0.9). A request
+       whose prediction is past its deadline is dropped at once (``on_miss="reject"``:
+       the client hears why) or kept behind every feasible request and counted as a miss
+       (``on_miss="best-effort"``).
+    2. *Which step*: each model with prompts offers a prefill batch, built in deadline
+       order (partly prefilled sequences first) under the guards (running sequences,
+       rows and tokens of one step, prompts in flight), then shrunk by evicting the
+       longest prompt while a member whose prompt completes in this step would miss its
+       deadline. The prefill whose earliest member is due first runs, unless running it
+       would make some model's decode late (``last decode + tpot`` minus its step time,
+       with a safety margin): then that decode runs first. With no prefill to run, the
+       decode due first runs (least recently stepped when no TPOT is set).
+
+    Models without SLOs get the same treatment with infinite deadlines: arrival order,
+    no drops, and decodes interleaved round-robin.
+
+The predictions need a cost model per model (``ModelScheduler.cost``, a
+``schedulers.costmodel.StepCost``); a model without one is never dropped and its steps
+are taken to cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from schedulers.batching import DECODE, PREFILL, ModelScheduler, Scheduled, Seq
+
+ON_MISS = ("reject", "best-effort")
+DROP_REASON = ("cannot meet the model's time-to-first-token SLO ({slo:.3g} s) at the "
+               "current load; retry later")
+
+
+# ------------------------------------------------------------------ cost helpers
+def prefill_chunks(seq: Seq, budget: int) -> list[tuple[int, int]]:
+    """(chunk, context after) of each prefill step ``seq`` still needs, alone, with
+    ``budget`` tokens per step."""
+    out, done, total = [], seq.num_computed, len(seq.tokens)
+    while done < total:
+        c = min(budget, total - done)
+        done += c
+        out.append((c, done))
+    return out
+
+
+def solo_prefill_time(sched: ModelScheduler, seq: Seq) -> float:
+    """Seconds of the prefill steps of ``seq``'s remaining prompt, run alone."""
+    if sched.cost is None:
+        return 0.0
+    return sum(sched.cost.prefill_time([c], [ctx])
+               for c, ctx in prefill_chunks(seq, sched.limits.prefill_token_budget))
+
+
+def batch_time(sched: ModelScheduler, rows: Sequence[tuple[Seq, int]]) -> float:
+    """Seconds of one prefill step feeding ``rows`` (sequence, chunk)."""
+    if sched.cost is None or not rows:
+        return 0.0
+    return sched.cost.prefill_time([c for _, c in rows], [s.num_computed + c for s, c in rows])
+
+
+def decode_time(sched: ModelScheduler) -> float:
+    """Seconds of this model's next decode step (its decodable running sequences)."""
+    if sched.cost is None:
+        return 0.0
+    ctx = [s.num_computed + 1 for s in sched.running if not s.prefilling]
+    return sched.cost.decode_time(ctx) if ctx else 0.0
+
+
+# ------------------------------------------------------------------- policies
+class LocalScheduler:
+    """Base: bookkeeping shared by the policies; subclasses implement ``_pick``."""
+
+    name = "base"
+
+    def __init__(self):
+        self.iteration = 0
+
+    def next_step(self, scheds: Sequence[ModelScheduler], now: float
+                  ) -> tuple[ModelScheduler, Scheduled] | None:
+        """The model to step and its batch (blocks allocated), or None if none can run.
+
+        Requests shed on the way are in their model's ``dropped`` list."""
+        busy = [s for s in scheds if s.has_work()]
+        got = self._pick(busy, now) if busy else None
+        if got is not None:
+            sched, work = got
+            self.iteration += 1
+            sched.last_step = self.iteration
+            if work.kind == DECODE:
+                sched.last_decode_at = now
+        return got
+
+    def _pick(self, scheds: list[ModelScheduler], now: float):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def _round_robin(scheds: Sequence[ModelScheduler]) -> list[ModelScheduler]:
+    return sorted(scheds, key=lambda s: (s.last_step, s.name))
+
+
+class FCFS(LocalScheduler):
+    """Arrival order per model, models in turn, alternating prefill and decode, no drops."""
+
+    name = "fcfs"
+
+    def _pick(self, scheds, now):
+        for s in _round_robin(scheds):
+            work = s.schedule()
+            if work is not None:
+                return s, work
+        return None
+
+
+class PrismStyle(LocalScheduler):
+    """Deadline check in queue order per model; the model due first steps next."""
+
+    name = "prism"
+
+    def __init__(self, on_miss: str = "reject"):
+        super().__init__()
+        self.on_miss = _check_on_miss(on_miss)
+
+    def _check(self, sched: ModelScheduler, now: float) -> None:
+        ahead = sum(solo_prefill_time(sched, s) for s in sched.running if s.prefilling)
+        for seq in list(sched.waiting):
+            p = solo_prefill_time(sched, seq)
+            if seq.slo_missed or now + ahead + p <= seq.deadline:
+                ahead += p
+                continue
+            _miss(sched, seq, self.on_miss)
+            if self.on_miss == "best-effort":
+                ahead += p  # served in queue order all the same
+
+    def _pick(self, scheds, now):
+        for s in scheds:
+            self._check(s, now)
+
+        def due(s: ModelScheduler):
+            heads = [q.deadline for q in s.prefill_candidates()[:1]]
+            if s.decodable() and s.slo.tpot_s is not None and s.last_decode_at is not None:
+                heads.append(s.last_decode_at + s.slo.tpot_s)
+            return (min(heads, default=math.inf), s.last_step, s.name)
+
+        for s in sorted(scheds, key=due):
+            work = s.schedule()
+            if work is not None:
+                return s, work
+        return None
+
+
+class SLOAware(LocalScheduler):
+    """FineServe's SLO-aware adaptive batching (see the module docstring)."""
+
+    name = "fineserve"
+
+    def __init__(self, on_miss: str = "reject", tpot_margin: float = 0.8,
+                 max_decode_share: float = 0.9):
+        super().__init__()
+        self.on_miss = _check_on_miss(on_miss)
+        self.tpot_margin = tpot_margin  # a decode is due at last + margin * tpot
+        self.max_decode_share = max_decode_share
+
+    # ---------------------------------------------------------- predictions
+    def decode_share(self, scheds: Sequence[ModelScheduler]) -> float:
+        """Share of the device the running decodes need to keep their TPOT SLOs."""
+        u = sum(decode_time(s) / s.slo.tpot_s for s in scheds
+                if s.slo.tpot_s is not None and s.decodable())
+        return min(u, self.max_decode_share)
+
+    def check_feasible(self, scheds: Sequence[ModelScheduler], now: float) -> None:
+        """Drop (or mark) every waiting request predicted to miss its TTFT deadline."""
+        stretch = 1.0 / (1.0 - self.decode_share(scheds))
+        ahead = sum(solo_prefill_time(s, q) for s in scheds for q in s.running if q.prefilling)
+        waiting = sorted(((q.deadline, q.arrival, i, s, q) for i, s in enumerate(scheds)
+                          for q in s.waiting if not q.slo_missed), key=lambda t: t[:3])
+        for deadline, _, _, s, q in waiting:
+            p = solo_prefill_time(s, q)
+            if now + (ahead + p) * stretch <= deadline:
+                ahead += p
+            else:
+                _miss(s, q, self.on_miss)
+
+    def prefill_batch(self, sched: ModelScheduler, now: float) -> list[tuple[Seq, int]]:
+        """The prefill rows this model would run now: deadline order under the guards,
+        shrunk while a completing member would miss its deadline."""
+        lim = sched.limits
+        partial = [s for s in sched.running if s.prefilling]
+        waiting = sorted(sched.waiting, key=lambda q: (q.slo_missed, q.deadline, q.arrival))
+        budget, rows = lim.prefill_token_budget, []
+        in_flight = len(partial)
+        room = lim.max_seqs - len(sched.running)
+        for seq in partial + waiting:
+            if len(rows) == lim.max_prefill_seqs or budget == 0:
+                break
+            if seq not in partial:
+                if room == 0 or in_flight >= lim.max_prefill_seqs:
+                    break
+                room -= 1
+                in_flight += 1
+            c = min(seq.remaining, budget)
+            rows.append((seq, c))
+            budget -= c
+        while len(rows) > 1:
+            t_end = now + batch_time(sched, rows)
+            late = [s for s, c in rows if c == s.remaining and not s.slo_missed
+                    and t_end > s.deadline]
+            if not late:
+                break
+            new = [(s, c) for s, c in rows if s not in partial]
+            if not new:
+                break
+            victim = max(new, key=lambda r: (r[0].remaining, r[0].arrival))
+            rows.remove(victim)
+        return rows
+
+    def _decode_due(self, s: ModelScheduler) -> float:
+        if s.slo.tpot_s is None:  # no target: alternate with this model's prefills
+            return -math.inf if s.last_kind == PREFILL else math.inf
+        last = s.last_decode_at
+        if last is None:
+            return -math.inf
+        return last + self.tpot_margin * s.slo.tpot_s - decode_time(s)
+
+    # ------------------------------------------------------------- decision
+    def _pick(self, scheds, now):
+        self.check_feasible(scheds, now)
+        prefills = []
+        for s in scheds:
+            if s.has_prefill():
+                rows = self.prefill_batch(s, now)
+                if rows:
+                    first_due = min(q.deadline for q, _ in rows)
+                    prefills.append((first_due, s.last_step, s.name, s, rows))
+        prefills.sort(key=lambda t: t[:3])
+        decodes = sorted((s for s in scheds if s.decodable()),
+                         key=lambda s: (self._decode_due(s), s.last_step, s.name))
+        for _, _, _, s, rows in prefills:
+            t_end = now + batch_time(s, rows)
+            urgent = [d for d in decodes if self._decode_due(d) < t_end]
+            for d in urgent:
+                work = d.schedule(DECODE)
+                if work is not None:
+                    return d, work
+            work = s.schedule(PREFILL, order=[q for q, _ in rows])
+            if work is not None:
+                return s, work
+        for d in decodes:
+            work = d.schedule(DECODE)
+            if work is not None:
+                return d, work
+        # Nothing planned could run (memory): fall back to each model's own choice.
+        for s in _round_robin(scheds):
+            work = s.schedule()
+            if work is not None:
+                return s, work
+        return None
+
+    def __repr__(self):
+        return f"SLOAware(on_miss={self.on_miss!r})"
+
+
+# ------------------------------------------------------------------- helpers
+def _check_on_miss(v: str) -> str:
+    if v not in ON_MISS:
+        raise ValueError(f"on_miss must be one of {ON_MISS}, got {v!r}")
+    return v
+
+
+def _miss(sched: ModelScheduler, seq: Seq, on_miss: str) -> None:
+    sched.slo_misses += 1
+    if on_miss == "reject":
+        sched.drop(seq, DROP_REASON.format(slo=sched.slo.ttft_s))
+    else:
+        seq.slo_missed = True
+
+
+POLICIES = {"fcfs": FCFS, "prism": PrismStyle, "fineserve": SLOAware}
+
+
+def make_local_scheduler(name: str, on_miss: str = "reject") -> LocalScheduler:
+    """A local scheduler by name: ``fcfs``, ``prism`` or ``fineserve``."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown local scheduler {name!r}; choose one of {list(POLICIES)}")
+    return POLICIES[name]() if name == "fcfs" else POLICIES[name](on_miss=on_miss)
