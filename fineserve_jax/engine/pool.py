@@ -14,15 +14,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from fineserve_jax.engine.sharding import pool_sharding
 from fineserve_jax.model.paged import read_rows, write_rows
 
 MOVE_BUCKETS = (1, 4, 16, 64)  # moves per call; longer lists run in chunks of the largest
 
 
 def new_pool(num_rows: int, row_bytes: int, fill: int = 0,
-             device: jax.Device | None = None) -> jax.Array:
+             device: jax.Device | None = None, mesh: Mesh | None = None) -> jax.Array:
     """A fresh pool on ``device`` (default: JAX's), every byte ``fill`` (tests poison it
-    with 0xFF: NaN in bf16/f32)."""
+    with 0xFF: NaN in bf16/f32). With a ``"tp"`` ``mesh`` instead of a device, the pool is
+    replicated on every device of the mesh (``sharding.pool_sharding``), built in place
+    on each device rather than copied from the host."""
+    if mesh is not None:
+        if device is not None:
+            raise ValueError("new_pool: give a device or a mesh, not both")
+        make = jax.jit(lambda: jnp.full((num_rows, row_bytes), fill, jnp.uint8),
+                       out_shardings=pool_sharding(mesh))
+        return make()
     if device is None:
         return jnp.full((num_rows, row_bytes), fill, jnp.uint8)
     with jax.default_device(device):

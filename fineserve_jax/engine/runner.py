@@ -6,6 +6,11 @@ are cached by those static parts, so two tenants with the same shapes and format
 their compilations. ``traces`` counts how many times a step was traced (compiled), which
 the engine's warm-up and tests use to prove nothing compiles after warm-up.
 
+With a ``mesh`` (a 1-D ``"tp"`` mesh, ``engine.sharding``) the weights are sharded
+tensor-parallel, the pool is replicated on the mesh and the same step runs under GSPMD;
+the step pins the returned pool to the pool's sharding so the donated buffer keeps its
+layout from step to step. Without a mesh nothing changes.
+
 Log-probabilities are separate small functions run only for batches that ask for them:
 ``LOGPROBS`` over the step's last-token logits (generated tokens), and the runner's
 ``prompt_logprobs`` over the step's final hidden states (prompt tokens, OpenAI's
@@ -22,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from fineserve_jax.config import ModelConfig
+from fineserve_jax.engine.sharding import param_shardings, pool_sharding
 from fineserve_jax.model.paged import PagedKVCache, PagedKVMeta
 from fineserve_jax.model.transformer import forward, lm_head
 from fineserve_jax.runner import backend_weights
@@ -50,13 +58,17 @@ class StepBatch:
 class _TracedStep:
     """A jitted step that counts its traces (one per compiled shape)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, kv: PagedKVCache, query_fp8: bool = False):
+    def __init__(self, cfg: ModelConfig, dtype, kv: PagedKVCache, query_fp8: bool = False,
+                 mesh: Mesh | None = None):
         self.traces = 0
+        pinned = None if mesh is None else pool_sharding(mesh)
 
         def step(params, pool, tokens, positions, seq_lens, page_table, logits_idx):
             self.traces += 1  # runs at trace time only
             meta = PagedKVMeta(positions, seq_lens, page_table)
             h, pool = forward(cfg, params, tokens, positions, kv, pool, meta, dtype, query_fp8)
+            if pinned is not None:  # GSPMD may not pick the input's layout for the output
+                pool = jax.lax.with_sharding_constraint(pool, pinned)
             last = jnp.take_along_axis(h, logits_idx[:, None, None], axis=1)[:, 0]  # (B, D)
             return lm_head(cfg, params, last), pool, h  # f32[B, vocab], pool, [B, T, D]
 
@@ -65,21 +77,31 @@ class _TracedStep:
 
 @functools.lru_cache(maxsize=None)
 def traced_step(cfg: ModelConfig, dtype: str, kv: PagedKVCache,
-                query_fp8: bool = False) -> _TracedStep:
-    return _TracedStep(cfg, jnp.dtype(dtype), kv, query_fp8)
+                query_fp8: bool = False, mesh: Mesh | None = None) -> _TracedStep:
+    return _TracedStep(cfg, jnp.dtype(dtype), kv, query_fp8, mesh)
 
 
 class PagedRunner:
-    """One model's weights and its compiled steps over the device pool."""
+    """One model's weights and its compiled steps over the device pool.
+
+    ``device``: the one device of the weights (default: JAX's). ``mesh``: instead, a 1-D
+    ``"tp"`` mesh (``engine.sharding.tp_mesh``) the weights are sharded over
+    tensor-parallel; the pool passed to ``step`` must then be ``new_pool(..., mesh=mesh)``.
+    """
 
     def __init__(self, cfg: ModelConfig, params, dtype: str, kv: PagedKVCache,
-                 query_fp8: bool = False, device: jax.Device | None = None):
+                 query_fp8: bool = False, device: jax.Device | None = None,
+                 mesh: Mesh | None = None):
+        if device is not None and mesh is not None:
+            raise ValueError("PagedRunner: give a device or a mesh, not both")
         self.cfg = cfg
         self.dtype = str(jnp.dtype(dtype))
         self.kv = kv
         self.query_fp8 = query_fp8
-        self.params = backend_weights(jax.device_put(params, device), jnp.dtype(dtype))
-        self._step = traced_step(cfg, self.dtype, kv, query_fp8)
+        self.mesh = mesh
+        where = device if mesh is None else param_shardings(params, mesh)
+        self.params = backend_weights(jax.device_put(params, where), jnp.dtype(dtype))
+        self._step = traced_step(cfg, self.dtype, kv, query_fp8, mesh)
 
     @property
     def traces(self) -> int:
