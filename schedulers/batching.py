@@ -69,6 +69,7 @@ class Seq:
     prompt_sent: bool = False  # prompt logprobs delivered
     deadline: float = float("inf")  # first token due (arrival + the model's TTFT SLO)
     slo_missed: bool = False  # judged unable to meet its TTFT SLO and served best-effort
+    last_token_at: float | None = None  # start of the step that sampled its latest token
 
     @property
     def arrival(self) -> float:
@@ -156,7 +157,6 @@ class ModelScheduler:
         self.dropped: list[tuple[Seq, str]] = []  # shed by ``drop``, for the caller to finish
         self.slo_misses = 0  # requests judged unable to meet their TTFT SLO
         self.last_step = -1  # device iteration at which this model last stepped
-        self.last_decode_at: float | None = None  # when its last decode step started
         self._last_kind = DECODE
 
     # ---------------------------------------------------------------- queries

@@ -88,6 +88,13 @@ def batch_time(sched: ModelScheduler, rows: Sequence[tuple[Seq, int]]) -> float:
     return sched.cost.prefill_time([c for _, c in rows], [s.num_computed + c for s, c in rows])
 
 
+def last_token_at(sched: ModelScheduler) -> float:
+    """When the decodable sequence waiting longest for its next token got its last one
+    (-inf if unknown: the decode is due at once)."""
+    ts = [s.last_token_at for s in sched.running if not s.prefilling]
+    return min((t if t is not None else -math.inf) for t in ts) if ts else math.inf
+
+
 def decode_time(sched: ModelScheduler) -> float:
     """Seconds of this model's next decode step (its decodable running sequences)."""
     if sched.cost is None:
@@ -116,8 +123,9 @@ class LocalScheduler:
             sched, work = got
             self.iteration += 1
             sched.last_step = self.iteration
-            if work.kind == DECODE:
-                sched.last_decode_at = now
+            for seq, fed in work.rows:
+                if fed == seq.remaining:  # this step samples its next token
+                    seq.last_token_at = now
         return got
 
     def _pick(self, scheds: list[ModelScheduler], now: float):
@@ -170,8 +178,8 @@ class PrismStyle(LocalScheduler):
 
         def due(s: ModelScheduler):
             heads = [q.deadline for q in s.prefill_candidates()[:1]]
-            if s.decodable() and s.slo.tpot_s is not None and s.last_decode_at is not None:
-                heads.append(s.last_decode_at + s.slo.tpot_s)
+            if s.decodable() and s.slo.tpot_s is not None:
+                heads.append(last_token_at(s) + s.slo.tpot_s)
             return (min(heads, default=math.inf), s.last_step, s.name)
 
         for s in sorted(scheds, key=due):
@@ -249,10 +257,7 @@ class SLOAware(LocalScheduler):
     def _decode_due(self, s: ModelScheduler) -> float:
         if s.slo.tpot_s is None:  # no target: alternate with this model's prefills
             return -math.inf if s.last_kind == PREFILL else math.inf
-        last = s.last_decode_at
-        if last is None:
-            return -math.inf
-        return last + self.tpot_margin * s.slo.tpot_s - decode_time(s)
+        return last_token_at(s) + self.tpot_margin * s.slo.tpot_s - decode_time(s)
 
     # ------------------------------------------------------------- decision
     def _pick(self, scheds, now):

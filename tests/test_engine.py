@@ -300,3 +300,37 @@ def test_logprobs_of_prompt_and_generated_tokens(tiny):
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+class _SlowPrefill:
+    """A cost model that says every prefill step takes a second."""
+
+    def prefill_time(self, chunks, contexts):
+        return 1.0
+
+    def decode_time(self, contexts):
+        return 0.001
+
+
+@pytest.mark.parametrize("on_miss", ["reject", "best-effort"])
+def test_slo_scheduler_sheds_or_serves_a_hopeless_request(tiny, on_miss):
+    from schedulers.batching import SLO
+    params, tok = tiny
+    e = Engine(EngineConfig(**{"kv_budget_bytes": 2 * 2**20, **SMALL, "on_slo_miss": on_miss}))
+    e.add_model("tight", CFG, params, tok, dtype="float32", slo=SLO(ttft_s=0.5),
+                cost=_SlowPrefill())
+    e.add_model("free", CFG, params, tok, dtype="float32")
+    e.start(thread=False)
+    h = e.submit("tight", [5, 6, 7], GREEDY)
+    ok = e.submit("free", [5, 6, 7], GREEDY)
+    e.run_until_idle()
+    assert len(ok.result().token_ids) == 12
+    st = e.stats().models["tight"]
+    if on_miss == "reject":
+        assert h.finish_reason == "dropped" and "time-to-first-token SLO" in h.error
+        assert st.dropped == 1 and h.token_ids == []
+    else:
+        assert len(h.result().token_ids) == 12 and st.dropped == 0
+    assert e.scheduler.on_miss == on_miss
+    assert st.slo_misses == 1
+    _assert_pool_empty(e)

@@ -568,7 +568,8 @@ class Engine:
                     preemptions=s.preemptions if s else 0, finished=m.finished,
                     aborted=m.aborted, dropped=m.dropped, failed=m.failed, steps=m.steps,
                     tokens_generated=m.tokens_out, peak_running=m.peak_running,
-                    blocks_held=s.blocks_held() if s else 0, blocks_moved=m.blocks_moved)
+                    blocks_held=s.blocks_held() if s else 0, blocks_moved=m.blocks_moved,
+                    slo_misses=s.slo_misses if s else 0)
             live = {m.name: m.sched.live_tokens() for m in self._models.values() if m.sched}
             pool = self.alloc.stats(live) if self.alloc is not None else None
             return EngineStats(models, pool, self._iteration, self.compiled_steps())

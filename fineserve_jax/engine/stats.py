@@ -18,13 +18,14 @@ class EngineModelStats:
     preemptions: int  # total since start
     finished: int
     aborted: int
-    dropped: int  # shed by Engine.drop (SLO)
+    dropped: int  # shed by the local scheduler (SLO) or Engine.drop
     failed: int
     steps: int  # engine steps this model ran
     tokens_generated: int
     peak_running: int
     blocks_held: int
     blocks_moved: int  # relocated by KV Slab compaction (to free slabs for other models)
+    slo_misses: int = 0  # requests the local scheduler judged unable to meet the TTFT SLO
 
 
 @dataclass(frozen=True)
