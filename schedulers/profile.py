@@ -148,7 +148,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from None
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    records = measure_steps(engine, reps=args.reps)
+    log = logging.getLogger("profile")
+    records = measure_steps(engine, reps=args.reps, progress=lambda r: log.info(
+        "%s %s %dx%dx%d: %.2f ms", r["model"], r["kind"], r["rows"], r["tokens"],
+        r["context_blocks"], r["seconds"] * 1e3))
     measure_s = time.perf_counter() - t1
     dev = jax.devices()[0]
     machine = {**machine_info(), "device_kind": dev.device_kind, "jax_platform": dev.platform}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -25,14 +25,15 @@ from fineserve_jax.sampling import GREEDY, SamplingArrays
 
 
 def measure_steps(engine, reps: int = 5, models: Iterable[str] | None = None,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Median seconds of one step at every compiled shape of each model.
 
     ``engine``: started with ``thread=False`` (the caller owns the loop, so nothing else
     donates the pool meanwhile); warmed up, or the untimed first run of a shape compiles it.
     Each shape runs once untimed, then ``reps`` timed runs, each until its sampled tokens
     are ready. Returns ``{model, precision, kind: "prefill"|"decode", rows, tokens,
-    context_blocks, seconds}`` records, one per shape, in ``Buckets.shapes()`` order.
+    context_blocks, seconds}`` records, one per shape, in ``Buckets.shapes()`` order;
+    ``progress`` (optional) is called with each record as it is measured.
     """
     if not engine.started:
         raise RuntimeError("start the engine (thread=False) before measuring it")
@@ -57,6 +58,8 @@ def measure_steps(engine, reps: int = 5, models: Iterable[str] | None = None,
                 sec = _time_step(engine, m.runner, _batch(m, B, T, P, handles, rng), reps)
                 out.append({"model": name, "precision": m.precision, "kind": kind,
                             "rows": B, "tokens": T, "context_blocks": P, "seconds": sec})
+                if progress is not None:
+                    progress(out[-1])
         finally:
             engine.alloc.free(name, handles)
     return out
