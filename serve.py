@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-invariant", action="store_true",
                     help="one compiled shape per step kind: outputs independent of batching "
                          "(slower at low load)")
+    ap.add_argument("--scheduler", default="fineserve", choices=("fineserve", "prism", "fcfs"),
+                    help="local scheduler of each device: SLO-aware adaptive batching "
+                         "(fineserve), Prism-style deadline checks in queue order, or FCFS")
+    ap.add_argument("--on-slo-miss", default="reject", choices=("reject", "best-effort"),
+                    help="a request predicted to miss its model's TTFT SLO: answer 503 at "
+                         "once (reject) or serve it after the others (best-effort)")
+    ap.add_argument("--cost-model", metavar="FILE",
+                    help="step-time profile (python -m schedulers.profile) the scheduler "
+                         "predicts with; models with SLOs that it lacks are profiled at start")
+    ap.add_argument("--profile-reps", type=int, default=3,
+                    help="timed runs per step shape when profiling at start (0: never)")
     ap.add_argument("--cache-dir", default=None,
                     help="where quantized checkpoints are kept (default ~/.cache/fineserve-jax)")
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
@@ -210,6 +221,27 @@ def load_models(args, specs: list[dict]) -> dict:
     return out
 
 
+def model_slo(spec: dict):
+    """The model's SLO (seconds) from its spec's milliseconds; None without targets."""
+    from schedulers.batching import SLO
+    ttft, tpot = spec.get("ttft_slo_ms"), spec.get("tpot_slo_ms")
+    if ttft is None and tpot is None:
+        return None
+    return SLO(ttft_s=None if ttft is None else ttft / 1e3,
+               tpot_s=None if tpot is None else tpot / 1e3)
+
+
+def stored_cost(costs, name: str, precision: str, device):
+    """The model's step costs from ``--cost-model`` for this device kind, if it has them."""
+    if costs is None:
+        return None
+    try:
+        return costs.get(name, precision, device.device_kind)
+    except KeyError as e:
+        log.warning("--cost-model has no profile for %s: %s", name, e)
+        return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -249,13 +281,23 @@ def main(argv=None) -> int:
             log.error("placement names device %d; this host has %d", g["device"], len(devices))
             return 2
     loaded = load_models(args, list(specs.values()))
+    costs = None
+    if args.cost_model:
+        from schedulers.costmodel import CostModel
+        try:
+            costs = CostModel.load(args.cost_model)
+        except (OSError, ValueError, KeyError) as e:
+            log.error("--cost-model %s: %s", args.cost_model, e)
+            return 2
     engines = []
     for g in groups:
         try:
             cfg = EngineConfig(kv_budget_bytes=g["kv_budget_bytes"], max_seqs=args.max_seqs,
                                max_model_len=args.max_model_len,
                                prefill_token_budget=args.max_prefill_tokens,
-                               batch_invariant=args.batch_invariant)
+                               batch_invariant=args.batch_invariant,
+                               scheduler=args.scheduler, on_slo_miss=args.on_slo_miss,
+                               profile_reps=args.profile_reps)
         except ValueError as e:
             log.error("%s", e)
             return 2
@@ -264,7 +306,9 @@ def main(argv=None) -> int:
         for name in g["models"]:
             model, prec = loaded[name]
             engine.add_model(name, model.config, model.params, model.tokenizer,
-                             dtype=specs[name]["dtype"], precision=prec)
+                             dtype=specs[name]["dtype"], precision=prec,
+                             slo=model_slo(specs[name]),
+                             cost=stored_cost(costs, name, prec, dev or devices[0]))
         t0 = time.perf_counter()
         engine.start()
         pool = engine.stats().pool

@@ -334,3 +334,20 @@ def test_slo_scheduler_sheds_or_serves_a_hopeless_request(tiny, on_miss):
     assert e.scheduler.on_miss == on_miss
     assert st.slo_misses == 1
     _assert_pool_empty(e)
+
+
+def test_start_profiles_models_with_slos(tiny):
+    from schedulers.batching import SLO
+    params, tok = tiny
+    e = Engine(EngineConfig(**{"kv_budget_bytes": 2 * 2**20, **SMALL, "profile_reps": 1}))
+    e.add_model("slo", CFG, params, tok, dtype="float32", slo=SLO(ttft_s=30.0, tpot_s=5.0))
+    e.add_model("plain", CFG, params, tok, dtype="float32")
+    e.start(thread=False)
+    cost = e._models["slo"].sched.cost
+    assert cost is not None and e._models["plain"].sched.cost is None
+    # Bucketed: a batch costs what its padded shape measured; more work never costs less.
+    assert 0 < cost.decode_time([5]) <= cost.decode_time([5] * 8) <= cost.decode_time([100] * 8)
+    assert cost.prefill_time([3], [3]) == cost.prefill_time([8], [8])  # both pad to (2, 8, 8)
+    h = e.submit("slo", [1, 2, 3], GREEDY)
+    e.run_until_idle()
+    assert len(h.result().token_ids) == 12

@@ -52,6 +52,31 @@ def test_config_file_sets_models_and_options_and_flags_win(tmp_path, suffix):
     assert (m["name"], m["precision"], m["ttft_slo_ms"]) == ("x", "fp8", 300.0)
 
 
+def test_scheduler_options_and_model_slos(tmp_path):
+    from schedulers.batching import SLO
+    from schedulers.costmodel import CostModel, ProfiledCost
+    args = serve.parse_args([])
+    assert (args.scheduler, args.on_slo_miss, args.cost_model) == ("fineserve", "reject", None)
+    args = serve.parse_args(["--scheduler", "prism", "--on-slo-miss", "best-effort"])
+    assert (args.scheduler, args.on_slo_miss) == ("prism", "best-effort")
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--scheduler", "edf"])
+    assert serve.model_slo(serve.parse_model_spec("a=x")) is None
+    assert serve.model_slo(serve.parse_model_spec("a=x,ttft-slo=250")) == SLO(ttft_s=0.25)
+    assert serve.model_slo(serve.parse_model_spec("a=x,tpot-slo=40,ttft-slo=500")) == SLO(
+        0.5, 0.04)
+    cm = CostModel()
+    pts = [{"kind": k, "rows": 1, "tokens": t, "context": 16, "seconds": 0.1}
+           for k, t in (("decode", 1), ("prefill", 16))]
+    cm.add("a", "bf16", "cpu", ProfiledCost(pts))
+
+    class Dev:
+        device_kind = "cpu"
+    assert serve.stored_cost(cm, "a", "bf16", Dev()) is cm.get("a", "bf16", "cpu")
+    assert serve.stored_cost(cm, "b", "bf16", Dev()) is None  # profiled at start instead
+    assert serve.stored_cost(None, "a", "bf16", Dev()) is None
+
+
 def test_config_file_errors_name_what_is_wrong(tmp_path, capsys):
     p = tmp_path / "c.json"
     p.write_text('{"prot": 1}')

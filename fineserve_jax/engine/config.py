@@ -61,6 +61,9 @@ class EngineConfig:
     # "reject" (finish it as dropped at once) or "best-effort" (serve it last, count it).
     scheduler: str = "fineserve"
     on_slo_miss: str = "reject"
+    # Timed runs per step shape when ``start`` profiles models that have SLOs and no cost
+    # model (``Engine.profile_costs``); 0 = never profile (such models are never shed).
+    profile_reps: int = 3
 
     def __post_init__(self):
         for f in ("kv_budget_bytes", "block_tokens", "max_seqs", "max_prefill_seqs",

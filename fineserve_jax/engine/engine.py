@@ -202,6 +202,10 @@ class Engine:
         if c.warmup:
             self.warmup()
         self.started = True
+        need = [m.name for m in self._models.values()
+                if m.cost is None and m.slo is not None and m.slo != SLO()]
+        if need and c.profile_reps:
+            self.profile_costs(c.profile_reps, need)
         if thread:
             self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
             self._thread.start()
@@ -266,6 +270,29 @@ class Engine:
         self.pool = self._mover.warmup(self.pool, [self.alloc.fmt(n).block_bytes
                                                    for n in self._models])
         self.warmup_seconds = time.perf_counter() - t0
+
+    def profile_costs(self, reps: int = 3, models: Sequence[str] | None = None) -> dict:
+        """Time every compiled step shape of ``models`` (default: all) on this engine's
+        pool and make the result their cost model (``ProfiledCost``), which the local
+        scheduler predicts with. Call on a started engine before its loop thread runs
+        (``start`` does this for models that have SLOs and no cost model)."""
+        from fineserve_jax.engine.profile import measure_steps
+        from schedulers.costmodel import EngineBuckets, ProfiledCost
+
+        t0 = time.perf_counter()
+        names = list(models or self._models)
+        records = measure_steps(self, reps=reps, models=names)
+        out = {}
+        for name in names:
+            m = self._models[name]
+            bk = m.buckets
+            pts = [r for r in records if r["model"] == name]
+            m.cost = m.sched.cost = ProfiledCost(pts, EngineBuckets(
+                self.config.block_tokens, bk.decode, bk.prefill_rows, bk.chunks, bk.context))
+            out[name] = m.cost
+        log.info("profiled %d step shapes of %s in %.1f s", len(records), names,
+                 time.perf_counter() - t0)
+        return out
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop the loop thread (requests still running are left unfinished)."""
