@@ -16,7 +16,9 @@ whose other keys set any option below. Command-line options win over the file.
 Placement: without ``--placement`` every model shares one engine and one KV pool of
 ``--kv-budget`` bytes on the default device. A placement file (JSON) puts models on local
 devices: ``{"devices": [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": N}, ...]}``,
-one engine and one pool per device.
+one engine and one pool per device; a group ``{"devices": [1, 2], "tp": 2, ...}`` runs its
+models tensor-parallel over a mesh of those devices (the pool replicated on each).
+``python -m schedulers.place`` writes such files from rates, SLOs and memory.
 """
 
 from __future__ import annotations
@@ -173,21 +175,56 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_placement(path: str, names: list[str], kv_budget: int) -> list[dict]:
-    """[{device index, model names, kv budget}] from a placement file, checked."""
+    """Groups from a placement file, checked: ``{"device": i, "models", "kv_budget_bytes"}``
+    for one device, ``{"devices": [i, j, ...], ...}`` for a tensor-parallel group (one
+    engine over a mesh of those devices; the file may say ``"tp"``, which must match)."""
     try:
         plan = json.loads(Path(path).read_text())
-        groups = plan["devices"]
-        out = [{"device": int(g["device"]), "models": list(g["models"]),
-                "kv_budget_bytes": int(g.get("kv_budget_bytes", kv_budget))} for g in groups]
+        out = []
+        for g in plan["devices"]:
+            devs = [int(g["device"])] if "device" in g else [int(i) for i in g["devices"]]
+            if not devs or int(g.get("tp", len(devs))) != len(devs):
+                raise ValueError(f"group {g}: tp must equal the number of devices")
+            where = {"device": devs[0]} if len(devs) == 1 else {"devices": devs}
+            out.append({**where, "models": list(g["models"]),
+                        "kv_budget_bytes": int(g.get("kv_budget_bytes", kv_budget))})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: --placement {path}: {type(e).__name__}: {e} (expected "
-                         f'{{"devices": [{{"device": 0, "models": [...]}}]}})') from None
+                         f'{{"devices": [{{"device": 0, "models": [...]}}, '
+                         f'{{"devices": [1, 2], "tp": 2, "models": [...]}}]}})') from None
+    used = [i for g in out for i in group_devices(g)]
+    if len(used) != len(set(used)):
+        raise SystemExit(f"error: --placement {path}: a device is in two groups (one KV pool "
+                         f"per device): {sorted(i for i in set(used) if used.count(i) > 1)}")
     placed = [n for g in out for n in g["models"]]
     missing, unknown = set(names) - set(placed), set(placed) - set(names)
-    if missing or unknown or len(placed) != len(set(placed)):
+    twice = sorted(n for n in set(placed) if placed.count(n) > 1)
+    if missing or unknown or twice:
         raise SystemExit(f"error: --placement {path}: every served model exactly once "
-                         f"(not placed: {sorted(missing)}, not served: {sorted(unknown)})")
+                         f"(not placed: {sorted(missing)}, not served: {sorted(unknown)}, "
+                         f"placed more than once: {twice}; this server runs one replica "
+                         f"of a model)")
     return out
+
+
+def group_devices(g: dict) -> list[int] | None:
+    """Device indices of a placement group; None: JAX's default device."""
+    if "devices" in g:
+        return g["devices"]
+    return None if g["device"] is None else [g["device"]]
+
+
+def make_engine(cfg, device_ids: list[int] | None, devices: list):
+    """One engine for a placement group: on one device, or tensor-parallel over a mesh."""
+    from fineserve_jax.engine import Engine
+
+    if device_ids is None:
+        return Engine(cfg)
+    if len(device_ids) == 1:
+        return Engine(cfg, device=devices[device_ids[0]])
+    from fineserve_jax.engine.sharding import tp_mesh
+
+    return Engine(cfg, mesh=tp_mesh([devices[i] for i in device_ids]))
 
 
 def load_models(args, specs: list[dict]) -> dict:
@@ -242,6 +279,12 @@ def stored_cost(costs, name: str, precision: str, device):
         return None
 
 
+def where_is(engine, ids: list[int] | None, devices: list) -> str:
+    if ids is None or len(ids) == 1:
+        return str(engine.device)
+    return "+".join(str(devices[i]) for i in ids)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -255,7 +298,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from checkpoints.cache import default_cache_dir
-    from fineserve_jax.engine import Engine, EngineConfig
+    from fineserve_jax.engine import EngineConfig
     from fineserve_jax.server import build_app
     from fineserve_jax.server.auth import load_key
     from fineserve_jax.server.protocol import Limits
@@ -277,8 +320,9 @@ def main(argv=None) -> int:
               else [{"device": None, "models": list(specs), "kv_budget_bytes": args.kv_budget}])
     devices = jax.local_devices()
     for g in groups:
-        if g["device"] is not None and not 0 <= g["device"] < len(devices):
-            log.error("placement names device %d; this host has %d", g["device"], len(devices))
+        bad = [i for i in group_devices(g) or () if not 0 <= i < len(devices)]
+        if bad:
+            log.error("placement names device %d; this host has %d", bad[0], len(devices))
             return 2
     loaded = load_models(args, list(specs.values()))
     costs = None
@@ -301,8 +345,9 @@ def main(argv=None) -> int:
         except ValueError as e:
             log.error("%s", e)
             return 2
-        dev = devices[g["device"]] if g["device"] is not None else None
-        engine = Engine(cfg, device=dev)
+        ids = group_devices(g)
+        dev = devices[ids[0]] if ids else None
+        engine = make_engine(cfg, ids, devices)
         for name in g["models"]:
             model, prec = loaded[name]
             engine.add_model(name, model.config, model.params, model.tokenizer,
@@ -313,8 +358,8 @@ def main(argv=None) -> int:
         engine.start()
         pool = engine.stats().pool
         log.info("engine on %s: KV pool %.0f MiB of the budget = %d slabs of %d B (allocator %s); "
-                 "warm-up %.1fs", engine.device, pool.pool_bytes / 2**20, pool.rows_total,
-                 pool.row_bytes, cfg.allocator, time.perf_counter() - t0)
+                 "warm-up %.1fs", where_is(engine, ids, devices), pool.pool_bytes / 2**20,
+                 pool.rows_total, pool.row_bytes, cfg.allocator, time.perf_counter() - t0)
         for name, p in engine.kv_plan().items():
             log.info("  %s: KV %s, %d-token blocks of %d B; reserve %d tokens (%.1f MiB), "
                      "up to %d tokens when the others idle", name, p["kv_format"],

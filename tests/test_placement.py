@@ -1,0 +1,317 @@
+"""Global scheduler: parallelism plans, the three placements, the placement file and its CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import serve
+from schedulers import place as place_cli
+from schedulers.placement import (ALGORITHMS, ModelDemand, ParallelPlan, Placement,
+                                  PlacementConfig, place, place_dedicated, place_kvpr,
+                                  place_slab_greedy, plan_parallelism)
+from schedulers.roofline import DeviceSpec
+
+GB = 1e9
+
+
+class LinearCost:
+    """A step cost with hand-computable times: decode ``a + b * rows`` (+ per context
+    token), prefill ``p`` per prompt token; ``tp`` divides everything but ``a``."""
+
+    def __init__(self, a=0.01, b=0.001, p=0.1 / 100, per_ctx=0.0, tp=1):
+        self.a, self.b, self.p, self.per_ctx, self.tp = a, b, p, per_ctx, tp
+
+    def decode_time(self, contexts):
+        return self.a + (self.b * len(contexts) + self.per_ctx * sum(contexts)) / self.tp
+
+    def prefill_time(self, chunks, contexts):
+        return self.a + self.p * sum(chunks) / self.tp
+
+
+def device(mem_gb=100.0, name="gpu"):
+    return DeviceSpec(name, mem_gb * GB, 1e12, 1e15, 2e15, 1e11)
+
+
+def demand(name, weights_gb=10.0, kv_per_token=1e5, rate=1.0, prompt=99, output=2,
+           ttft=1.0, tpot=0.05, block_bytes=None, **cost_kw):
+    return ModelDemand(name, "bf16", weights_gb * GB, kv_per_token, rate, prompt, output,
+                       ttft, tpot, cost=lambda tp: LinearCost(tp=tp, **cost_kw),
+                       block_bytes=block_bytes)
+
+
+NO_RESERVE = PlacementConfig(reserve_fraction=0.0)
+
+
+# ------------------------------------------------------------------- plans
+def test_plan_by_hand():
+    # d(b) = 0.01 + 0.001 b; P = 0.01 + 0.1 = 0.11 (100-token prompt); O = 100, ctx = 150.
+    d = demand("m", rate=10.0, prompt=100, output=100, tpot=0.05, ttft=1.0)
+    p = plan_parallelism(d, device(), tp_options=(1,))
+    # TPOT: 0.01 + 0.001 b <= 0.05 -> b <= 40 (TTFT 0.11 + 0.05 is far under 1 s).
+    assert p.batch_slo == 40
+    # S(40) = 0.11 + 100 * 0.05 / 40 = 0.235; replicas = ceil(10 * 0.235 / 0.9) = 3.
+    assert (p.tp, p.replicas) == (1, 3)
+    # lambda = 10/3: (10/3)(0.11 + 100 (0.01 + 0.001 b) / b) <= 0.9 -> 1/b <= 0.06 -> b >= 16.7.
+    assert p.batch_rate == 17
+    # Little at the TPOT pace: ceil(10/3 * 100 * 0.05) = 17 sequences.
+    assert p.concurrency == 17
+    assert p.utilisation == pytest.approx(10 / 3 * (0.11 + 100 * 0.027 / 17))
+    assert p.meets_slo and p.fits
+
+
+def test_plan_ttft_and_kv_limit_the_batch():
+    # TTFT 0.2005: 0.11 + 0.01 + 0.001 b <= 0.2005 -> b <= 80; TPOT 1 s is no limit.
+    d = demand("m", prompt=100, output=100, tpot=1.0, ttft=0.2005)
+    assert plan_parallelism(d, device(), (1,)).batch_slo == 80
+    # KV: 90 GB room / (150 tokens x 100 MB) -> 6 sequences.
+    d = demand("m", weights_gb=10, kv_per_token=1e8, prompt=100, output=100, tpot=1.0)
+    assert plan_parallelism(d, device(), (1,), NO_RESERVE).batch_slo == 6
+
+
+def test_plan_picks_fewest_gpus_then_smaller_tp():
+    # 150 GB of weights: tp 1 does not fit a 100 GB device, tp 2 does (one replica).
+    big = demand("big", weights_gb=150, rate=0.1)
+    p = plan_parallelism(big, device(), (1, 2, 4))
+    assert (p.tp, p.replicas) == (2, 1)
+    # At 20 req/s: 6 replicas at tp 1 (S(40) = 0.235 s), 2 at tp 2 (everything 4x
+    # faster: S(190) = 0.054 s), so tp 2 (4 GPUs); a model served by one GPU stays at tp 1.
+    fast = ModelDemand("f", "bf16", 10 * GB, 1e5, 20.0, 100, 100, 1.0, 0.05,
+                       cost=lambda tp: LinearCost(a=0.01 / (4 ** (tp - 1)), b=0.001,
+                                                  p=0.001, tp=4 ** (tp - 1)))
+    by_tp = {tp: plan_parallelism(fast, device(), (tp,)) for tp in (1, 2)}
+    assert (by_tp[1].gpus, by_tp[2].gpus) == (6, 4)
+    assert plan_parallelism(fast, device(), (1, 2)).tp == 2
+    cheap = demand("c", rate=0.5)
+    assert plan_parallelism(cheap, device(), (1, 2, 4)).tp == 1
+
+
+def test_plan_reports_missed_slo_and_no_fit():
+    slow = demand("s", tpot=0.005)  # decode alone takes 11 ms
+    p = plan_parallelism(slow, device(), (1,))
+    assert not p.meets_slo and p.batch_slo == 1 and p.fits
+    huge = demand("h", weights_gb=1000)
+    p = plan_parallelism(huge, device(), (1, 2, 4))
+    assert not p.fits and not p.meets_slo
+
+
+# ------------------------------------------------------------------ placing
+def plan(tp=1, replicas=1, conc=10, util=0.1):
+    return ParallelPlan(tp, replicas, max(conc, 1), 1, conc, util)
+
+
+def colocated(pl: Placement, a: str, b: str) -> bool:
+    return any(a in g.models and b in g.models for g in pl.groups)
+
+
+def slab_vs_kvpr_case():
+    """Two devices of 100 GB (no reserve); mean context 100 tokens.
+
+    B (60 GB weights, small 4 MB blocks, 1 GB KV) goes first to device 0, A (45 GB, big
+    16 MB blocks, 1 GB KV) to device 1. C (5 GB, 4 MB blocks, 1 GB KV) then has:
+    with B: 35 GB KV memory, 33 GB free = 8250 blocks of 4 MB;
+    with A: 50 GB KV memory, 48 GB free = 4800 blocks of the demand-weighted 10 MB.
+    Slab-greedy counts blocks (joins B); KVPR counts bytes (2/50 < 2/35: joins A).
+    """
+    demands = [demand("A", 45, kv_per_token=1e6, block_bytes=16_000_000),
+               demand("B", 60, kv_per_token=2.5e5, block_bytes=4_000_000),
+               demand("C", 5, kv_per_token=2.5e5, block_bytes=4_000_000)]
+    plans = {"A": plan(conc=10), "B": plan(conc=40), "C": plan(conc=40)}
+    return demands, plans, [device(), device()]
+
+
+def test_slab_greedy_known_answer():
+    demands, plans, devices = slab_vs_kvpr_case()
+    pl = place_slab_greedy(demands, plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B", "C")), ((1,), ("A",))]
+    g0 = pl.groups[0]
+    assert g0.kv_budget_bytes == 35 * GB and g0.kv_need_bytes == 2 * GB
+    assert not pl.unplaced
+
+
+def test_kvpr_known_answer_is_precision_blind():
+    demands, plans, devices = slab_vs_kvpr_case()
+    pl = place_kvpr(demands, plans, devices, NO_RESERVE)
+    assert colocated(pl, "A", "C") and not colocated(pl, "B", "C")
+    # Same bytes with every block size equal: KVPR's answer does not change.
+    same = [demand(d.name, d.weight_bytes / GB, d.kv_bytes_per_token, block_bytes=8_000_000)
+            for d in demands]
+    assert place_kvpr(same, plans, devices, NO_RESERVE).groups == pl.groups
+
+
+def test_kvpr_balances_pressure():
+    # Four equal models, two devices: two each, not three and one.
+    demands = [demand(n, 20) for n in "abcd"]
+    plans = {n: plan(conc=100) for n in "abcd"}
+    pl = place_kvpr(demands, plans, [device(), device()], NO_RESERVE)
+    assert sorted(len(g.models) for g in pl.groups) == [2, 2]
+
+
+def test_dedicated_never_colocates_and_reports_the_rest():
+    demands = [demand("a", 10), demand("b", 120), demand("c", 10)]
+    plans = {"a": plan(), "b": plan(tp=2), "c": plan()}
+    pl = place_dedicated(demands, plans, [device()] * 3, NO_RESERVE)
+    assert [(g.devices, g.tp, g.models) for g in pl.groups] == [
+        ((0,), 1, ("a",)), ((1, 2), 2, ("b",))]
+    (u,) = pl.unplaced
+    assert u.model == "c" and "0 of 3 devices are unused" in u.reason
+    # Slab-greedy puts c beside a instead.
+    pl = place_slab_greedy(demands, plans, [device()] * 3, NO_RESERVE)
+    assert not pl.unplaced and colocated(pl, "a", "c")
+
+
+def test_unplaced_when_nothing_fits_or_compute_is_full():
+    demands = [demand("huge", 500), demand("x", 10), demand("y", 10)]
+    plans = {"huge": plan(), "x": plan(util=0.6), "y": plan(util=0.6)}
+    for fn in (place_slab_greedy, place_kvpr, place_dedicated):
+        pl = fn(demands, plans, [device()], NO_RESERVE)
+        reasons = {u.model: u.reason for u in pl.unplaced}
+        assert "no device has room for it even empty" in reasons["huge"]
+        # x and y each fit, but not both on the one device (0.6 + 0.6 > 0.9 compute).
+        assert len(pl.groups) == 1 and len(pl.groups[0].models) == 1
+        assert set(reasons) == {"huge", "x", "y"} - set(pl.groups[0].models)
+
+
+def test_replicas_go_to_different_groups():
+    demands = [demand("r", 10)]
+    pl = place_slab_greedy(demands, {"r": plan(replicas=3)}, [device()] * 4, NO_RESERVE)
+    assert [g.devices for g in pl.replicas("r")] == [(0,), (1,), (2,)]
+    pl = place_slab_greedy(demands, {"r": plan(replicas=3)}, [device()] * 2, NO_RESERVE)
+    assert len(pl.replicas("r")) == 2 and [u.replica for u in pl.unplaced] == [2]
+
+
+def random_case(rng: np.random.Generator):
+    kinds = [device(40, "small"), device(80, "big")]
+    devices = [kinds[int(k)] for k in rng.integers(0, 2, int(rng.integers(1, 9)))]
+    demands = []
+    for i in range(int(rng.integers(1, 9))):
+        demands.append(ModelDemand(
+            f"m{i}", "bf16", float(rng.uniform(1, 120)) * GB, float(rng.uniform(1e4, 5e5)),
+            float(rng.choice([0.0, rng.uniform(0.05, 20)])), float(rng.integers(16, 2048)),
+            float(rng.integers(8, 512)), float(rng.uniform(0.2, 3)), float(rng.uniform(0.01, 0.2)),
+            cost=lambda tp, s=float(rng.uniform(0.5, 4)): LinearCost(
+                a=0.005 * s, b=0.0002 * s, p=1e-4 * s, per_ctx=1e-7, tp=tp),
+            block_bytes=int(rng.integers(1, 64)) * 4096))
+    return demands, devices
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_random_demands_respect_memory_and_account_for_every_replica(algorithm):
+    rng = np.random.default_rng(1234)
+    config = PlacementConfig()
+    for _ in range(40):
+        demands, devices = random_case(rng)
+        plans = {d.name: plan_parallelism(d, devices[0], (1, 2, 4), config) for d in demands}
+        pl = place(algorithm, demands, plans, devices, config)
+        by_name = {d.name: d for d in demands}
+        seen: list[int] = []
+        for g in pl.groups:
+            assert len(g.devices) == g.tp and len(set(g.models)) == len(g.models)
+            assert len({(devices[i].name, devices[i].memory_bytes) for i in g.devices}) == 1
+            usable = min(devices[i].memory_bytes for i in g.devices) * 0.9
+            weights = sum(by_name[m].weight_bytes / g.tp for m in g.models)
+            kv_need = sum(plans[m].concurrency * by_name[m].mean_context
+                          * by_name[m].kv_bytes_per_token for m in g.models)
+            assert all(plans[m].tp == g.tp for m in g.models)
+            assert weights + g.kv_budget_bytes <= usable * (1 + 1e-12)  # pool beside weights
+            assert kv_need <= g.kv_budget_bytes + 1
+            assert sum(plans[m].utilisation for m in g.models) <= config.headroom + 1e-9
+            if algorithm == "dedicated":
+                assert len(g.models) == 1
+            seen += g.devices
+        assert len(seen) == len(set(seen))  # one pool per device: groups are disjoint
+        for d in demands:  # every replica is placed or reported, never dropped
+            missing = [u for u in pl.unplaced if u.model == d.name]
+            assert len(pl.replicas(d.name)) + len(missing) == plans[d.name].replicas
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_same_input_same_json(algorithm):
+    out = []
+    for _ in range(2):
+        demands, devices = random_case(np.random.default_rng(7))
+        plans = {d.name: plan_parallelism(d, devices[0]) for d in demands}
+        out.append(place(algorithm, demands, plans, devices).to_json())
+    assert out[0] == out[1]
+
+
+# ----------------------------------------------------------- placement file
+def test_json_round_trip_and_serve_reads_it(tmp_path):
+    demands = [demand("a", 10), demand("b", 120), demand("c", 10)]
+    plans = {"a": plan(), "b": plan(tp=2), "c": plan()}
+    pl = place_slab_greedy(demands, plans, [device()] * 3)
+    assert Placement.from_json(pl.to_json()) == pl
+    raw = json.loads(pl.to_json())  # b (largest) first on two devices, then a and c
+    assert raw["devices"][0]["devices"] == [0, 1] and raw["devices"][0]["tp"] == 2
+    assert raw["devices"][1]["device"] == 2 and "tp" not in raw["devices"][1]
+    path = tmp_path / "placement.json"
+    path.write_text(pl.to_json())
+    got = serve.read_placement(str(path), ["a", "b", "c"], 1)
+    assert got == [{"devices": [0, 1], "models": ["b"],
+                    "kv_budget_bytes": pl.groups[0].kv_budget_bytes},
+                   {"device": 2, "models": ["a", "c"],
+                    "kv_budget_bytes": pl.groups[1].kv_budget_bytes}]
+    assert pl.groups[0].kv_budget_bytes == math.floor(90 * GB - 60 * GB)
+
+
+def test_serve_rejects_bad_groups(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"devices": [{"devices": [0, 1], "tp": 4, "models": ["a"]}]}))
+    with pytest.raises(SystemExit, match="tp must equal"):
+        serve.read_placement(str(p), ["a"], 1)
+    p.write_text(json.dumps({"devices": [{"device": 1, "models": ["a"]},
+                                         {"devices": [1, 2], "models": ["b"]}]}))
+    with pytest.raises(SystemExit, match=r"two groups.*\[1\]"):
+        serve.read_placement(str(p), ["a", "b"], 1)
+    p.write_text(json.dumps({"devices": [{"device": 0, "models": ["a"]},
+                                         {"device": 1, "models": ["a"]}]}))
+    with pytest.raises(SystemExit, match=r"placed more than once: \['a'\]"):
+        serve.read_placement(str(p), ["a"], 1)
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_places_the_example(tmp_path, capsys):
+    out = tmp_path / "placement.json"
+    rc = place_cli.main([str(ROOT / "examples" / "placement_models.toml"), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    pl = Placement.from_json(out.read_text())
+    assert pl.algorithm == "slab-greedy" and not pl.unplaced
+    names = [m["name"] for m in place_cli.read_list(
+        str(ROOT / "examples" / "placement_models.toml"))["models"]]
+    serve.read_placement(str(out), names, 1)  # exactly what serve.py executes
+    # The 70B BF16 model (141 GB) needs tensor parallelism on 80 GB devices.
+    (g,) = pl.replicas("llama3-70b-bf16")
+    assert g.tp >= 2
+    assert "slab-greedy" in text and "llama3-70b-bf16" in text
+
+
+def test_cli_errors_name_the_model_and_key(tmp_path, capsys):
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({"models": [{"name": "x", "shape": "llama3-8b", "precision": "bf16",
+                                         "rate": 1, "prompt_tokens": 10, "output_tokens": 10,
+                                         "ttft_slo_ms": 100, "tpot_slo_ms": 10,
+                                         "colour": "red"}]}))
+    assert place_cli.main([str(p), "--out", str(tmp_path / "o.json")]) == 2
+    assert "model 'x': unknown keys ['colour']" in capsys.readouterr().err
+    p.write_text(json.dumps({"models": [{"name": "y", "shape": "llama9", "precision": "bf16",
+                                         "rate": 1, "prompt_tokens": 10, "output_tokens": 10,
+                                         "ttft_slo_ms": 100, "tpot_slo_ms": 10}]}))
+    assert place_cli.main([str(p), "--out", str(tmp_path / "o.json")]) == 2
+    assert "unknown shape 'llama9'" in capsys.readouterr().err
+
+
+def test_cli_weight_size_overrides_the_shape(tmp_path):
+    m = {"name": "w", "shape": "llama3-8b", "precision": "bf16", "rate": 1, "prompt_tokens": 10,
+         "output_tokens": 10, "ttft_slo_ms": 1000, "tpot_slo_ms": 100, "weight_bytes": 7e9}
+    d = place_cli.build_demand(m, DeviceSpec.h100_sxm(), 16)
+    assert d.weight_bytes == 7e9 and d.kv_bytes_per_token == 32 * 2 * 8 * 128 * 2
+    assert d.cost(2).tp == 2 and d.cost(2).decode_time([10]) < d.cost(1).decode_time([10])
