@@ -38,8 +38,12 @@ Three policies with this interface:
        longest prompt while a member whose prompt completes in this step would miss its
        deadline. The prefill whose earliest member is due first runs, unless running it
        would make some model's decode late (``last decode + tpot`` minus its step time,
-       with a safety margin): then that decode runs first. With no prefill to run, the
-       decode due first runs (least recently stepped when no TPOT is set).
+       with a safety margin): then that decode runs first -- at most once per model
+       while the batch waits (a decode whose model has sampled since the batch's oldest
+       member arrived, or since its partial prompt's first chunk ran, no longer goes
+       first; otherwise several models' decodes can tile the device so that no prefill
+       ever fits between them). With no prefill to run, the decode due first runs
+       (least recently stepped when no TPOT is set).
 
     Models without SLOs get the same treatment with infinite deadlines: arrival order,
     no drops, and decodes interleaved round-robin.
@@ -274,7 +278,9 @@ class SLOAware(LocalScheduler):
                          key=lambda s: (self._decode_due(s), s.last_step, s.name))
         for _, _, _, s, rows in prefills:
             t_end = now + batch_time(s, rows)
-            urgent = [d for d in decodes if self._decode_due(d) < t_end]
+            waiting_since = min(_waiting_since(q) for q, _ in rows)
+            urgent = [d for d in decodes if self._decode_due(d) < t_end
+                      and last_token_at(d) <= waiting_since]
             for d in urgent:
                 work = d.schedule(DECODE)
                 if work is not None:
@@ -298,6 +304,14 @@ class SLOAware(LocalScheduler):
 
 
 # ------------------------------------------------------------------- helpers
+def _waiting_since(seq: Seq) -> float:
+    """When a prefill candidate started waiting for its next chunk: its arrival, or the
+    first step that fed it if its prompt is partly in KV."""
+    if seq.num_computed and seq.metrics.first_scheduled is not None:
+        return seq.metrics.first_scheduled
+    return seq.arrival
+
+
 def _check_on_miss(v: str) -> str:
     if v not in ON_MISS:
         raise ValueError(f"on_miss must be one of {ON_MISS}, got {v!r}")

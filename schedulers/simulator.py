@@ -206,12 +206,16 @@ def summarize(records: Sequence[RequestRecord], span_s: float) -> dict:
 
 # -------------------------------------------------------------------- internals
 class _MemoCost:
-    """A ``StepCost`` with one-row prefill times memoized (the local schedulers ask for
-    them for every waiting request at every step); everything else is passed through."""
+    """A ``StepCost`` that remembers: one-row prefill times (the local schedulers ask for
+    them for every waiting request at every step), and the last decode step asked for
+    (the local scheduler and the simulator ask for the same batch several times a step).
+    Results are the wrapped cost's, exactly."""
 
     def __init__(self, cost):
         self.cost = cost
         self._one: dict[tuple[int, int], float] = {}
+        self._last_ctx: list[int] | None = None
+        self._last_decode = 0.0
 
     def prefill_time(self, chunks, contexts) -> float:
         if len(chunks) == 1:
@@ -223,7 +227,10 @@ class _MemoCost:
         return self.cost.prefill_time(chunks, contexts)
 
     def decode_time(self, contexts) -> float:
-        return self.cost.decode_time(contexts)
+        if contexts != self._last_ctx:
+            self._last_decode = self.cost.decode_time(contexts)
+            self._last_ctx = list(contexts)
+        return self._last_decode
 
 
 @dataclass(eq=False)
