@@ -315,3 +315,37 @@ def test_cli_weight_size_overrides_the_shape(tmp_path):
     d = place_cli.build_demand(m, DeviceSpec.h100_sxm(), 16)
     assert d.weight_bytes == 7e9 and d.kv_bytes_per_token == 32 * 2 * 8 * 128 * 2
     assert d.cost(2).tp == 2 and d.cost(2).decode_time([10]) < d.cost(1).decode_time([10])
+
+
+def test_cli_with_a_profiled_cost_model(tmp_path, capsys):
+    from schedulers.costmodel import CostModel, ProfiledCost
+
+    # decode: 10 ms + 1 ms per row; prefill: 20 ms + 0.1 ms per token (any context)
+    points = [{"kind": "decode", "rows": r, "tokens": 1, "context": c, "seconds": 0.01 + 0.001 * r}
+              for r in (1, 64) for c in (16, 2048)]
+    points += [{"kind": "prefill", "rows": 1, "tokens": t, "context": c,
+                "seconds": 0.02 + 1e-4 * t} for t in (16, 2048) for c in (16, 2048)]
+    cm = CostModel()
+    cm.add("small-bf16", "bf16", "cpu", ProfiledCost(points, block_tokens=16))
+    cm.save(tmp_path / "costs.json")
+    models = {"models": [{"name": "small", "profile": "small-bf16", "precision": "bf16",
+                          "rate": 2.0, "prompt_tokens": 100, "output_tokens": 100,
+                          "ttft_slo_ms": 500, "tpot_slo_ms": 30, "weight_bytes": 3e8,
+                          "kv_bytes_per_token": 1e4}]}
+    (tmp_path / "m.json").write_text(json.dumps(models))
+    out = tmp_path / "p.json"
+    rc = place_cli.main([str(tmp_path / "m.json"), "--device-kind", "cpu",
+                         "--device-memory-gib", "1", "--devices", "2",
+                         "--cost-model", str(tmp_path / "costs.json"), "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    (g,) = Placement.from_json(out.read_text()).groups
+    # TPOT 30 ms: 10 + b ms -> batch 20; 2 req/s x (0.03 s + 100 x 0.03 / 20) < 0.9: one GPU
+    assert (g.devices, g.tp, g.models) == ((0,), 1, ("small",))
+    assert g.kv_budget_bytes == math.floor(0.9 * 2**30 - 3e8)
+    # the profile is missing for another precision: an error naming the key
+    models["models"][0]["precision"] = "fp8"
+    (tmp_path / "m.json").write_text(json.dumps(models))
+    assert place_cli.main([str(tmp_path / "m.json"), "--device-kind", "cpu",
+                           "--device-memory-gib", "1", "--cost-model",
+                           str(tmp_path / "costs.json"), "--out", str(out)]) == 2
+    assert "no cost for model 'small-bf16' at precision 'fp8'" in capsys.readouterr().err
