@@ -4,8 +4,8 @@
 (rows, tokens per row, page-table width) bucket, on realistic inputs: random valid token
 ids, positions that end each row's context at the page table's full width, and page
 tables that point to blocks allocated to that model from the pool. Before timing, those
-blocks are filled with the model's real K/V by prefill steps, so attention reads real
-context (not zeros, not the poison a test pool starts with). The blocks are freed again
+blocks are filled with the model's real K/V (prefill steps, then block copies), so
+attention reads real context (not zeros, not the poison a test pool starts with). The blocks are freed again
 at the end; sequences the engine is running keep theirs untouched.
 
 The records feed ``schedulers.costmodel.ProfiledCost``; ``python -m schedulers.profile``
@@ -73,14 +73,15 @@ def _allocate(engine, name: str, want: int) -> list[int]:
     return engine.alloc.allocate(name, n)
 
 
-def _table(handles: Sequence[int], rows: int, width: int, first: int = 0) -> np.ndarray:
-    """i32[rows, width]: row r's page j is handle (first + r * width + j) mod len."""
-    idx = (first + np.arange(rows)[:, None] * width + np.arange(width)[None, :]) % len(handles)
+def _table(handles: Sequence[int], rows: int, width: int) -> np.ndarray:
+    """i32[rows, width]: row r's page j is handle (r * width + j) mod len (distinct blocks
+    while the pool gives enough)."""
+    idx = (np.arange(rows)[:, None] * width + np.arange(width)[None, :]) % len(handles)
     return np.asarray(handles, np.int32)[idx]
 
 
 def _batch(m, B: int, T: int, P: int, handles: Sequence[int], rng: np.random.Generator,
-           first: int = 0, start: int | None = None) -> StepBatch:
+           start: int | None = None) -> StepBatch:
     """Every row feeds ``min(T, P * block_tokens)`` tokens ending at the table's full
     context, or from position ``start`` on (as many as fit); other columns are padding."""
     cap = P * m.runner.kv.block.block_tokens
@@ -92,21 +93,28 @@ def _batch(m, B: int, T: int, P: int, handles: Sequence[int], rng: np.random.Gen
     positions[:, :c] = np.arange(a, a + c)
     seq_lens = np.full(B, a + c, np.int32)
     logits_idx = np.full(B, c - 1, np.int32)
-    return StepBatch(tokens, positions, seq_lens, _table(handles, B, P, first), logits_idx,
+    return StepBatch(tokens, positions, seq_lens, _table(handles, B, P), logits_idx,
                      SamplingArrays.build([], [], [], B), GREEDY)
 
 
 def _fill(engine, m, handles: Sequence[int], rng: np.random.Generator) -> None:
     """Write real K/V into every measured block: prefill steps at the model's largest
-    prefill shape over consecutive groups of blocks, as sequences of the widest table."""
+    prefill shape fill its first rows x width blocks (sequences of the widest table), and
+    the engine's block mover copies them over the rest (a forward pass over every block
+    would cost as much as the measurements themselves)."""
     bk = m.buckets
     R, T, P = bk.prefill_rows[-1], bk.chunks[-1], bk.context[-1]
     cap = P * m.runner.kv.block.block_tokens
-    for first in range(0, len(handles), R * P):
-        for start in range(0, cap, T):
-            b = _batch(m, R, T, P, handles, rng, first=first, start=start)
-            nxt, engine.pool, _ = m.runner.step(engine.pool, b)
+    for start in range(0, cap, T):
+        b = _batch(m, R, T, P, handles, rng, start=start)
+        nxt, engine.pool, _ = m.runner.step(engine.pool, b)
     nxt.block_until_ready()
+    filled = min(R * P, len(handles))
+    bpr, stride = engine.alloc.layout(m.name)
+    where = [(h // bpr, h % bpr * stride) for h in handles]
+    moves = [(*where[i % filled], *where[i]) for i in range(filled, len(handles))]
+    if moves:
+        engine.pool = engine._mover(engine.pool, moves, engine.alloc.fmt(m.name).block_bytes)
 
 
 def _time_step(engine, runner, batch: StepBatch, reps: int) -> float:
