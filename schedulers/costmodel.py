@@ -16,9 +16,9 @@ Two implementations of ``StepCost``:
   engine profiler records them. With the engine's shape buckets it predicts the way the
   engine runs: the batch is padded to its compiled bucket (rows, longest chunk, widest
   page table) and the measured time of that bucket is used.
-- ``AnalyticCost`` (``schedulers.roofline``, re-exported here): a roofline model (``max(flops / achieved FLOP/s, bytes / achieved
-  bytes/s)`` plus a fixed step overhead and tensor-parallel all-reduces) for GPU-scale
-  shapes this machine cannot measure.
+- ``AnalyticCost`` (``schedulers.roofline``, re-exported here): a roofline model
+  (``max(flops / achieved FLOP/s, bytes / achieved bytes/s)`` plus a fixed step overhead
+  and tensor-parallel all-reduces) for GPU-scale shapes this machine cannot measure.
 
 ``CostModel`` keys them by (model, precision, device kind) and saves / loads them as JSON.
 """
@@ -224,7 +224,8 @@ class ProfiledCost:
         pre = [p for p in self.points if p["kind"] == PREFILL]
         if len(dec) + len(pre) != len(self.points):
             bad = {p.get("kind") for p in self.points} - {DECODE, PREFILL}
-            raise ValueError(f"point kinds must be 'prefill' or 'decode', got {sorted(map(str, bad))}")
+            raise ValueError(f"point kinds must be 'prefill' or 'decode', got "
+                             f"{sorted(map(str, bad))}")
         if buckets is not None:
             self._check_covers(dec, pre)
             self._decode = _grid_from([((p["rows"], self._blocks(p)), p["seconds"]) for p in dec],

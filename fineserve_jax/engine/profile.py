@@ -5,8 +5,8 @@
 ids, positions that end each row's context at the page table's full width, and page
 tables that point to blocks allocated to that model from the pool. Before timing, those
 blocks are filled with the model's real K/V (prefill steps, then block copies), so
-attention reads real context (not zeros, not the poison a test pool starts with). The blocks are freed again
-at the end; sequences the engine is running keep theirs untouched.
+attention reads real context (not zeros, not the poison a test pool starts with). The
+blocks are freed again at the end; sequences the engine is running keep theirs untouched.
 
 The records feed ``schedulers.costmodel.ProfiledCost``; ``python -m schedulers.profile``
 writes them as a cost-model JSON.
