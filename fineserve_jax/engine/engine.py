@@ -294,6 +294,14 @@ class Engine:
                  time.perf_counter() - t0)
         return out
 
+    def set_slo(self, name: str, slo: SLO | None) -> None:
+        """Change a model's latency targets; requests that arrive from now on get them."""
+        m = self._model(name)
+        m.slo = slo
+        if m.sched is not None:
+            with self._lock:
+                m.sched.slo = slo or SLO()
+
     def shutdown(self, wait: bool = True) -> None:
         """Stop the loop thread (requests still running are left unfinished)."""
         self._stop = True
