@@ -39,6 +39,7 @@ from fineserve_jax.engine.runner import (LOGPROBS, PROMPT_LOGPROBS, SAMPLER, Pag
                                          StepBatch, TopLogprobs)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
 from fineserve_jax.engine.alloc import make_allocator
+from fineserve_jax.engine.live import LIVE_MESSAGES, LiveModels
 from fineserve_jax.engine.pool import BlockMover, new_pool
 from fineserve_jax.model.kv_formats import kv_format
 from fineserve_jax.model.paged import PagedKVCache
@@ -61,6 +62,11 @@ class RequestRejected(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class ModelRetiring(RequestRejected):
+    """``submit`` to a model this engine is retiring (``retire_model``): it is served
+    elsewhere now or going away; route the request again."""
 
 
 @dataclass
@@ -91,10 +97,15 @@ class _Model:
     peak_running: int = 0
     blocks_moved: int = 0  # relocated by compaction
     seqs: dict = field(default_factory=dict)  # request id -> Seq, while live
+    warm: bool = True  # False while an attached model's steps compile (``live``)
+    retiring: bool = False  # refusing requests until its last one ends (``live``)
 
 
-class Engine:
-    """Continuous batching of several models on one device over one shared KV pool."""
+class Engine(LiveModels):
+    """Continuous batching of several models on one device over one shared KV pool.
+
+    Models join a started engine with ``attach_model`` and leave with ``retire_model``
+    (``engine.live``)."""
 
     def __init__(self, config: EngineConfig | None = None,
                  scheduler: LocalScheduler | None = None, device: jax.Device | None = None,
@@ -124,6 +135,7 @@ class Engine:
         self.started = False
         self.device: str | None = None  # where the pool lives, once started
         self.warmup_seconds = 0.0
+        self._init_live()
 
     def __repr__(self):
         return (f"Engine(models={list(self._models)}, allocator={self.config.allocator!r}, "
@@ -144,9 +156,21 @@ class Engine:
         ``cost`` (a ``schedulers.costmodel.StepCost``) predicts its step times for the
         local scheduler."""
         if self.started:
-            raise RuntimeError("add models before start()")
+            raise RuntimeError("add models before start() (attach_model adds to a started "
+                               "engine)")
         if name in self._models:
             raise ValueError(f"model {name!r} already added")
+        self._models[name] = self._make_model(
+            name, config, params, tokenizer, dtype=dtype, kv_format_name=kv_format_name,
+            precision=precision, reserve_blocks=reserve_blocks, cap_blocks=cap_blocks,
+            slo=slo, cost=cost)
+
+    def _make_model(self, name: str, config: ModelConfig, params, tokenizer: Tokenizer, *,
+                    dtype: str = "bfloat16", kv_format_name: str | None = None,
+                    precision: str | Precision = "bf16", reserve_blocks: int | None = None,
+                    cap_blocks: int | None = None, slo: SLO | None = None,
+                    cost=None) -> _Model:
+        """A checked ``_Model`` (arguments as ``add_model``), not yet in the engine."""
         prec = get_precision(precision)
         w = params["layers"]["wq"]
         if prec.quantized == isinstance(w, (np.ndarray, jax.Array)):
@@ -158,9 +182,9 @@ class Engine:
         fmt_name = (kv_format_name or prec.kv_format
                     or DEFAULT_KV_FORMAT.get(str(jnp.dtype(dtype))))
         kv_format(fmt_name)  # validates
-        self._models[name] = _Model(name, config, params, tokenizer, str(jnp.dtype(dtype)),
-                                    fmt_name, prec.name, reserve_blocks, cap_blocks,
-                                    query_fp8=prec.query_fp8, slo=slo, cost=cost)
+        return _Model(name, config, params, tokenizer, str(jnp.dtype(dtype)), fmt_name,
+                      prec.name, reserve_blocks, cap_blocks, query_fp8=prec.query_fp8,
+                      slo=slo, cost=cost)
 
     def start(self, thread: bool = True) -> "Engine":
         """Build the allocator and pool, warm up every bucket, start the loop thread.
@@ -375,7 +399,11 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         state = SequenceState(m.tokenizer, params, ids, text, max_total_len=m.max_len or None)
         seq = Seq(rid, state, seed, handle, list(ids), metrics=handle.metrics)
-        self._inbox.put(("submit", model, seq))
+        with self._admit:  # a retire posted after this put finds the request queued
+            if m.retiring:
+                raise ModelRetiring(f"model {model!r} is being retired from this engine "
+                                    f"and takes no new requests", "model")
+            self._inbox.put(("submit", model, seq))
         self._wake.set()
         return handle
 
@@ -432,6 +460,8 @@ class Engine:
         """One iteration: drain the inbox, schedule one model, run, postprocess."""
         with self._lock:
             self._drain_inbox()
+            if self._retiring:
+                self._finish_retired()
             picked = self._schedule()
             if picked is None:
                 self._fail_unschedulable()
@@ -465,6 +495,8 @@ class Engine:
                 m = self._models[name]
                 m.seqs[seq.id] = seq
                 m.sched.add(seq)
+            elif msg[0] in LIVE_MESSAGES:  # a model attached or retired while serving
+                self._live_message(msg)
             else:  # ("abort", id) from the caller, ("drop", id, reason) from a scheduler
                 rid = msg[1]
                 for m in self._models.values():
@@ -480,7 +512,8 @@ class Engine:
 
     def _schedule(self) -> tuple[_Model, Scheduled] | None:
         now = time.monotonic()
-        got = self.scheduler.next_step([m.sched for m in self._models.values()], now)
+        got = self.scheduler.next_step([m.sched for m in self._models.values() if m.warm],
+                                       now)
         for m in self._models.values():
             for seq, reason in m.sched.take_dropped():
                 m.dropped += 1
@@ -499,7 +532,7 @@ class Engine:
         if any(m.sched.running for m in self._models.values()):
             return
         for m in self._models.values():
-            if m.sched.waiting:
+            if m.sched.waiting and m.warm:  # a warming model's requests wait for it
                 seq = m.sched.waiting[0]
                 m.failed += 1
                 self._finish(m, seq, self._final(seq, "error", "the request does not fit the "
