@@ -86,7 +86,8 @@ class Seq:
 
     @property
     def prefilling(self) -> bool:
-        return self.remaining > 1 or self.num_computed == 0
+        n = self.num_computed  # (remaining > 1 or nothing in KV), inlined: a hot path
+        return n == 0 or len(self.tokens) - n > 1
 
 
 @dataclass
