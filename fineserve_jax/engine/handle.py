@@ -125,6 +125,10 @@ class RequestHandle:
         finally:
             self.abort()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request finishes (however it ends); False on timeout."""
+        return self._done.wait(timeout)
+
     def result(self, timeout: float | None = None) -> RequestOutput:
         """Blocks until the request finishes; the whole output."""
         if not self._done.wait(timeout):
