@@ -204,3 +204,46 @@ def test_fineserve_prefill_is_not_starved_by_several_models_decoding():
     late = res.records[-1]
     assert late.status == "finished" and late.ttft <= 0.011 + 1e-9
     assert all(r.slo_met for r in res.records)
+
+
+def test_bench_cluster_quick_record(tmp_path):
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+
+    out = tmp_path / "cluster.json"
+    assert main(["cluster", "--quick", "--out", str(out), "--plot", str(tmp_path / "c.png")]) == 0
+    rec = json.loads(out.read_text())
+    systems = list(rec["config"]["systems"])
+    assert set(systems) == {"fineserve", "static", "dedicated", "fixed-page", "prism"}
+    rows = rec["results"]
+    assert len(rows) == len(systems) * len(rec["config"]["rates"])
+    for r in rows:
+        assert 0 <= r["slo_attainment"] <= 1 and r["output_tok_s"] >= 0
+        assert r["slo_met"] <= r["finished"] <= r["requests"]
+        assert sum(r[k] for k in ("finished", "dropped", "failed", "unplaced",
+                                  "unfinished")) == r["requests"]
+        assert r["slo_attainment"] == pytest.approx(r["slo_met"] / r["requests"])
+    by_rate = {}
+    for r in rows:  # every system replays the same trace at a rate
+        by_rate.setdefault(r["rate"], set()).add(r["requests"])
+    assert all(len(v) == 1 for v in by_rate.values())
+    for s, g in rec["goodput"].items():
+        assert 0 <= g["99"]["rate"] <= g["90"]["rate"] <= max(rec["config"]["rates"])
+    for s in systems:
+        f = rec["fewest_gpus"][s]
+        assert f["gpus"] is None or (f["gpus"] in rec["config"]["gpu_grid"]
+                                     and f["tried"][str(f["gpus"])] >= 0.99)
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_goodput_and_knee_definitions():
+    from fineserve_jax.bench.cluster import goodput, knee
+
+    pts = [(10, 1.0), (20, 0.95), (30, 0.5)]
+    assert goodput(pts, 0.90) == {"rate": pytest.approx(20 + 0.05 / 0.45 * 10), "saturated": True}
+    assert goodput(pts, 0.99) == {"rate": pytest.approx(12.0), "saturated": True}
+    assert goodput([(10, 0.95), (20, 1.0)], 0.9) == {"rate": 20, "saturated": False}
+    assert goodput([(10, 0.5), (20, 1.0)], 0.9)["rate"] == 0.0  # must hold at every lower rate
+    assert knee([(10, 1.0), (20, 0.95), (30, 0.85), (40, 0.2)]) == 30
+    assert knee([(10, 0.8), (20, 0.85), (30, 0.8)]) is None

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "accuracy": "fineserve_jax.bench.accuracy",  # perplexity per precision and ablation
     "memory": "fineserve_jax.bench.memory",  # weight and KV bytes per precision
     "serve": "fineserve_jax.bench.serve",  # load client against a running server
+    "cluster": "fineserve_jax.bench.cluster",  # simulated cluster, FineServe vs baselines
 }
 
 

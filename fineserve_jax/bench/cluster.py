@@ -1,0 +1,472 @@
+"""``python -m fineserve_jax.bench cluster``: FineServe vs three baselines on a simulated cluster.
+
+Twelve Llama-3-8B- and 70B-shaped models in bf16, fp8 and fireq (``MODELS``, most popular
+first) share a cluster of H100 SXM GPUs. Step times come from the roofline cost model
+(``schedulers.roofline.AnalyticCost``); the discrete-event simulator
+(``schedulers.simulator``) runs the engine's own batching, local schedulers and KV
+allocators on them. Four systems replay the *same* trace at each rate:
+
+=============  ============================  ===============  ==================
+system         placement (global)            KV pool          local scheduler
+=============  ============================  ===============  ==================
+``fineserve``  slab-greedy                   KV Slab          ``fineserve`` (SLO-aware)
+``static``     dedicated (one model/group)   static partition ``fcfs``
+``fixed-page`` slab-greedy (same as ours)    fixed pages      ``fcfs``
+``prism``      KVPR                          KV Slab          ``prism``
+=============  ============================  ===============  ==================
+
+``static`` is separate engine processes: a model alone on its devices with its own pool.
+``fixed-page`` is MuxServe-like: one pool whose page is the largest block of the group.
+``prism`` shares memory across models at page granularity (virtual memory), which the
+precision-aware slab pool models, so it isolates Prism's placement and batching.
+
+Workload (``schedulers.workload``): per-model Poisson arrivals (``--cv`` 1) with power-law
+rates (``--alpha``) over ``MODELS``' order, ShareGPT-like lengths (lognormal, means 161 /
+338 tokens) with prompts and outputs clipped to 1,024 tokens each, as vLLM's ShareGPT
+benchmark prunes prompts over 1,024 and sequences over 2,048 tokens.
+
+SLOs: each model's TTFT and TPOT targets are ``--slo-scale`` times its *solo latency*: the
+TTFT of the longest prompt the workload draws (1,024 tokens, chunked by the prefill
+budget) and the TPOT of one sequence at the longest context (2,048 tokens), run alone on
+the fewest GPUs that hold the model (tp 1, or 2 for 70B bf16). Every request can meet
+them when alone, so attainment can reach 100%.
+
+Global scheduling per rate: ``plan_parallelism`` picks each model's tp and replicas from
+its rate and SLOs; each system's placer puts the replicas on ``--gpus`` devices (a replica
+that fits nowhere is reported; a model with no replica placed misses every request).
+
+Figures per (system, rate): SLO attainment (requests meeting both SLOs / all; dropped,
+failed and unplaced ones are misses), output tokens/s (tokens generated / simulated span,
+first arrival to last completion or the horizon), TTFT / TPOT percentiles, drops and
+preemptions. Derived:
+
+* goodput at 90% / 99%: the highest rate whose attainment, and that of every lower swept
+  rate, reaches the target, linearly interpolated towards the first rate that misses it
+  (the highest swept rate when none misses, flagged ``saturated: false``);
+* the static baseline's *knee*: the lowest swept rate at which static's attainment is
+  more than 10 points below its best at any lower or equal rate; the headline ratios are
+  FineServe's attainment and output tokens/s over static's at that rate;
+* fewest GPUs: for ``--fixed-rate``, the smallest count in ``--gpu-grid`` at which each
+  system reaches 99% attainment (counts are tried in order until one does).
+
+Every figure is simulated time from the roofline cost model, the same on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from fineserve_jax.bench.common import _cpu_model, cpu_count, format_table, versions, write_json
+from fineserve_jax.kvslab import BlockFormat
+from schedulers.batching import SLO, BatchLimits
+from schedulers.costmodel import solo_ttft
+from schedulers.placement import (ModelDemand, Placement, PlacementConfig, place,
+                                  plan_parallelism)
+from schedulers.roofline import PRECISION_COSTS, AnalyticCost, DeviceSpec, ModelShape
+from schedulers.simulator import GroupSpec, ModelSpec, simulate
+from schedulers.workload import LengthDist, WorkloadSpec
+
+HELP = ("simulated cluster of H100s serving 12 mixed-precision Llama-3 models: FineServe vs "
+        "static partitions, fixed pages and Prism-style, attainment and goodput per rate")
+BLOCK_TOKENS = 16
+TP_OPTIONS = (1, 2, 4, 8)
+PROMPT = LengthDist(161.0, 1.0, 4, 1024)
+OUTPUT = LengthDist(338.0, 0.9, 4, 1024)
+# vLLM-like batch limits, the same for every system.
+LIMITS = BatchLimits(max_seqs=128, max_prefill_seqs=16, prefill_token_budget=512)
+SHAPES = {"8b": ModelShape.llama3_8b, "70b": ModelShape.llama3_70b}
+
+
+@dataclass(frozen=True)
+class System:
+    placement: str  # schedulers.placement algorithm
+    allocator: str  # engine.alloc kind
+    scheduler: str  # schedulers.local policy
+
+
+SYSTEMS = {
+    "fineserve": System("slab-greedy", "kvslab", "fineserve"),
+    "static": System("slab-greedy", "static", "fcfs"),
+    "dedicated": System("dedicated", "static", "fcfs"),
+    "fixed-page": System("slab-greedy", "fixed-page", "fcfs"),
+    "prism": System("kvpr", "kvslab", "prism"),
+}
+
+# (name, shape, precision), most popular first: popularity is spread over sizes and
+# precisions so that every precision has a busy and an idle model.
+MODELS = (
+    ("chat-8b-bf16", "8b", "bf16"),
+    ("code-8b-fp8", "8b", "fp8"),
+    ("chat-70b-fireq", "70b", "fireq"),
+    ("math-8b-fireq", "8b", "fireq"),
+    ("chat-70b-fp8", "70b", "fp8"),
+    ("code-8b-bf16", "8b", "bf16"),
+    ("chat-8b-fp8", "8b", "fp8"),
+    ("chat-70b-bf16", "70b", "bf16"),
+    ("chat-8b-fireq", "8b", "fireq"),
+    ("math-8b-bf16", "8b", "bf16"),
+    ("code-8b-fireq", "8b", "fireq"),
+    ("math-8b-fp8", "8b", "fp8"),
+)
+
+
+# ------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelSetup:
+    name: str
+    shape: str
+    precision: str
+    solo_tp: int  # fewest GPUs that hold it (SLO reference)
+    solo_ttft_s: float
+    solo_tpot_s: float
+    slo: SLO
+    block: BlockFormat
+    weight_bytes: float
+    kv_bytes_per_token: float
+
+
+@lru_cache(maxsize=None)
+def cost(shape: str, precision: str, tp: int) -> AnalyticCost:
+    return AnalyticCost(SHAPES[shape](), precision, DeviceSpec.h100_sxm(), tp)
+
+
+def block_format(shape: str, precision: str) -> BlockFormat:
+    """The KV block of a model (computed here in plain Python: ``model.kv_formats`` imports
+    JAX). Same bytes as the precision's KV format: values plus a bf16 scale per
+    (token, KV head) for fp8 and int4; the pool is replicated over a tp group, so a block
+    holds every KV head."""
+    s, p = SHAPES[shape](), PRECISION_COSTS[precision]
+    name = {2.0: "bf16", 1.0: "fp8", 0.5: "int4"}[p.kv_value_bytes]
+    return BlockFormat(s.layers, s.kv_heads, s.head_dim, BLOCK_TOKENS, p.kv_value_bytes,
+                       p.kv_scale_bytes, name)
+
+
+def setup_models(slo_scale: float, config: PlacementConfig) -> dict[str, ModelSetup]:
+    dev = DeviceSpec.h100_sxm()
+    longest = PROMPT.hi + OUTPUT.hi
+    out = {}
+    for name, shape, prec in MODELS:
+        c1 = cost(shape, prec, 1)
+        w, kvt = c1.weight_bytes(), c1.kv_bytes_per_token()
+        tp = next(t for t in TP_OPTIONS
+                  if config.usable_bytes(dev) - w / t >= longest * kvt)
+        c = cost(shape, prec, tp)
+        ttft = solo_ttft(c, PROMPT.hi, LIMITS.prefill_token_budget)
+        tpot = c.decode_time([longest])
+        out[name] = ModelSetup(name, shape, prec, tp, ttft, tpot,
+                               SLO(slo_scale * ttft, slo_scale * tpot),
+                               block_format(shape, prec), w, kvt)
+    return out
+
+
+def demands(models: dict[str, ModelSetup], rates: dict[str, float]) -> list[ModelDemand]:
+    return [ModelDemand(m.name, m.precision, m.weight_bytes, m.kv_bytes_per_token,
+                        rates[m.name], PROMPT.mean, OUTPUT.mean, m.slo.ttft_s, m.slo.tpot_s,
+                        cost=lambda tp, m=m: cost(m.shape, m.precision, tp),
+                        block_tokens=BLOCK_TOKENS, block_bytes=m.block.block_bytes)
+            for m in models.values()]
+
+
+def placements(models: dict[str, ModelSetup], rates: dict[str, float], gpus: int,
+               config: PlacementConfig) -> tuple[dict, dict[str, Placement]]:
+    """Plans (shared) and each placement algorithm's placement at these rates."""
+    dev = DeviceSpec.h100_sxm()
+    ds = demands(models, rates)
+    plans = {d.name: plan_parallelism(d, dev, TP_OPTIONS, config) for d in ds}
+    algos = {s.placement for s in SYSTEMS.values()}
+    return plans, {a: place(a, ds, plans, [dev] * gpus, config) for a in sorted(algos)}
+
+
+def kv_need(plan, m: ModelSetup) -> float:
+    """A replica's planned KV bytes (as placement counts them): batch_rate sequences at
+    the mean context."""
+    return plan.batch_rate * (PROMPT.mean + OUTPUT.mean / 2) * m.kv_bytes_per_token
+
+
+def groups_of(p: Placement, system: System, plans: dict,
+              models: dict[str, ModelSetup]) -> list[GroupSpec]:
+    """Simulator groups of a placement. Static partitions are sized in proportion to each
+    model's planned KV need (what an operator sizing one process per model would do)."""
+    move = DeviceSpec.h100_sxm().hbm_bytes_per_s * 0.8  # compaction copies at 80% of HBM
+    out = []
+    for g in p.groups:
+        parts = None
+        if system.allocator == "static":
+            need = {m: kv_need(plans[m], models[m]) for m in g.models}
+            total = sum(need.values())
+            parts = {m: v / total for m, v in need.items()}
+        out.append(GroupSpec(f"g{'-'.join(map(str, g.devices))}", g.models,
+                             int(g.kv_budget_bytes), devices=g.devices, tp=g.tp,
+                             allocator=system.allocator, partitions=parts,
+                             move_bytes_per_s=move if system.allocator == "kvslab" else None))
+    return out
+
+
+# ------------------------------------------------------------------------ running
+def run_point(system_name: str, models: dict[str, ModelSetup], plans: dict,
+              placement: Placement, trace, horizon_s: float) -> dict:
+    system = SYSTEMS[system_name]
+    specs = {m.name: ModelSpec(m.name, m.block, LIMITS, m.slo) for m in models.values()}
+    groups = groups_of(placement, system, plans, models)
+    specs = {k: v for k, v in specs.items() if any(k in g.models for g in groups)}
+    t0 = time.perf_counter()
+    res = simulate(groups, specs, lambda m, g: cost(models[m].shape, models[m].precision, g.tp),
+                   trace, scheduler=system.scheduler, horizon_s=horizon_s)
+    m = res.metrics()
+    wall = time.perf_counter() - t0
+    out = {k: m[k] for k in ("requests", "slo_attainment", "slo_met", "finished", "dropped",
+                             "failed", "unplaced", "unfinished", "preemptions",
+                             "output_tokens", "output_tok_s", "slo_output_tok_s", "ttft_s",
+                             "tpot_s")}
+    out["span_s"] = res.end_s
+    out["per_model_attainment"] = {k: v["slo_attainment"] for k, v in m["per_model"].items()}
+    out["groups"] = len(groups)
+    out["gpus_used"] = placement.devices_used
+    out["unplaced_replicas"] = [asdict(u) for u in placement.unplaced]
+    out["blocks_moved"] = sum(g["blocks_moved"] for g in m["groups"].values())
+    out["stalls"] = sum(g["stalls"] for g in m["groups"].values())
+    out["steps"] = sum(g["steps"] for g in m["groups"].values())
+    out["sim_wall_s"] = wall
+    return out
+
+
+def sweep(args, models, config) -> list[dict]:
+    rows = []
+    names = [m[0] for m in MODELS]
+    for rate in args.rates:
+        spec = WorkloadSpec(names, rate, args.duration, args.alpha, args.cv, PROMPT, OUTPUT,
+                            args.seed)
+        trace = spec.generate()
+        plans, pl = placements(models, spec.rates(), args.gpus, config)
+        for sname in args.systems:
+            r = run_point(sname, models, plans, pl[SYSTEMS[sname].placement], trace,
+                          args.duration + args.drain)
+            r.update(system=sname, rate=rate, gpus=args.gpus)
+            if sname == args.systems[0]:
+                r["plans"] = {k: asdict(v) for k, v in plans.items()}
+            rows.append(r)
+            _log(f"rate {rate:g} req/s, {sname}: attainment {r['slo_attainment']:.3f}, "
+                 f"{r['output_tok_s']:.0f} tok/s ({r['sim_wall_s']:.1f} s)")
+    return rows
+
+
+def fewest_gpus(args, models, config) -> dict:
+    """Per system: the first count in ``--gpu-grid`` reaching 99% at ``--fixed-rate``."""
+    names = [m[0] for m in MODELS]
+    spec = WorkloadSpec(names, args.fixed_rate, args.duration, args.alpha, args.cv, PROMPT,
+                        OUTPUT, args.seed)
+    trace = spec.generate()
+    out = {s: {"gpus": None, "tried": {}} for s in args.systems}
+    for n in args.gpu_grid:
+        todo = [s for s in args.systems if out[s]["gpus"] is None]
+        if not todo:
+            break
+        plans, pl = placements(models, spec.rates(), n, config)
+        for s in todo:
+            r = run_point(s, models, plans, pl[SYSTEMS[s].placement], trace,
+                          args.duration + args.drain)
+            out[s]["tried"][str(n)] = r["slo_attainment"]
+            _log(f"fixed rate {args.fixed_rate:g}: {s} on {n} GPUs: "
+                 f"attainment {r['slo_attainment']:.3f}")
+            if r["slo_attainment"] >= 0.99:
+                out[s]["gpus"] = n
+    return out
+
+
+# ---------------------------------------------------------------------- summaries
+def goodput(points: list[tuple[float, float]], target: float) -> dict:
+    """Highest rate whose attainment (and every lower rate's) reaches ``target``,
+    interpolated towards the first rate that misses; points are (rate, attainment)."""
+    pts = sorted(points)
+    last = None
+    for i, (r, a) in enumerate(pts):
+        if a < target:
+            if last is None:
+                return {"rate": 0.0, "saturated": True}
+            r0, a0 = pts[i - 1]
+            return {"rate": r0 + (a0 - target) / (a0 - a) * (r - r0), "saturated": True}
+        last = r
+    return {"rate": last, "saturated": False}
+
+
+def knee(points: list[tuple[float, float]], drop: float = 0.10) -> float | None:
+    """Lowest rate whose attainment is more than ``drop`` below the best at rates <= it."""
+    best = -math.inf
+    for r, a in sorted(points):
+        best = max(best, a)
+        if a < best - drop:
+            return r
+    return None
+
+
+def summarize(rows: list[dict], systems: list[str]) -> dict:
+    by = {(r["system"], r["rate"]): r for r in rows}
+    rates = sorted({r["rate"] for r in rows})
+    out = {"goodput": {}}
+    for s in systems:
+        pts = [(x, by[(s, x)]["slo_attainment"]) for x in rates]
+        out["goodput"][s] = {"90": goodput(pts, 0.90), "99": goodput(pts, 0.99)}
+    if "static" in systems and "fineserve" in systems:
+        k = knee([(x, by[("static", x)]["slo_attainment"]) for x in rates])
+        head = {"static_knee_rate": k}
+        if k is not None:
+            f, st = by[("fineserve", k)], by[("static", k)]
+            head["attainment"] = {"fineserve": f["slo_attainment"], "static": st["slo_attainment"]}
+            head["attainment_ratio"] = (f["slo_attainment"] / st["slo_attainment"]
+                                        if st["slo_attainment"] else None)
+            head["output_tok_s_ratio"] = (f["output_tok_s"] / st["output_tok_s"]
+                                          if st["output_tok_s"] else None)
+        out["headline"] = head
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=10,
+                   help="H100s in the rate sweep (10: fewer than one model per device)")
+    p.add_argument("--rates", type=float, nargs="+", default=[20, 40, 60, 80, 100, 120],
+                   help="total request rates to sweep (req/s over all models)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--drain", type=float, default=30.0,
+                   help="simulated seconds after the last arrival before requests still "
+                        "in flight count as unfinished (misses)")
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of rates")
+    p.add_argument("--cv", type=float, default=1.0, help="arrival gap CV (1 = Poisson)")
+    p.add_argument("--slo-scale", type=float, default=5.0,
+                   help="SLOs = this times each model's solo latency")
+    p.add_argument("--fixed-rate", type=float, default=60.0,
+                   help="total rate of the fewest-GPUs search")
+    p.add_argument("--gpu-grid", type=int, nargs="+", default=[8, 10, 12, 14, 16, 20, 24, 32],
+                   help="GPU counts tried, in order, by the fewest-GPUs search")
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run (8 GPUs, two rates, 4 s, two counts) to check the plumbing")
+    p.add_argument("--plot", default="benchmarks/results/cluster.png", help="PNG ('' = none)")
+    p.add_argument("--out", default="benchmarks/results/cluster.json", help="JSON record")
+
+
+def apply_quick(args) -> None:
+    args.gpus, args.rates, args.duration, args.drain = 8, [5.0, 20.0], 4.0, 4.0
+    args.fixed_rate, args.gpu_grid = 5.0, [8, 16]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    if args.quick:
+        apply_quick(args)
+    if min(args.rates) <= 0 or args.duration <= 0 or args.drain < 0 or args.gpus < 1:
+        raise SystemExit("need rates > 0, --duration > 0, --drain >= 0 and --gpus >= 1")
+    if "static" not in args.systems or "fineserve" not in args.systems:
+        _log("note: the headline ratios need both 'fineserve' and 'static'")
+    t0 = time.perf_counter()
+    config = PlacementConfig()
+    models = setup_models(args.slo_scale, config)
+    rows = sweep(args, models, config)
+    fewest = fewest_gpus(args, models, config)
+    record = {
+        "benchmark": "cluster",
+        "command": command(args),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model(),
+                    "cpu_count": cpu_count(), "python": sys.version.split()[0],
+                    "versions": versions(("numpy",)), "device": None},
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("_run", "subcommand")},
+                   "device": asdict(DeviceSpec.h100_sxm()),
+                   "placement": asdict(config), "limits": asdict(LIMITS),
+                   "prompt": asdict(PROMPT), "output": asdict(OUTPUT),
+                   "systems": {k: asdict(v) for k, v in SYSTEMS.items()
+                               if k in args.systems}},
+        "models": {k: {**asdict(v), "slo": asdict(v.slo), "block": None,
+                       "block_bytes": v.block.block_bytes} for k, v in models.items()},
+        "results": rows,
+        **summarize(rows, args.systems),
+        "fewest_gpus": {"rate": args.fixed_rate, **fewest},
+        "total_s": time.perf_counter() - t0,
+    }
+    path = write_json(args.out, record)
+    _log(f"wrote {path}")
+    if args.plot:
+        _log(f"wrote {plot(record, args.plot)}")
+    print(table(record))
+    return 0
+
+
+def command(args) -> str:
+    if args.quick:
+        return f"python -m fineserve_jax.bench cluster --quick --out {args.out}"
+    return (f"python -m fineserve_jax.bench cluster --gpus {args.gpus} --rates "
+            f"{' '.join(f'{x:g}' for x in args.rates)} --duration {args.duration:g} "
+            f"--drain {args.drain:g} --alpha {args.alpha:g} --cv {args.cv:g} --slo-scale "
+            f"{args.slo_scale:g} --fixed-rate {args.fixed_rate:g} --gpu-grid "
+            f"{' '.join(map(str, args.gpu_grid))} --systems {' '.join(args.systems)} "
+            f"--seed {args.seed} --out {args.out}")
+
+
+def plot(record: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for s in record["config"]["systems"]:
+        pts = sorted((r["rate"], r["slo_attainment"], r["output_tok_s"])
+                     for r in record["results"] if r["system"] == s)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=s)
+    for y in (0.9, 0.99):
+        ax1.axhline(y, color="grey", lw=0.6, ls="--")
+    ax1.set(xlabel="total rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.02),
+            title=f"{record['config']['gpus']} simulated H100s, 12 models")
+    ax2.set(xlabel="total rate (req/s)", ylabel="output tokens/s", title="throughput")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(record: dict) -> str:
+    rows = []
+    for r in sorted(record["results"], key=lambda r: (r["rate"], r["system"])):
+        rows.append([r["system"], f"{r['rate']:g}", f"{r['slo_attainment']:.3f}",
+                     f"{r['output_tok_s']:.0f}", str(r["dropped"]),
+                     str(r["failed"] + r["unplaced"] + r["unfinished"]),
+                     str(r["preemptions"]),
+                     "-" if r["ttft_s"]["p90"] is None else f"{r['ttft_s']['p90'] * 1e3:.0f}",
+                     "-" if r["tpot_s"]["p90"] is None else f"{r['tpot_s']['p90'] * 1e3:.1f}",
+                     str(r["gpus_used"])])
+    header = ["system", "rate", "attain", "tok/s", "dropped", "lost", "preempt",
+              "TTFT p90 ms", "TPOT p90 ms", "GPUs"]
+    out = [format_table(header, rows, left=1)]
+    g = record["goodput"]
+    out.append("")
+    out.append(format_table(
+        ["system", "goodput@90%", "goodput@99%", f"fewest GPUs @ {record['fewest_gpus']['rate']:g}/s"],
+        [[s, f"{g[s]['90']['rate']:.1f}{'' if g[s]['90']['saturated'] else '+'}",
+          f"{g[s]['99']['rate']:.1f}{'' if g[s]['99']['saturated'] else '+'}",
+          str(record["fewest_gpus"][s]["gpus"] or f"> {max(record['config']['gpu_grid'])}")]
+         for s in g], left=1,
+        footer=["goodput: req/s with attainment >= target at it and every lower rate "
+                "('+': never missed in the sweep); lost = failed + unplaced + unfinished"]))
+    h = record.get("headline")
+    if h:
+        if h["static_knee_rate"] is None:
+            out.append("static never falls 10 points below its best in this sweep: no knee")
+        else:
+            ar, tr = h["attainment_ratio"], h["output_tok_s_ratio"]
+            out.append(f"at static's knee ({h['static_knee_rate']:g} req/s): FineServe "
+                       f"attainment {h['attainment']['fineserve']:.3f} vs "
+                       f"{h['attainment']['static']:.3f} "
+                       f"({'-' if ar is None else f'{ar:.2f}x'}), output tok/s "
+                       f"{'-' if tr is None else f'{tr:.2f}x'}")
+    return "\n".join(out)
