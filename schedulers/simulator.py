@@ -42,15 +42,23 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from fineserve_jax.engine.alloc import make_allocator
 from fineserve_jax.kvslab import BlockFormat, StaticPartitionAllocator
-from schedulers.batching import (DECODE, SLO, BatchLimits, ModelScheduler, RequestMetrics,
-                                 Scheduled, Seq)
+from schedulers.batching import (
+    DECODE,
+    SLO,
+    BatchLimits,
+    ModelScheduler,
+    RequestMetrics,
+    Scheduled,
+    Seq,
+)
 from schedulers.local import make_local_scheduler
 from schedulers.workload import Request
 

@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -237,9 +237,9 @@ def _parse_line(line: str, where: str) -> Request:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object with {list(TRACE_FIELDS)}, got "
-                         f"{type(obj).__name__}")
+    if not isinstance(obj, dict):  # a bad line of a file: a value error, not a type error
+        raise ValueError(f"{where}: expected a JSON object with "  # noqa: TRY004
+                         f"{list(TRACE_FIELDS)}, got {type(obj).__name__}")
     missing = [k for k in TRACE_FIELDS if k not in obj]
     unknown = sorted(set(obj) - set(TRACE_FIELDS))
     if missing or unknown:

@@ -42,7 +42,10 @@ class TokenCost:
         return self.decode
 
 
-def one_device(models=("m",), slo=SLO(), pool=64 * MIB, allocator="kvslab", limits=LIMITS):
+NO_SLO = SLO()
+
+
+def one_device(models=("m",), slo=NO_SLO, pool=64 * MIB, allocator="kvslab", limits=LIMITS):
     specs = {m: ModelSpec(m, BLOCK, limits, slo) for m in models}
     return [GroupSpec("g0", tuple(models), pool, allocator=allocator)], specs
 

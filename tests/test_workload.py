@@ -55,7 +55,7 @@ def test_arrival_gap_cv(cv):
 
 
 def test_poisson_and_gamma_streams_differ_in_burstiness():
-    base = dict(models=("a",), total_rate=20.0, duration_s=500.0, seed=1)
+    base = {"models": ("a",), "total_rate": 20.0, "duration_s": 500.0, "seed": 1}
     cvs = []
     for cv in (1.0, 4.0):
         t = np.array([r.arrival_s for r in WorkloadSpec(cv=cv, **base).generate()])
@@ -114,7 +114,7 @@ def test_bad_trace_line_names_the_line(tmp_path, bad, match):
     p.write_text(f"{good}\n\n{good}\n{bad}\n")
     with pytest.raises(ValueError, match=match) as e:
         read_trace(p)
-    assert f"bad.jsonl:4:" in str(e.value)
+    assert "bad.jsonl:4:" in str(e.value)
 
 
 def test_spec_validation():

@@ -1,21 +1,26 @@
-"""``python -m fineserve_jax.bench cluster``: FineServe vs three baselines on a simulated cluster.
+"""``python -m fineserve_jax.bench cluster``: FineServe vs four baselines on a simulated cluster.
 
 Twelve Llama-3-8B- and 70B-shaped models in bf16, fp8 and fireq (``MODELS``, most popular
 first) share a cluster of H100 SXM GPUs. Step times come from the roofline cost model
 (``schedulers.roofline.AnalyticCost``); the discrete-event simulator
 (``schedulers.simulator``) runs the engine's own batching, local schedulers and KV
-allocators on them. Four systems replay the *same* trace at each rate:
+allocators on them. Five systems replay the *same* trace at each rate:
 
-=============  ============================  ===============  ==================
-system         placement (global)            KV pool          local scheduler
-=============  ============================  ===============  ==================
-``fineserve``  slab-greedy                   KV Slab          ``fineserve`` (SLO-aware)
-``static``     dedicated (one model/group)   static partition ``fcfs``
-``fixed-page`` slab-greedy (same as ours)    fixed pages      ``fcfs``
-``prism``      KVPR                          KV Slab          ``prism``
-=============  ============================  ===============  ==================
+==============  ===========================  ================  ========================
+system          placement (global)           KV pool           local scheduler
+==============  ===========================  ================  ========================
+``fineserve``   slab-greedy                  KV Slab           ``fineserve`` (SLO-aware)
+``static``      slab-greedy (same as ours)   static partitions ``fcfs``
+``dedicated``   dedicated (one model/group)  its own pool      ``fcfs``
+``fixed-page``  slab-greedy (same as ours)   fixed pages       ``fcfs``
+``prism``       KVPR                         KV Slab           ``prism``
+==============  ===========================  ================  ========================
 
-``static`` is separate engine processes: a model alone on its devices with its own pool.
+``static`` is one engine process per model sharing the devices of our placement, each with
+a fixed share of the pool sized in proportion to the model's planned KV need (what an
+operator sizing ``gpu_memory_utilization`` per process from the same plan would do).
+``dedicated`` is the same processes without sharing: every replica alone on its own
+devices (``place_dedicated``); replicas that find no free devices are unplaced.
 ``fixed-page`` is MuxServe-like: one pool whose page is the largest block of the group.
 ``prism`` shares memory across models at page granularity (virtual memory), which the
 precision-aware slab pool models, so it isolates Prism's placement and batching.
@@ -28,7 +33,7 @@ benchmark prunes prompts over 1,024 and sequences over 2,048 tokens.
 SLOs: each model's TTFT and TPOT targets are ``--slo-scale`` times its *solo latency*: the
 TTFT of the longest prompt the workload draws (1,024 tokens, chunked by the prefill
 budget) and the TPOT of one sequence at the longest context (2,048 tokens), run alone on
-the fewest GPUs that hold the model (tp 1, or 2 for 70B bf16). Every request can meet
+the fewest GPUs that hold the model (tp 1; 2 for 70B bf16 and fp8). Every request can meet
 them when alone, so attainment can reach 100%.
 
 Global scheduling per rate: ``plan_parallelism`` picks each model's tp and replicas from
@@ -60,14 +65,25 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 
-from fineserve_jax.bench.common import _cpu_model, cpu_count, format_table, versions, write_json
+from fineserve_jax.bench.common import (
+    _cpu_model,
+    cpu_count,
+    format_table,
+    versions,
+    write_json,
+)
 from fineserve_jax.kvslab import BlockFormat
 from schedulers.batching import SLO, BatchLimits
 from schedulers.costmodel import solo_ttft
-from schedulers.placement import (ModelDemand, Placement, PlacementConfig, place,
-                                  plan_parallelism)
+from schedulers.placement import (
+    ModelDemand,
+    Placement,
+    PlacementConfig,
+    place,
+    plan_parallelism,
+)
 from schedulers.roofline import PRECISION_COSTS, AnalyticCost, DeviceSpec, ModelShape
 from schedulers.simulator import GroupSpec, ModelSpec, simulate
 from schedulers.workload import LengthDist, WorkloadSpec
@@ -131,7 +147,7 @@ class ModelSetup:
     kv_bytes_per_token: float
 
 
-@lru_cache(maxsize=None)
+@cache
 def cost(shape: str, precision: str, tp: int) -> AnalyticCost:
     return AnalyticCost(SHAPES[shape](), precision, DeviceSpec.h100_sxm(), tp)
 
@@ -456,8 +472,8 @@ def table(record: dict) -> str:
           f"{g[s]['99']['rate']:.1f}{'' if g[s]['99']['saturated'] else '+'}",
           str(record["fewest_gpus"][s]["gpus"] or f"> {max(record['config']['gpu_grid'])}")]
          for s in g], left=1,
-        footer=["goodput: req/s with attainment >= target at it and every lower rate "
-                "('+': never missed in the sweep); lost = failed + unplaced + unfinished"]))
+        footer=[("goodput: req/s with attainment >= target at it and every lower rate "
+                 "('+': never missed in the sweep); lost = failed + unplaced + unfinished")]))
     h = record.get("headline")
     if h:
         if h["static_knee_rate"] is None:
