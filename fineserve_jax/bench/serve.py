@@ -1,4 +1,7 @@
-"""``python -m fineserve_jax.bench serve``: a load client against a running server.
+"""``python -m fineserve_jax.bench serve --url URL``: a load client against a running server.
+
+Without ``--url`` the subcommand compares serving systems in-process on the real engine
+(``serve_systems``).
 
 Replays a request stream against an OpenAI-compatible server (``python serve.py``) and
 measures what a client sees: TTFT, TPOT, inter-token latency, end-to-end latency,
@@ -69,8 +72,8 @@ from fineserve_jax.bench.common import (
 from fineserve_jax.bench.serve_client import ENDPOINTS, get_models, replay
 from fineserve_jax.kvslab.simulate import lognormal_lengths
 
-HELP = ("load client against a running server (serve.py): TTFT, TPOT, ITL, throughput, SLO "
-        "attainment per model")
+HELP = ("serving systems compared on the real engine (SLO attainment and tokens/s against "
+        "rate), or with --url a load client against a running server")
 MIN_LEN = 4  # tokens, each of prompt and output
 CONTEXT_SLACK = 32  # tokens kept free of max_model_len: retokenization, chat template
 NEGATABLE = {"ignore_eos"}  # flags that are on by default (--no-...)
@@ -272,7 +275,9 @@ def summary(recs: list[dict], wall_s: float, ttft_slo=None, tpot_slo=None) -> di
 # ------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = Workload()
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--url", default=None,
+                   help="server base URL (e.g. http://127.0.0.1:8000): run as a load client "
+                        "against it; without it, compare serving systems in-process")
     p.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions",
                    help="/v1/completions or /v1/chat/completions")
     p.add_argument("--models", nargs="+",
@@ -312,7 +317,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-slo", type=float, help="TPOT target, seconds")
     p.add_argument("--no-chunk-times", action="store_true",
                    help="leave every chunk's arrival time out of the record")
-    p.add_argument("--out", default="benchmarks/results/serve_cpu.json", help="JSON record")
+    p.add_argument("--out", default="benchmarks/results/serve_cpu.json",
+                   help="JSON record of the load client")
+    from fineserve_jax.bench import serve_systems
+    serve_systems.add_arguments(p)
 
 
 def command(args) -> str:
@@ -372,6 +380,9 @@ def build_requests(args, served: dict) -> tuple[list[dict], dict]:
 
 
 def run(args) -> int:
+    if args.url is None:
+        from fineserve_jax.bench.serve_systems import run_systems
+        return run_systems(args, command(args))
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise SystemExit("--max-concurrency must be >= 1")
 

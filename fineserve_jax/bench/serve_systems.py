@@ -1,0 +1,348 @@
+"""``python -m fineserve_jax.bench serve`` (no ``--url``): serving systems on the real engine.
+
+Two SmolLM2-135M tenants on one device (``smollm2-135m-bf16`` and
+``smollm2-135m-fireq-g32``, the default ``serve.py`` models), four systems, every one
+replaying the same trace at each request rate, in one run:
+
+=================  ==========================  ==========================================
+system             KV memory                   batching (``schedulers.local``)
+=================  ==========================  ==========================================
+fineserve          KV Slab (one shared pool)   SLO-aware adaptive batching, rejects misses
+static+fcfs        static per-model partitions FCFS (one engine per model, as vLLM)
+fixed-page+fcfs    one pool of fixed pages     FCFS (MuxServe-like memory)
+prism              KV Slab (one shared pool)   Prism-style deadline checks in queue order
+=================  ==========================  ==========================================
+
+Workload (``schedulers.workload.WorkloadSpec``): Poisson arrivals (``--cv`` for Gamma)
+over ``--duration`` seconds, rates split between the models by a power law (``--alpha``),
+lognormal prompt and output lengths (``--prompt-len``/``--output-len`` means, sigmas
+0.6 and 0.5, clipped so a sequence fits ``--max-model-len``). Prompts are token ids cut
+from the packaged Wikipedia text; generation is greedy with ``ignore_eos``, so every
+request generates its drawn output length.
+
+SLOs: the engine profiles both models' step shapes at start (``Engine.profile_costs``);
+each model's TTFT SLO is ``--ttft-scale`` times the solo prefill time of a mean-length
+prompt plus ``--ttft-slack-s`` and its TPOT SLO ``--tpot-scale`` times the solo decode time at a
+mean context (``BENCHMARKS.md``: "a scale times the model's solo latency").
+
+Each (system, rate) run submits every request at its arrival time to the running
+engine thread and waits for all to finish. Measured per request from the engine's
+timestamps (``RequestHandle.metrics``): TTFT, TPOT, whether both SLOs were met (a
+dropped request is a miss), and output tokens. Throughput is output tokens over the
+span from the first arrival to the last finish. Goodput: the highest rate at which the
+attainment is >= 90% (>= 99%).
+
+Beside each run the discrete-event simulator (``schedulers.simulator``) replays the same
+trace with the same allocator, local scheduler, limits and the profiled cost model; the
+record keeps its predicted TTFT p50 and throughput next to the measured ones.
+
+On a CPU only ratios between systems in the same run count (``common.CPU_FOOTER``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SYSTEMS = {  # name: (allocator, local scheduler)
+    "fineserve": ("kvslab", "fineserve"),
+    "static+fcfs": ("static", "fcfs"),
+    "fixed-page+fcfs": ("fixed-page", "fcfs"),
+    "prism": ("kvslab", "prism"),
+}
+MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
+MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
+
+
+def add_arguments(p) -> None:
+    """Options of the systems comparison (the ones the load client does not have)."""
+    g = p.add_argument_group("systems comparison (without --url)")
+    g.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    g.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
+                   help="total request rates (req/s) to sweep")
+    g.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    g.add_argument("--alpha", type=float, default=0.0,
+                   help="power-law exponent of the per-model rates (0 = equal)")
+    g.add_argument("--prompt-mean", type=float, default=96.0, help="mean prompt tokens")
+    g.add_argument("--output-mean", type=float, default=32.0, help="mean output tokens")
+    g.add_argument("--max-model-len", type=int, default=512)
+    g.add_argument("--max-seqs", type=int, default=16, help="running sequences per model")
+    g.add_argument("--max-prefill-tokens", type=int, default=128,
+                   help="tokens of one prefill step")
+    g.add_argument("--kv-budget", type=int, default=8 * 2**20,
+                   help="bytes of the device's KV pool, shared by both models")
+    g.add_argument("--ttft-scale", type=float, default=5.0)
+    g.add_argument("--ttft-slack-s", type=float, default=0.0,
+                   help="seconds added to every TTFT SLO")
+    g.add_argument("--tpot-scale", type=float, default=5.0)
+    g.add_argument("--drain-s", type=float, default=120.0,
+                   help="after the last arrival, seconds to wait before aborting the rest")
+    g.add_argument("--out-systems", default="benchmarks/results/serve_systems_cpu.json",
+                   help="JSON record of the comparison (a PNG is written beside it)")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pct(xs, q):
+    return float(np.percentile(xs, q)) if len(xs) else None
+
+
+def build_engines(args, allocators: set[str]):
+    """One started engine per allocator (threads running), both models on each; the
+    costs profiled on the first are shared with the others."""
+    import jax
+
+    import serve
+    from checkpoints.cache import default_cache_dir
+    from fineserve_jax.engine import Engine, EngineConfig
+    from schedulers.batching import SLO
+
+    # Compiled steps persist between runs (as serve.py does): a rerun skips most compiling.
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    specs = {m["name"]: m for m in serve.parse_args([]).models}
+    loaded = serve.load_models(type("A", (), {"cache_dir": None})(), list(specs.values()))
+    engines, costs = {}, {}
+    for alloc in sorted(allocators, key=lambda a: a != "kvslab"):
+        cfg = EngineConfig(kv_budget_bytes=args.kv_budget, max_seqs=args.max_seqs,
+                           max_model_len=args.max_model_len,
+                           prefill_token_budget=args.max_prefill_tokens, allocator=alloc,
+                           max_prefill_seqs=MAX_PREFILL_SEQS, decode_buckets=(1, 4, args.max_seqs), prefill_row_buckets=(1, 4),
+                           chunk_buckets=(32, args.max_prefill_tokens), profile_reps=3)
+        e = Engine(cfg)
+        for name in MODELS:
+            model, prec = loaded[name]
+            e.add_model(name, model.config, model.params, model.tokenizer,
+                        dtype=specs[name]["dtype"], precision=prec,
+                        slo=None if costs else SLO(ttft_s=1e9), cost=costs.get(name))
+        t0 = time.perf_counter()
+        e.start()
+        _log(f"engine {alloc}: started in {time.perf_counter() - t0:.0f} s")
+        if not costs:
+            costs = {n: e._model(n).sched.cost for n in MODELS}
+        engines[alloc] = e
+    return engines, costs, {n: loaded[n][0].tokenizer for n in MODELS}
+
+
+def model_slos(args, costs, block_tokens: int) -> dict:
+    from schedulers.batching import SLO
+    from schedulers.costmodel import solo_ttft
+
+    out = {}
+    for name, cost in costs.items():
+        p = int(round(args.prompt_mean))
+        ttft = solo_ttft(cost, p, args.max_prefill_tokens)
+        tpot = cost.decode_time([p + int(args.output_mean) // 2])
+        out[name] = SLO(ttft_s=args.ttft_scale * ttft + args.ttft_slack_s,
+                        tpot_s=args.tpot_scale * tpot)
+    return out
+
+
+def workload(args, rate: float):
+    from schedulers.workload import LengthDist, WorkloadSpec
+
+    hi = args.max_model_len // 2
+    return WorkloadSpec(models=MODELS, total_rate=rate, duration_s=args.duration,
+                        alpha=args.alpha, cv=args.cv,
+                        prompt=LengthDist(args.prompt_mean, 0.6, 4, hi),
+                        output=LengthDist(args.output_mean, 0.5, 2, hi - 1), seed=args.seed)
+
+
+def prompt_ids(tokenizers, reqs, seed: int) -> list[list[int]]:
+    from fineserve_jax.assets import corpus_text
+
+    text = corpus_text()
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in reqs:
+        tok = tokenizers[r.model]
+        start = int(rng.integers(0, len(text) - 64 * r.prompt_tokens))
+        ids = tok.encode(text[start:start + 8 * r.prompt_tokens + 64], add_special_tokens=False)
+        while len(ids) < r.prompt_tokens:
+            ids = ids + ids
+        out.append(ids[:r.prompt_tokens])
+    return out
+
+
+def replay(engine, reqs, ids, drain_s: float) -> list[dict]:
+    """Submit each request at its arrival time; wait for all; per-request records and how
+    late the latest submission was."""
+    from fineserve_jax.sampling import SamplingParams
+
+    handles = []
+    t0 = time.monotonic()
+    lag = 0.0
+    for r, p in zip(reqs, ids):
+        wait = t0 + r.arrival_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        lag = max(lag, time.monotonic() - t0 - r.arrival_s)
+        sp = SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True)
+        handles.append(engine.submit(r.model, p, sp, sync=True))
+    end = time.monotonic() + drain_s
+    for h in handles:
+        if not h.wait(max(0.0, end - time.monotonic())):
+            h.abort()
+    for h in handles:
+        h.wait(10.0)
+    out = []
+    for r, h in zip(reqs, handles):
+        m = h.metrics
+        out.append({"model": r.model, "arrival_s": m.arrival - t0, "prompt_tokens": r.prompt_tokens,
+                    "output_tokens": len(h.token_ids), "want_tokens": r.output_tokens,
+                    "finish_reason": h.finish_reason,
+                    "ttft_s": None if m.first_token is None else m.first_token - m.arrival,
+                    "finished_s": None if m.finished is None else m.finished - t0,
+                    "first_token_s": None if m.first_token is None else m.first_token - t0,
+                    "preemptions": m.preemptions})
+    return out, lag
+
+
+def summarize(recs: list[dict], slos: dict) -> dict:
+    """Attainment, throughput, latency percentiles of one run (all models)."""
+    from schedulers.batching import SLO, RequestMetrics
+
+    met, ttfts, tpots, toks = 0, [], [], 0
+    dropped = sum(r["finish_reason"] == "dropped" for r in recs)
+    for r in recs:
+        ok = r["finish_reason"] == "length" and r["output_tokens"] == r["want_tokens"]
+        if r["ttft_s"] is not None:
+            ttfts.append(r["ttft_s"])
+        if ok:
+            toks += r["output_tokens"]
+            n = r["output_tokens"]
+            if n > 1:
+                tpots.append((r["finished_s"] - r["first_token_s"]) / (n - 1))
+            m = RequestMetrics(r["arrival_s"], None, r["first_token_s"], r["finished_s"])
+            met += slos.get(r["model"], SLO()).met(m, n)
+    ends = [r["finished_s"] for r in recs if r["finished_s"] is not None]
+    span = (max(ends) - min(r["arrival_s"] for r in recs)) if ends else math.nan
+    return {"requests": len(recs), "attainment": met / len(recs) if recs else math.nan,
+            "dropped": dropped, "output_tokens": toks,
+            "output_tok_s": toks / span if span and span > 0 else 0.0,
+            "ttft_s": {f"p{q}": _pct(ttfts, q) for q in (50, 90, 99)},
+            "tpot_s": {f"p{q}": _pct(tpots, q) for q in (50, 90, 99)},
+            "preemptions": sum(r["preemptions"] for r in recs)}
+
+
+def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
+    """The simulator's prediction for the same run: same trace, allocator, local
+    scheduler, limits and the profiled step costs."""
+    from schedulers.batching import BatchLimits
+    from schedulers.simulator import FINISHED, GroupSpec, ModelSpec, simulate as sim
+
+    alloc, sched = SYSTEMS[system]
+    limits = BatchLimits(args.max_seqs, MAX_PREFILL_SEQS, args.max_prefill_tokens)
+    models = {n: ModelSpec(n, block_formats[n], limits, slos[n], max_model_len=args.max_model_len)
+              for n in MODELS}
+    group = GroupSpec("device", MODELS, args.kv_budget, allocator=alloc)
+    res = sim([group], models, lambda m, g: costs[m], reqs, scheduler=sched)
+    recs = res.records
+    ends = [r.finished for r in recs if r.finished is not None]
+    toks = sum(r.generated for r in recs if r.status == FINISHED)
+    span = max(ends) - min(r.arrival for r in recs) if ends else math.nan
+    ttfts = [r.ttft for r in recs if r.ttft is not None]
+    return {"attainment": sum(r.slo_met for r in recs) / len(recs),
+            "output_tok_s": toks / span if span > 0 else 0.0,
+            "ttft_p50_s": _pct(ttfts, 50),
+            "dropped": sum(r.status == "dropped" for r in recs)}
+
+
+def goodput(rates: list[float], attain: list[float], level: float) -> float | None:
+    ok = [r for r, a in zip(rates, attain) if a >= level]
+    return max(ok) if ok else None
+
+
+def run_systems(args, command: str) -> int:
+    from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
+    from fineserve_jax.bench.engine import git_state
+
+    allocators = {SYSTEMS[s][0] for s in args.systems}
+    engines, costs, toks = build_engines(args, allocators)
+    any_engine = next(iter(engines.values()))
+    formats = {n: any_engine.alloc.fmt(n) for n in MODELS}
+    slos = model_slos(args, costs, any_engine.config.block_tokens)
+    from schedulers.local import make_local_scheduler
+    for e in engines.values():
+        for n, slo in slos.items():
+            e.set_slo(n, slo)
+    _log("SLOs: " + ", ".join(f"{n}: TTFT {s.ttft_s * 1e3:.0f} ms, TPOT {s.tpot_s * 1e3:.0f} ms"
+                              for n, s in slos.items()))
+    runs = []
+    for rate in args.rates:
+        reqs = workload(args, rate).generate()
+        ids = prompt_ids(toks, reqs, args.seed)
+        for system in args.systems:
+            alloc, sched = SYSTEMS[system]
+            e = engines[alloc]
+            e.scheduler = make_local_scheduler(sched)
+            t0 = time.perf_counter()
+            recs, lag = replay(e, reqs, ids, args.drain_s)
+            s = summarize(recs, slos)
+            sim = simulate(args, system, reqs, costs, slos, formats)
+            runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
+                         "wall_s": time.perf_counter() - t0, "simulated": sim,
+                         "requests": recs})
+            _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
+                 f"{s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']}, "
+                 f"dropped {s['dropped']}" + (f"; simulated TTFT p50 {sim['ttft_p50_s']}, "
+                                             f"{sim['output_tok_s']:.1f} tok/s"))
+            while e.stats().models[MODELS[0]].running or e.stats().models[MODELS[1]].running:
+                time.sleep(0.1)
+    for e in engines.values():
+        e.shutdown()
+    per_system = {}
+    for system in args.systems:
+        att = [r["summary"]["attainment"] for r in runs if r["system"] == system]
+        tok = [r["summary"]["output_tok_s"] for r in runs if r["system"] == system]
+        per_system[system] = {"attainment": att, "output_tok_s": tok,
+                              "goodput_90": goodput(args.rates, att, 0.9),
+                              "goodput_99": goodput(args.rates, att, 0.99)}
+    record = {"benchmark": "serve-systems", "command": command,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "git": git_state(), "device": any_engine.device,
+              "systems": {s: {"allocator": SYSTEMS[s][0], "scheduler": SYSTEMS[s][1]}
+                          for s in args.systems},
+              "slos": {n: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for n, s in slos.items()},
+              "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "rates": args.rates, "per_system": per_system, "runs": runs}
+    record["costs"] = {n: c.to_dict() for n, c in costs.items()}
+    path = write_json(args.out_systems, record)
+    png = plot(record, Path(path).with_suffix(".png"))
+    _log(f"wrote {path} and {png}")
+    header = ["system", *[f"{r:g}/s att" for r in args.rates], *[f"{r:g}/s tok/s" for r in
+                                                                   args.rates], "goodput90/99"]
+    rows = []
+    for s, d in per_system.items():
+        rows.append([s, *[f"{a:.0%}" for a in d["attainment"]],
+                     *[f"{t:.1f}" for t in d["output_tok_s"]],
+                     f"{d['goodput_90'] or '-'}/{d['goodput_99'] or '-'}"])
+    print(format_table(header, rows, [CPU_FOOTER] if "cpu" in str(any_engine.device).lower()
+                       else []))
+    return 0
+
+
+def plot(record: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for s, d in record["per_system"].items():
+        a1.plot(record["rates"], [100 * a for a in d["attainment"]], marker="o", label=s)
+        a2.plot(record["rates"], d["output_tok_s"], marker="o", label=s)
+    a1.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105))
+    a2.set(xlabel="request rate (req/s)", ylabel="output tokens/s")
+    a1.legend()
+    fig.suptitle(f"SmolLM2 bf16 + fireq-g32 on one {record['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
