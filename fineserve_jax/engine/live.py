@@ -122,9 +122,12 @@ class LiveModels:
         self._transitions: dict[tuple[str, str], Transition] = {}
 
     # ------------------------------------------------------------------ attach
-    def attach_model(self, name: str, config, params, tokenizer, **kw) -> Transition:
+    def attach_model(self, name: str, config, params, tokenizer, *,
+                     precompile: bool | None = None, **kw) -> Transition:
         """Add a model to a started engine (arguments as ``add_model``); returns its
-        attach ``Transition``, done once the model is scheduled. Raises ``ValueError``
+        attach ``Transition``, done once the model is scheduled. ``precompile``: compile its
+        step shapes before it is scheduled (default: the engine's ``warmup`` setting;
+        otherwise each shape compiles in the loop on first use). Raises ``ValueError``
         (nothing changed) if the name is taken or its KV reserve does not fit the pool."""
         if not self.started:
             raise RuntimeError("attach_model is for a started engine; use add_model")
@@ -135,6 +138,7 @@ class LiveModels:
 
         m = self._make_model(name, config, params, tokenizer, **kw)
         c = self.config
+        precompile = c.warmup if precompile is None else bool(precompile)
         blk = kv_format(m.kv_format).block_format(m.config, c.block_tokens)
         reserve = m.reserve_blocks
         if reserve is None:  # one full prefill step of this model (as ``start``)
@@ -169,8 +173,8 @@ class LiveModels:
             self._models[name] = m
             self._transitions[(name, "attach")] = t
         log.info("attaching %s: reserve %d blocks of %d B, compiling %s", name, reserve,
-                 blk.block_bytes, "its step shapes" if c.warmup else "nothing (warmup off)")
-        if not c.warmup:
+                 blk.block_bytes, "its step shapes" if precompile else "nothing")
+        if not precompile:
             self._post(("ready", name, m))
         else:
             threading.Thread(target=self._warm, args=(m, t), name=f"warm-{name}",
@@ -194,6 +198,7 @@ class LiveModels:
         try:
             n = compile_model(m.runner, m.buckets, lambda: self.pool, self._mover,
                               m.runner.kv.block.block_bytes,
+                              committed=self._device is not None or self._mesh is not None,
                               stop=lambda: m.sched is None)  # retired meanwhile
             log.info("attach %s: %d executables compiled in %.1f s", m.name, n,
                      time.perf_counter() - t.started)
@@ -295,18 +300,23 @@ class LiveModels:
 
 
 # ----------------------------------------------------------- ahead-of-time compiles
-def _abstract(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-
-def compile_model(runner, buckets, pool, mover, block_bytes: int, stop=lambda: False) -> int:
+def compile_model(runner, buckets, pool, mover, block_bytes: int, committed: bool,
+                  stop=lambda: False) -> int:
     """Compile, without running, every executable ``Engine.warmup`` would make for one
     model: each (rows, tokens, context) step shape, the samplers and log-probability
     functions per batch, and the block mover for the model's block size. The arguments
     are those the loop passes (host int32 arrays, the device weights; ``pool()`` returns
     the engine's current pool, read for its type and sharding only: it may already be
-    donated), so JAX's call cache holds the executables before the first step. Stops
-    early when ``stop()``. Returns the number of executables compiled."""
+    donated), so JAX's call cache holds the executables before the first step. A step's
+    outputs are placed on its device (``committed``: the engine was given a device or a
+    mesh) or left to JAX's default device, and JAX compiles per placement, so the
+    samplers are compiled for the same one. Stops early when ``stop()``. Returns the
+    number of executables compiled."""
+
+    def _abstract(x) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=x.sharding if committed else None)
+
     from fineserve_jax.engine.pool import MOVE_BUCKETS
     from fineserve_jax.engine.runner import LOGPROBS, PROMPT_LOGPROBS, SAMPLER, StepBatch
     from fineserve_jax.sampling import FILTERED, GREEDY, RANDOM, SamplingArrays

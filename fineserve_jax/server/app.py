@@ -8,6 +8,8 @@ Routes::
     GET  /health                open even when an API key is set
     GET  /metrics               Prometheus text (``server.metrics``)
     GET  /admin/kv              JSON snapshot of every device's KV pool and queues
+    GET  /admin/placement       which device serves each model; with a rebalancer, its
+                                placement, rates and decisions (``server.rebalance``)
 
 Requests route by ``model`` to the engine serving it. Each choice is one engine request
 whose handle is fed by the engine thread through an ``asyncio.Queue``; streaming answers
@@ -19,6 +21,7 @@ next iteration. Every error is an OpenAI-style body; no traceback reaches a clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -34,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fineserve_jax.engine import Engine, RequestHandle, RequestRejected, StreamDelta
+from fineserve_jax.engine.engine import ModelRetiring
 from fineserve_jax.server.auth import AuthMiddleware, BodyLimitMiddleware
 from fineserve_jax.server.metrics import ServerMetrics
 from fineserve_jax.server.protocol import (
@@ -63,6 +67,7 @@ class Server:
         self.metrics = ServerMetrics(self.engines)
         self._open: dict[str, str] = {}  # handle id -> model, engine requests not released
         self.created = int(time.time())
+        self.rebalancer = None  # server.rebalance.Rebalancer, which moves routes
 
     # ------------------------------------------------------------------ parsing
     def _route(self, body: dict) -> tuple[str, Engine]:
@@ -88,7 +93,8 @@ class Server:
         req.model = name
         return req, engine
 
-    def _submit(self, req: GenRequest, engine: Engine) -> list[RequestHandle]:
+    def _submit(self, req: GenRequest, engine: Engine,
+                rerouted: bool = False) -> list[RequestHandle]:
         """One engine request per choice, or none (429) when the model's queue is full."""
         want = sum(len(p) for p in req.params)
         cap = engine.config.max_seqs + self.limits.max_waiting
@@ -104,6 +110,15 @@ class Server:
             for ids, params in zip(req.prompts, req.params):
                 for p in params:
                     handles.append(engine.submit(req.model, ids, p))
+        except ModelRetiring:  # moved away meanwhile: the route names its new engine
+            for h in handles:
+                h.abort()
+            now = self.routes.get(req.model)
+            if rerouted or now is None or now is engine:
+                raise APIError(503, f"model {req.model!r} is moving between devices; "
+                                    f"retry", type_="server_overloaded", code="moving",
+                               headers={"Retry-After": "1"}) from None
+            return self._submit(req, now, rerouted=True)
         except RequestRejected as e:
             for h in handles:
                 h.abort()
@@ -121,6 +136,9 @@ class Server:
         if last is not None and last.finish_reason not in (None, "abort"):
             self.metrics.request_finished(model, last.finish_reason, h.metrics,
                                           last.prompt_tokens, last.completion_tokens)
+            if self.rebalancer is not None and last.finish_reason in ("stop", "length"):
+                self.rebalancer.observe_lengths(model, last.prompt_tokens,
+                                                last.completion_tokens)
 
     # --------------------------------------------------------------- endpoints
     async def completions(self, request: HTTPRequest):
@@ -134,13 +152,15 @@ class Server:
         try:
             req, engine = await self._parse(request, chat)
             model = req.model
+            tok = engine.model_info(req.model)["tokenizer"]
             handles = self._submit(req, engine)
         except APIError as e:
             self.metrics.request_rejected(model, e.status, e.code)
             return _error(e)
         self.metrics.request_started(req.model, "chat" if chat else "completions")
+        if self.rebalancer is not None:
+            self.rebalancer.observe(req.model)
         rid = ("chatcmpl-" if chat else "cmpl-") + handles[0].id
-        tok = engine.model_info(req.model)["tokenizer"]
         if req.stream:
             return _Stream(self._sse(req, handles, rid, tok),
                            cleanup=lambda: self._release(req.model, handles),
@@ -349,6 +369,12 @@ class Server:
                             "kv_budget_bytes": e.config.kv_budget_bytes, **st})
         return JSONResponse({"devices": devices})
 
+    async def admin_placement(self, request: HTTPRequest):
+        if self.rebalancer is not None:
+            return JSONResponse(self.rebalancer.status())
+        return JSONResponse({"routes": {m: e.device for m, e in sorted(self.routes.items())},
+                             "rebalancer": None})
+
 
 class _Stream(StreamingResponse):
     """A streaming response that runs ``cleanup`` however it ends: a client gone before
@@ -377,12 +403,14 @@ def _event(obj) -> str:
 
 def build_app(engines: Engine | list[Engine], *, limits: Limits | None = None,
               api_key: str | None = None, admin_key: str | None = None,
-              model_extra: dict | None = None) -> Starlette:
+              model_extra: dict | None = None, rebalancer=None) -> Starlette:
     """The ASGI app over started engines; every model of every engine is served by name.
 
     ``api_key`` guards every endpoint but ``/health``; ``admin_key`` (when given) guards
     ``/admin/*`` and ``/metrics`` instead. ``model_extra``: name -> fields added to the
-    model's ``/v1/models`` entry."""
+    model's ``/v1/models`` entry. ``rebalancer`` (``server.rebalance.Rebalancer`` over
+    these engines): fed every accepted request, it moves models between the engines;
+    its checks run while the app runs (ASGI lifespan)."""
     engines = [engines] if isinstance(engines, Engine) else list(engines)
     routes: dict[str, Engine] = {}
     for e in engines:
@@ -392,6 +420,19 @@ def build_app(engines: Engine | list[Engine], *, limits: Limits | None = None,
             routes[name] = e
     limits = limits or Limits()
     s = Server(routes, limits, model_extra or {})
+    if rebalancer is not None:
+        rebalancer.use_routes(s.routes)
+        s.rebalancer = rebalancer
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if rebalancer is not None:
+            rebalancer.start()
+        try:
+            yield
+        finally:
+            if rebalancer is not None:
+                await rebalancer.stop()
 
     async def http_error(request, exc: HTTPException):
         if exc.status_code == 404:
@@ -413,7 +454,8 @@ def build_app(engines: Engine | list[Engine], *, limits: Limits | None = None,
         Route("/health", s.health, methods=["GET"]),
         Route("/metrics", s.prometheus, methods=["GET"]),
         Route("/admin/kv", s.admin_kv, methods=["GET"]),
-    ], exception_handlers={HTTPException: http_error, Exception: crash}, middleware=[
+        Route("/admin/placement", s.admin_placement, methods=["GET"]),
+    ], lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: crash}, middleware=[
         Middleware(AuthMiddleware, api_key=api_key, admin_key=admin_key),
         Middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes),
     ])

@@ -1,0 +1,245 @@
+"""Re-placement while serving: when observed request rates drift, plan a new placement
+and the model moves that reach it from the current one.
+
+Plain Python (no JAX); the server's ``Rebalancer`` (``fineserve_jax.server.rebalance``)
+drives it:
+
+- ``RateTracker``: arrivals per model over a sliding window (explicit timestamps, so it is
+  tested and simulated without clocks), plus the mean prompt and output lengths of
+  recently finished requests;
+- ``drifted``: whether any model's observed rate moved more than a relative threshold from
+  the rate the current placement was planned for;
+- ``replan``: the global scheduler (``plan_parallelism`` + ``place_slab_greedy``) run again
+  with the observed rates, one replica per model on single devices, its device groups then
+  relabelled onto the current ones (``align``) so that interchangeable devices do not turn
+  a no-op into a reshuffle;
+- ``plan_moves``: the models whose device group changes, in an order where a move into a
+  device comes after the moves out of it (they free its memory first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from schedulers.placement import (Device, ModelDemand, Placement, PlacementConfig,
+                                  PlacementGroup, place_slab_greedy, plan_parallelism)
+
+
+# ------------------------------------------------------------------------ rates
+class RateTracker:
+    """Per-model arrival rates over the last ``window_s`` seconds.
+
+    ``record(model, t)`` counts one accepted request at time ``t`` (seconds on any clock,
+    non-decreasing per model); ``rates(now)`` divides the arrivals in ``(now - window_s,
+    now]`` by the window, or by the time since ``start`` while that is shorter (so the
+    first minute of a server is not read as a fraction of its traffic).
+    ``observe_lengths`` keeps the last ``length_samples`` finished requests' prompt and
+    output token counts per model, which the planner uses as mean lengths.
+    """
+
+    def __init__(self, window_s: float = 60.0, start: float = 0.0, length_samples: int = 256):
+        if not (window_s > 0 and math.isfinite(window_s)):
+            raise ValueError(f"window_s must be a positive number of seconds, got {window_s!r}")
+        if length_samples < 1:
+            raise ValueError(f"length_samples must be >= 1, got {length_samples!r}")
+        self.window_s = float(window_s)
+        self.start = float(start)
+        self._arrivals: dict[str, deque[float]] = {}
+        self._last: dict[str, float] = {}  # latest arrival per model, kept after pruning
+        self._lengths: dict[str, deque[tuple[int, int]]] = {}
+        self._length_samples = length_samples
+
+    def record(self, model: str, t: float) -> None:
+        last = self._last.get(model, -math.inf)
+        if t < last:
+            raise ValueError(f"arrival of {model!r} at {t} is before the previous one "
+                             f"({last}); times must not go back")
+        self._arrivals.setdefault(model, deque()).append(float(t))
+        self._last[model] = float(t)
+
+    def observe_lengths(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
+        q = self._lengths.setdefault(model, deque(maxlen=self._length_samples))
+        q.append((int(prompt_tokens), int(output_tokens)))
+
+    def _prune(self, now: float) -> None:
+        lo = now - self.window_s
+        for q in self._arrivals.values():
+            while q and q[0] <= lo:
+                q.popleft()
+
+    def rates(self, now: float) -> dict[str, float]:
+        """Requests per second of every model seen so far (0.0 when none in the window)."""
+        self._prune(now)
+        span = min(self.window_s, now - self.start)
+        if span <= 0:
+            return {m: 0.0 for m in self._arrivals}
+        return {m: sum(1 for t in q if t <= now) / span for m, q in self._arrivals.items()}
+
+    def mean_lengths(self, model: str) -> tuple[float, float] | None:
+        """(mean prompt tokens, mean output tokens) of the recent finished requests, or
+        None before the first one finished."""
+        q = self._lengths.get(model)
+        if not q:
+            return None
+        return (sum(p for p, _ in q) / len(q), sum(o for _, o in q) / len(q))
+
+
+def drift(planned: Mapping[str, float], observed: Mapping[str, float],
+          min_rate: float = 0.0) -> dict[str, float]:
+    """Relative rate change per model, ``|observed - planned| / max(planned, min_rate)``,
+    over the models of either map (a missing rate is 0). Models below ``min_rate`` in both
+    are left out (noise); a model planned at 0 that now has traffic drifts infinitely when
+    ``min_rate`` is 0."""
+    if min_rate < 0:
+        raise ValueError(f"min_rate must be >= 0, got {min_rate}")
+    out = {}
+    for m in sorted(set(planned) | set(observed)):
+        p, o = float(planned.get(m, 0.0)), float(observed.get(m, 0.0))
+        if max(p, o) <= min_rate:
+            continue
+        base = max(p, min_rate)
+        out[m] = abs(o - p) / base if base > 0 else math.inf
+    return out
+
+
+def drifted(planned: Mapping[str, float], observed: Mapping[str, float], threshold: float,
+            min_rate: float = 0.0) -> bool:
+    """True when some model's rate moved by more than ``threshold`` (relative, e.g. 0.5 =
+    50%) from its planned rate (see ``drift``)."""
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+    return any(d > threshold for d in drift(planned, observed, min_rate).values())
+
+
+# --------------------------------------------------------------------- planning
+class FreeSteps:
+    """A step cost of zero: for models without a cost model, placement then weighs their
+    memory (weights and the KV their rate needs) and not their compute."""
+
+    def prefill_time(self, chunks, contexts) -> float:
+        return 0.0
+
+    def decode_time(self, contexts) -> float:
+        return 0.0
+
+
+def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: Placement,
+           config: PlacementConfig = PlacementConfig(),
+           weights: Mapping[str, float] | None = None) -> Placement:
+    """A new placement of ``demands`` on ``devices`` (indices as in ``current``).
+
+    This server runs one replica per model on one device: parallelism is planned at
+    tp = 1 only, and a model whose rate would need several replicas is planned as one
+    that takes that many replicas' compute (capped at ``config.headroom``). Placement is
+    ``place_slab_greedy``; its groups are then relabelled onto ``current``'s devices by
+    ``align`` (moving ``weights`` bytes, default 1 per model, as little as it can)."""
+    plans = {}
+    for d in demands:
+        p = plan_parallelism(d, devices[0], (1,), config)
+        if p.replicas > 1:
+            p = replace(p, replicas=1, utilisation=min(config.headroom,
+                                                       p.utilisation * p.replicas))
+        plans[d.name] = p
+    new = place_slab_greedy(demands, plans, devices, config)
+    kinds = [(dev.name, float(dev.memory_bytes)) for dev in devices]
+    return align(current, new, kinds, weights)
+
+
+def align(old: Placement, new: Placement, kinds: Sequence | None = None,
+          weights: Mapping[str, float] | None = None) -> Placement:
+    """``new`` with its single-device groups moved onto other devices of the same kind
+    (``kinds[i]``: any comparable description of device i; default all alike) so that
+    the most model weight stays where ``old`` has it. Greedy by kept weight, ties to
+    keeping a group on its own device, then to lower indices; groups of tp > 1 and
+    devices they use stay as they are."""
+    w = (lambda m: 1.0) if weights is None else (lambda m: float(weights.get(m, 1.0)))
+    at = {g.devices[0]: set(g.models) for g in old.groups if g.tp == 1}
+    singles = [g for g in new.groups if g.tp == 1]
+    fixed = {i for g in new.groups if g.tp > 1 for i in g.devices}
+    fixed |= {i for g in old.groups if g.tp > 1 for i in g.devices}
+    kind = (lambda i: None) if kinds is None else (lambda i: kinds[i])
+    free = sorted(set(at) | {g.devices[0] for g in singles})
+    free = [i for i in free if i not in fixed]
+    pairs = []
+    for g in singles:
+        src = g.devices[0]
+        for d in free:
+            if kind(d) != kind(src):
+                continue
+            kept = sum(w(m) for m in g.models if m in at.get(d, ()))
+            pairs.append((-kept, d != src, src, d))
+    pairs.sort()
+    target: dict[int, int] = {}
+    taken: set[int] = set()
+    for _, _, src, d in pairs:
+        if src not in target and d not in taken:
+            target[src] = d
+            taken.add(d)
+    out = []
+    for g in new.groups:
+        if g.tp == 1:
+            g = replace(g, devices=(target.get(g.devices[0], g.devices[0]),))
+        out.append(g)
+    return Placement(new.algorithm, tuple(sorted(out, key=lambda g: g.devices)), new.unplaced)
+
+
+# ------------------------------------------------------------------------ moves
+@dataclass(frozen=True)
+class Move:
+    """Serve ``model`` on ``dst_group`` instead of ``src_group`` (device index tuples)."""
+
+    model: str
+    src_group: tuple[int, ...]
+    dst_group: tuple[int, ...]
+
+    def __str__(self):
+        return f"{self.model}: {list(self.src_group)} -> {list(self.dst_group)}"
+
+
+def _group_of(p: Placement, what: str) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for g in p.groups:
+        for m in g.models:
+            if m in out:
+                raise ValueError(f"{what} placement has model {m!r} on {list(out[m])} and "
+                                 f"{list(g.devices)}; moves are planned for one replica each")
+            out[m] = g.devices
+    return out
+
+
+def plan_moves(old: Placement, new: Placement) -> list[Move]:
+    """The moves from ``old`` to ``new``: every model whose device group differs (models
+    placed in only one of them are not moves). Order: a move into a group runs after the
+    pending moves out of that group (which free its memory), ties and cycles by model
+    name, so the list is deterministic."""
+    before, after = _group_of(old, "old"), _group_of(new, "new")
+    pending = sorted((Move(m, before[m], after[m]) for m in before
+                      if m in after and before[m] != after[m]), key=lambda mv: mv.model)
+    out: list[Move] = []
+    while pending:
+        leaving = {mv.src_group for mv in pending}
+        ready = [mv for mv in pending if mv.dst_group not in leaving]
+        nxt = ready[0] if ready else pending[0]  # a cycle: the first name goes first
+        out.append(nxt)
+        pending.remove(nxt)
+    return out
+
+
+def apply_move(p: Placement, mv: Move) -> Placement:
+    """``p`` with ``mv.model`` taken off its source group and put on its destination (a
+    group on new devices is created, one left empty is dropped); budgets unchanged."""
+    groups = []
+    seen_dst = False
+    for g in p.groups:
+        models = tuple(m for m in g.models if m != mv.model)
+        if g.devices == mv.dst_group:
+            models += (mv.model,)
+            seen_dst = True
+        if models:
+            groups.append(replace(g, models=models))
+    if not seen_dst:
+        groups.append(PlacementGroup(mv.dst_group, len(mv.dst_group), (mv.model,), 0))
+    return Placement(p.algorithm, tuple(sorted(groups, key=lambda g: g.devices)), p.unplaced)
