@@ -19,6 +19,13 @@ devices: ``{"devices": [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": N
 one engine and one pool per device; a group ``{"devices": [1, 2], "tp": 2, ...}`` runs its
 models tensor-parallel over a mesh of those devices (the pool replicated on each).
 ``python -m schedulers.place`` writes such files from rates, SLOs and memory.
+
+Re-placement while serving (with ``--placement``): ``--rebalance-interval S`` checks the
+observed request rates every S seconds (over the last ``max(S, 60)`` seconds) and, when a
+model's rate moved by more than ``--rebalance-threshold`` (relative) from the rates of the
+last plan, runs the global scheduler again and moves models between the device engines
+(load on the new device, then drain the old) without failing a request. The current
+placement and the decisions are on ``GET /admin/placement``.
 """
 
 from __future__ import annotations
@@ -141,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest prompt accepted (default: the model's context)")
     ap.add_argument("--max-waiting", type=int, default=256,
                     help="queued requests per model beyond those running; then 429")
+    ap.add_argument("--rebalance-interval", type=float, default=0.0, metavar="SECONDS",
+                    help="with --placement: check request rates this often and move models "
+                         "between devices when they drift (0: never, the default)")
+    ap.add_argument("--rebalance-threshold", type=float, default=0.5,
+                    help="relative change of a model's request rate that triggers a "
+                         "re-placement (0.5 = 50%%)")
     ap.add_argument("--log-level", default="info",
                     choices=("debug", "info", "warning", "error"))
     return ap
@@ -168,6 +181,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             except argparse.ArgumentTypeError as e:
                 ap.error(str(e))
     args.models = args.models or [parse_model_spec(s) for s in DEFAULT_MODELS]
+    if args.rebalance_interval < 0 or args.rebalance_threshold < 0:
+        ap.error("--rebalance-interval and --rebalance-threshold must be >= 0")
+    if args.rebalance_interval > 0 and not args.placement:
+        ap.error("--rebalance-interval moves models between the devices of a --placement "
+                 "file; give one")
     names = [m["name"] for m in args.models]
     if len(set(names)) != len(names):
         ap.error(f"duplicate model names: {names}")
@@ -285,6 +303,37 @@ def where_is(engine, ids: list[int] | None, devices: list) -> str:
     return "+".join(str(devices[i]) for i in ids)
 
 
+def make_rebalancer(args, groups: list[dict], engines: list, devices: list):
+    """The server's ``Rebalancer`` over the placement's single-device engines. A device's
+    memory for the global scheduler is what JAX reports (``bytes_limit``), else (host
+    devices) its pool plus every served model's weights: the pools, fixed at start, are
+    then what limits a move."""
+    import jax
+
+    from fineserve_jax.server.rebalance import RebalanceConfig, Rebalancer
+    from schedulers.placement import Placement
+    from schedulers.roofline import DeviceSpec
+
+    placement = Placement.from_dict({"algorithm": "file", "devices": groups})
+    by_index = {}
+    for g, e in zip(groups, engines):
+        ids = group_devices(g)
+        if ids is None or len(ids) != 1:
+            raise ValueError(f"models move between single-device engines; group {g} is not one")
+        by_index[ids[0]] = e
+    weights = sum(sum(x.nbytes for x in jax.tree.leaves(e.weights(n)))
+                  for e in engines for n in e.models)
+    specs = {}
+    for i, e in by_index.items():
+        stats = devices[i].memory_stats() or {}
+        memory = stats.get("bytes_limit") or (e.stats().pool.pool_bytes + weights)
+        specs[i] = DeviceSpec(devices[i].device_kind, float(memory), 0.0, 0.0, 0.0)
+    cfg = RebalanceConfig(interval_s=args.rebalance_interval,
+                          threshold=args.rebalance_threshold,
+                          window_s=max(args.rebalance_interval, 60.0))
+    return Rebalancer(by_index, specs, placement, cfg)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -368,8 +417,15 @@ def main(argv=None) -> int:
         engines.append(engine)
     extra = {n: {k: s[k] for k in ("ttft_slo_ms", "tpot_slo_ms") if s[k] is not None}
              for n, s in specs.items()}
+    rebalancer = None
+    if args.rebalance_interval > 0:
+        try:
+            rebalancer = make_rebalancer(args, groups, engines, devices)
+        except ValueError as e:
+            log.error("--rebalance-interval: %s", e)
+            return 2
     app = build_app(engines, limits=limits, api_key=api_key, admin_key=admin_key,
-                    model_extra=extra)
+                    model_extra=extra, rebalancer=rebalancer)
     where = ", ".join(f"{n} on {e.device}" for e in engines for n in e.models)
     log.info("serving %s at http://%s:%d/v1%s", where, args.host, args.port,
              " (API key required)" if api_key else "")

@@ -327,8 +327,9 @@ def test_rebalancer_refuses_tensor_parallel_groups_and_wrong_engines(tiny):
 
 
 MOVE_WHILE_SERVING = textwrap.dedent("""
-    import asyncio, json, sys
+    import asyncio, json, sys, threading
     import httpx, jax, numpy as np
+    import fineserve_jax.engine.live as live
     from fineserve_jax.config import ModelConfig
     from fineserve_jax.engine import Engine, EngineConfig
     from fineserve_jax.model import init_params
@@ -341,9 +342,21 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
 
     cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    # b's own shapes: device 1 has compiled nothing for it when it moves there
+    cfgs = {"a": cfg, "b": ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                       num_layers=2, num_heads=2, num_kv_heads=1,
+                                       head_dim=16, max_position_embeddings=128), "c": cfg}
     tok = Tokenizer.from_json(byte_tokenizer_json(), {"eos_token_ids": [257]})
-    params = {m: jax.tree.map(np.asarray, init_params(cfg, jax.random.key(i)))
+    params = {m: jax.tree.map(np.asarray, init_params(cfgs[m], jax.random.key(i)))
               for i, m in enumerate("abc")}
+    # hold the destination's compilation until a request has arrived while b warms there
+    gate, compile_model = threading.Event(), live.compile_model
+
+    def gated(*args, **kw):
+        gate.wait(300)
+        return compile_model(*args, **kw)
+
+    live.compile_model = gated
     ec = EngineConfig(kv_budget_bytes=2**20, block_tokens=4, max_seqs=4, max_prefill_seqs=2,
                       prefill_token_budget=16, max_model_len=64, decode_buckets=(4,),
                       prefill_row_buckets=(2,), chunk_buckets=(16,), context_buckets=(16,),
@@ -352,7 +365,7 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
     e0, e1 = Engine(ec, device=devs[0]), Engine(ec, device=devs[1])
     for e, names in ((e0, "ab"), (e1, "c")):
         for m in names:
-            e.add_model(m, cfg, params[m], tok, dtype="float32")
+            e.add_model(m, cfgs[m], params[m], tok, dtype="float32")
         e.start()
     placement = Placement.from_dict({"devices": [
         {"device": 0, "models": ["a", "b"], "kv_budget_bytes": 2**20},
@@ -367,34 +380,38 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
     results, failures = [], []
     stop = asyncio.Event()
 
+    async def request(c, model, prompt, max_tokens=6):
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}
+        text, done, finish, on_1 = "", False, None, rb.routes[model] is e1
+        try:
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    failures.append((model, r.status_code, await r.aread()))
+                    return False
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        ev = json.loads(line[6:])
+                        if "error" in ev:
+                            failures.append((model, "error event", ev))
+                        for ch in ev.get("choices", []):
+                            text += ch["text"]
+                            finish = ch["finish_reason"] or finish
+        except Exception as ex:
+            failures.append((model, "exception", repr(ex)))
+            return False
+        if not done or finish != "length":
+            failures.append((model, "incomplete", done, finish))
+            return False
+        results.append((model, prompt, text, on_1, max_tokens))
+        return True
+
     async def client(c, model, k):
         i = 0
         while not stop.is_set():
-            prompt = PROMPTS[(i + k) % len(PROMPTS)]
-            body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0,
-                    "stream": True}
-            text, done, finish = "", False, None
-            try:
-                async with c.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        failures.append((model, r.status_code, await r.aread()))
-                        continue
-                    async for line in r.aiter_lines():
-                        if line == "data: [DONE]":
-                            done = True
-                        elif line.startswith("data: "):
-                            ev = json.loads(line[6:])
-                            if "error" in ev:
-                                failures.append((model, "error event", ev))
-                            for ch in ev.get("choices", []):
-                                text += ch["text"]
-                                finish = ch["finish_reason"] or finish
-            except Exception as ex:
-                failures.append((model, "exception", repr(ex)))
-                continue
-            if not done or finish != "length":
-                failures.append((model, "incomplete", done, finish))
-            results.append((model, prompt, text, rb.routes[model] is e1))
+            await request(c, model, PROMPTS[(i + k) % len(PROMPTS)])
             i += 1
 
     async def main():
@@ -404,7 +421,17 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
                     for k, m in enumerate(["a", "a", "b", "b", "c"])]
             while sum(r[0] == "b" for r in results) < 4:  # b streams on device 0 first
                 await asyncio.sleep(0.05)
-            dec = await rb.rebalance_once()
+            long = asyncio.create_task(request(c, "b", "in flight", max_tokens=40))
+            move = asyncio.create_task(rb.rebalance_once())
+            for _ in range(30000):  # the gate holds b warming on device 1
+                if e1.model_state("b") == "warming" or move.done():
+                    break
+                await asyncio.sleep(0.01)
+            # arrives while b warms on device 1: device 0 serves it
+            during = await request(c, "b", PROMPTS[0]) and rb.routes["b"] is e0
+            gate.set()
+            dec = await move
+            long_ok = await long
             b_before = sum(r[0] == "b" and not r[3] for r in results)
             n = len(results)
             while sum(r[0] == "b" for r in results[n:]) < 4:  # and on device 1 after
@@ -412,12 +439,12 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
             stop.set()
             await asyncio.gather(*load)
             placement = (await c.get("/admin/placement")).json()
-        return dec, b_before, placement
+        return dec, b_before, placement, during, long_ok
 
-    dec, b_before, placement = asyncio.run(main())
+    dec, b_before, placement, during, long_ok = asyncio.run(main())
     texts = {}
-    for model, prompt, text, _ in results:
-        texts.setdefault((model, prompt), set()).add(text)
+    for model, prompt, text, _, k in results:
+        texts.setdefault((model, prompt, k), set()).add(text)
     out = {"failures": [repr(f) for f in failures], "action": dec.action,
            "reason": dec.reason, "moves": [str(m) for m in dec.moves], "outcomes": dec.done,
            "b_route_dev1": rb.routes["b"] is e1, "e0_models": list(e0.models),
@@ -427,7 +454,8 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
            "e1_b_finished": e1.stats().models["b"].finished,
            "failed": sum(m.failed for e in (e0, e1) for m in e.stats().models.values()),
            "admin_b": placement["routes"]["b"], "e1_device": e1.device,
-           "e0_free": e0.stats().pool.rows_free == e0.stats().pool.rows_total}
+           "e0_free": e0.stats().pool.rows_free == e0.stats().pool.rows_total,
+           "served_during_warm": during, "long_ok": long_ok}
     for e in (e0, e1):
         e.shutdown()
     print(json.dumps(out))
@@ -450,4 +478,68 @@ def test_a_model_moves_between_two_devices_while_requests_stream():
     assert out["b_route_dev1"] and "b" in out["e1_models"] and "b" not in out["e0_models"]
     assert out["b_before"] >= 4 and out["b_on_1"] >= 4 and out["e1_b_finished"] >= 4
     assert out["distinct_texts"] == 1  # every prompt's greedy text, whichever device
+    assert out["served_during_warm"] and out["long_ok"]
     assert out["admin_b"] == out["e1_device"] == "cpu:1"
+
+
+def test_serve_options_build_a_rebalancer_over_the_placement(tiny):
+    sys.path.insert(0, str(ROOT))
+    import serve
+
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--rebalance-interval", "30"])  # needs --placement
+    args = serve.parse_args(["--placement", "p.json", "--rebalance-interval", "30",
+                             "--rebalance-threshold", "0.25"])
+    assert serve.parse_args([]).rebalance_interval == 0  # off by default
+    pa, pb, tok = tiny
+    e = Engine(EngineConfig(**SMALL))
+    e.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e.add_model("b", CFG_B, pb, tok, dtype="float32")
+    e.start(thread=False)
+    groups = [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": SMALL["kv_budget_bytes"]}]
+    rb = serve.make_rebalancer(args, groups, [e], jax.devices())
+    assert (rb.config.interval_s, rb.config.threshold, rb.config.window_s) == (30, 0.25, 60)
+    assert rb.routes == {"a": e, "b": e}
+    assert rb.devices[0].memory_bytes >= e.stats().pool.pool_bytes
+    with pytest.raises(ValueError, match="single-device"):
+        serve.make_rebalancer(args, [{"devices": [0, 1], "models": ["a", "b"],
+                                      "kv_budget_bytes": 1}], [e], jax.devices())
+
+
+def test_server_sends_a_request_for_a_retiring_model_to_its_new_engine(tiny):
+    import asyncio
+
+    import httpx
+
+    from fineserve_jax.server import build_app
+
+    pa, pb, tok = tiny
+    e0, e1 = Engine(EngineConfig(**SMALL)), Engine(EngineConfig(**SMALL))
+    e0.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e1.add_model("c", CFG_B, pb, tok, dtype="float32")
+    e0.start(thread=False)  # never steps: "a" stays retiring on it
+    e1.start()
+    try:
+        app = build_app([e0, e1])
+        server = app.state.server
+        assert e1.attach_model("a", **e0.model_spec("a").kwargs()).wait(60)
+        e0.retire_model("a")
+        server.routes["a"] = e1
+        stale = server._route
+        server._route = lambda body: ("a", e0)  # a handler that read the route before the move
+
+        async def go():
+            t = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=t, base_url="http://x") as c:
+                r = await c.post("/v1/completions", json={
+                    "model": "a", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0})
+                server._route = stale
+                return r, (await c.get("/admin/placement")).json()
+
+        r, placement = asyncio.run(go())
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        assert e1.stats().models["a"].finished == 1 and e0.stats().models["a"].finished == 0
+        assert placement == {"routes": {"a": e1.device, "c": e1.device}, "rebalancer": None}
+    finally:
+        e1.shutdown()
