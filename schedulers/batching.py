@@ -198,20 +198,21 @@ class ModelScheduler:
             self.waiting.remove(seq)
         self._free(seq)
 
-    def schedule(self, kind: str | None = None, order: list[Seq] | None = None
-                 ) -> Scheduled | None:
+    def schedule(self, kind: str | None = None, order: list[Seq] | None = None,
+                 budget: int | None = None) -> Scheduled | None:
         """The next step for this model, with its blocks allocated; None if it can't run.
 
         ``kind`` forces a step kind (default: alternate while both have work); ``order``
         is the prefill candidates in the order to feed them (default: sequences partly
-        prefilled, then waiting ones in arrival order)."""
+        prefilled, then waiting ones in arrival order); ``budget`` caps the tokens of a
+        prefill step below ``limits.prefill_token_budget``."""
         if kind is None:
             order_kinds = [PREFILL, DECODE] if self._last_kind == DECODE else [DECODE, PREFILL]
         else:
             order_kinds = [kind]
         for k in order_kinds:
             if k == PREFILL and self.has_prefill():
-                rows = self._schedule_prefill(order)
+                rows = self._schedule_prefill(order, budget)
             elif k == DECODE and self.decodable():
                 rows = self._schedule_decode()
             else:
@@ -286,9 +287,11 @@ class ModelScheduler:
                 rows.append((seq, 1))
         return rows
 
-    def _schedule_prefill(self, order: list[Seq] | None = None) -> list[tuple[Seq, int]]:
+    def _schedule_prefill(self, order: list[Seq] | None = None,
+                          budget: int | None = None) -> list[tuple[Seq, int]]:
         lim = self.limits
-        budget = lim.prefill_token_budget
+        budget = lim.prefill_token_budget if budget is None else min(budget,
+                                                                     lim.prefill_token_budget)
         rows: list[tuple[Seq, int]] = []
         bt = self.block.block_tokens
         partial = sum(s.prefilling for s in self.running)

@@ -36,7 +36,8 @@ Three policies with this interface:
        order (partly prefilled sequences first) under the guards (running sequences,
        rows and tokens of one step, prompts in flight), then shrunk by evicting the
        longest prompt while a member whose prompt completes in this step would miss its
-       deadline. The prefill whose earliest member is due first runs, unless running it
+       deadline, and cut (chunk halved, rows dropped) while the step would outlast the
+       time until a running decode is due (adaptive batch size). The prefill whose earliest member is due first runs, unless running it
        would make some model's decode late (``last decode + tpot`` minus its step time,
        with a safety margin): then that decode runs first -- at most once per model
        while the batch waits (a decode whose model has sampled since the batch's oldest
@@ -199,9 +200,10 @@ class SLOAware(LocalScheduler):
     name = "fineserve"
 
     def __init__(self, on_miss: str = "reject", tpot_margin: float = 0.8,
-                 max_decode_share: float = 0.9):
+                 max_decode_share: float = 0.9, min_prefill_tokens: int = 16):
         super().__init__()
         self.on_miss = _check_on_miss(on_miss)
+        self.min_prefill_tokens = min_prefill_tokens  # a prefill step feeds at least this
         self.tpot_margin = tpot_margin  # a decode is due at last + margin * tpot
         self.max_decode_share = max_decode_share
 
@@ -225,9 +227,12 @@ class SLOAware(LocalScheduler):
             else:
                 _miss(s, q, self.on_miss)
 
-    def prefill_batch(self, sched: ModelScheduler, now: float) -> list[tuple[Seq, int]]:
+    def prefill_batch(self, sched: ModelScheduler, now: float,
+                      slot_s: float = math.inf) -> list[tuple[Seq, int]]:
         """The prefill rows this model would run now: deadline order under the guards,
-        shrunk while a completing member would miss its deadline."""
+        shrunk while a completing member would miss its deadline, then cut (last chunk
+        halved, then the last row dropped) while the step would outlast ``slot_s`` -- the
+        time until some running decode is due -- down to ``min_prefill_tokens``."""
         lim = sched.limits
         partial = [s for s in sched.running if s.prefilling]
         waiting = sorted(sched.waiting, key=lambda q: (q.slo_missed, q.deadline, q.arrival))
@@ -256,6 +261,14 @@ class SLOAware(LocalScheduler):
                 break
             victim = max(new, key=lambda r: (r[0].remaining, r[0].arrival))
             rows.remove(victim)
+        while rows and batch_time(sched, rows) > slot_s:
+            seq, c = rows[-1]
+            if c > self.min_prefill_tokens:
+                rows[-1] = (seq, max(self.min_prefill_tokens, c // 2))
+            elif len(rows) > 1:
+                rows.pop()
+            else:
+                break
         return rows
 
     def _decode_due(self, s: ModelScheduler) -> float:
@@ -266,16 +279,18 @@ class SLOAware(LocalScheduler):
     # ------------------------------------------------------------- decision
     def _pick(self, scheds, now):
         self.check_feasible(scheds, now)
+        decodes = sorted((s for s in scheds if s.decodable()),
+                         key=lambda s: (self._decode_due(s), s.last_step, s.name))
+        timed = [self._decode_due(d) for d in decodes if d.slo.tpot_s is not None]
+        slot = min(timed) - now if timed else math.inf
         prefills = []
         for s in scheds:
             if s.has_prefill():
-                rows = self.prefill_batch(s, now)
+                rows = self.prefill_batch(s, now, slot)
                 if rows:
                     first_due = min(q.deadline for q, _ in rows)
                     prefills.append((first_due, s.last_step, s.name, s, rows))
         prefills.sort(key=lambda t: t[:3])
-        decodes = sorted((s for s in scheds if s.decodable()),
-                         key=lambda s: (self._decode_due(s), s.last_step, s.name))
         for _, _, _, s, rows in prefills:
             t_end = now + batch_time(s, rows)
             waiting_since = min(_waiting_since(q) for q, _ in rows)
@@ -285,7 +300,8 @@ class SLOAware(LocalScheduler):
                 work = d.schedule(DECODE)
                 if work is not None:
                     return d, work
-            work = s.schedule(PREFILL, order=[q for q, _ in rows])
+            work = s.schedule(PREFILL, order=[q for q, _ in rows],
+                              budget=sum(c for _, c in rows))
             if work is not None:
                 return s, work
         for d in decodes:

@@ -244,3 +244,24 @@ def test_make_local_scheduler_and_slo_checks():
     assert slo.met(RequestMetrics(0.0, 0.1, 0.5, 0.5), 1)
     assert not slo.met(RequestMetrics(0.0), 0)
     assert math.isinf(seq("x", 3, 0.0).deadline)
+
+
+def test_prefill_is_cut_to_fit_before_the_next_decode_is_due():
+    # X decodes with TPOT 0.5 s, its last token at 0: due at 0.8 * 0.5 - 0.05 = 0.35.
+    # Y's 100-token prompt alone would take 1.1 s; halving the chunk: 50 (0.6 s), then
+    # 25 (0.35 s), which ends as X's decode is due: Y feeds 25 tokens now.
+    x, y = device(("x", SLO(tpot_s=0.5)), ("y", SLO(ttft_s=10.0)))
+    _decoding(x, "x0", 20, 0.0)
+    y.add(seq("y0", 100, 0.0))
+    got = SLOAware().next_step([x, y], now=0.0)
+    assert got[0] is y and ids(got[1].rows) == [("y0", 25)]
+    # No running decode with a TPOT target: the whole prompt goes in one step.
+    (z,) = device(("z", SLO(ttft_s=10.0)))
+    z.add(seq("z0", 100, 0.0))
+    assert ids(SLOAware().next_step([z], now=0.0)[1].rows) == [("z0", 100)]
+    # Never below min_prefill_tokens: with the decode already due, 16 tokens go in.
+    x, y = device(("x", SLO(tpot_s=0.5)), ("y", SLO(ttft_s=10.0)))
+    _decoding(x, "x0", 20, -1.0)
+    y.add(seq("y0", 100, 0.0))
+    sch = SLOAware()
+    assert ids(sch.prefill_batch(y, 0.0, slot_s=-0.7)) == [("y0", 16)]
