@@ -62,23 +62,23 @@ def add_arguments(p) -> None:
     """Options of the systems comparison (the ones the load client does not have)."""
     g = p.add_argument_group("systems comparison (without --url)")
     g.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
-    g.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
+    g.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.45],
                    help="total request rates (req/s) to sweep")
-    g.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     g.add_argument("--alpha", type=float, default=0.0,
                    help="power-law exponent of the per-model rates (0 = equal)")
-    g.add_argument("--prompt-mean", type=float, default=96.0, help="mean prompt tokens")
-    g.add_argument("--output-mean", type=float, default=32.0, help="mean output tokens")
+    g.add_argument("--prompt-mean", type=float, default=64.0, help="mean prompt tokens")
+    g.add_argument("--output-mean", type=float, default=16.0, help="mean output tokens")
     g.add_argument("--max-model-len", type=int, default=512)
     g.add_argument("--max-seqs", type=int, default=16, help="running sequences per model")
-    g.add_argument("--max-prefill-tokens", type=int, default=128,
+    g.add_argument("--max-prefill-tokens", type=int, default=64,
                    help="tokens of one prefill step")
-    g.add_argument("--kv-budget", type=int, default=8 * 2**20,
+    g.add_argument("--kv-budget", type=int, default=12 * 2**20,
                    help="bytes of the device's KV pool, shared by both models")
     g.add_argument("--ttft-scale", type=float, default=5.0)
     g.add_argument("--ttft-slack-s", type=float, default=0.0,
                    help="seconds added to every TTFT SLO")
-    g.add_argument("--tpot-scale", type=float, default=5.0)
+    g.add_argument("--tpot-scale", type=float, default=10.0)
     g.add_argument("--drain-s", type=float, default=120.0,
                    help="after the last arrival, seconds to wait before aborting the rest")
     g.add_argument("--out-systems", default="benchmarks/results/serve_systems_cpu.json",
@@ -113,7 +113,8 @@ def build_engines(args, allocators: set[str]):
         cfg = EngineConfig(kv_budget_bytes=args.kv_budget, max_seqs=args.max_seqs,
                            max_model_len=args.max_model_len,
                            prefill_token_budget=args.max_prefill_tokens, allocator=alloc,
-                           max_prefill_seqs=MAX_PREFILL_SEQS, decode_buckets=(1, 4, args.max_seqs), prefill_row_buckets=(1, 4),
+                           max_prefill_seqs=MAX_PREFILL_SEQS,
+                           decode_buckets=(1, 4, args.max_seqs), prefill_row_buckets=(1, 4),
                            chunk_buckets=(32, args.max_prefill_tokens), profile_reps=3)
         e = Engine(cfg)
         for name in MODELS:
