@@ -24,8 +24,15 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from schedulers.placement import (Device, ModelDemand, Placement, PlacementConfig,
-                                  PlacementGroup, place_slab_greedy, plan_parallelism)
+from schedulers.placement import (
+    Device,
+    ModelDemand,
+    Placement,
+    PlacementConfig,
+    PlacementGroup,
+    place_slab_greedy,
+    plan_parallelism,
+)
 
 
 # ------------------------------------------------------------------------ rates
@@ -127,7 +134,7 @@ class FreeSteps:
 
 
 def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: Placement,
-           config: PlacementConfig = PlacementConfig(),
+           config: PlacementConfig | None = None,
            weights: Mapping[str, float] | None = None) -> Placement:
     """A new placement of ``demands`` on ``devices`` (indices as in ``current``).
 
@@ -135,7 +142,9 @@ def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: P
     tp = 1 only, and a model whose rate would need several replicas is planned as one
     that takes that many replicas' compute (capped at ``config.headroom``). Placement is
     ``place_slab_greedy``; its groups are then relabelled onto ``current``'s devices by
-    ``align`` (moving ``weights`` bytes, default 1 per model, as little as it can)."""
+    ``align`` (moving ``weights`` bytes, default 1 per model, as little as it can).
+    ``config`` defaults to ``PlacementConfig()``."""
+    config = config or PlacementConfig()
     plans = {}
     for d in demands:
         p = plan_parallelism(d, devices[0], (1,), config)

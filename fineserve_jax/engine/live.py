@@ -103,10 +103,10 @@ class ModelSpec:
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``attach_model`` / ``add_model`` besides the name."""
-        return dict(config=self.config, params=self.params, tokenizer=self.tokenizer,
-                    dtype=self.dtype, kv_format_name=self.kv_format_name,
-                    precision=self.precision, reserve_blocks=self.reserve_blocks,
-                    cap_blocks=self.cap_blocks, slo=self.slo, cost=self.cost)
+        return {"config": self.config, "params": self.params, "tokenizer": self.tokenizer,
+                "dtype": self.dtype, "kv_format_name": self.kv_format_name,
+                "precision": self.precision, "reserve_blocks": self.reserve_blocks,
+                "cap_blocks": self.cap_blocks, "slo": self.slo, "cost": self.cost}
 
 
 class LiveModels:
@@ -203,7 +203,7 @@ class LiveModels:
             log.info("attach %s: %d executables compiled in %.1f s", m.name, n,
                      time.perf_counter() - t.started)
             self._post(("ready", m.name, m))
-        except BaseException as e:  # noqa: BLE001  (reported through the transition)
+        except Exception as e:  # reported through the attach transition
             log.exception("compiling model %s for attach failed", m.name)
             self._post(("warm-failed", m.name, m, e))
 
@@ -318,7 +318,12 @@ def compile_model(runner, buckets, pool, mover, block_bytes: int, committed: boo
                                     sharding=x.sharding if committed else None)
 
     from fineserve_jax.engine.pool import MOVE_BUCKETS
-    from fineserve_jax.engine.runner import LOGPROBS, PROMPT_LOGPROBS, SAMPLER, StepBatch
+    from fineserve_jax.engine.runner import (
+        LOGPROBS,
+        PROMPT_LOGPROBS,
+        SAMPLER,
+        StepBatch,
+    )
     from fineserve_jax.sampling import FILTERED, GREEDY, RANDOM, SamplingArrays
 
     n = 0

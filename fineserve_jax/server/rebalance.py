@@ -42,8 +42,15 @@ from dataclasses import dataclass, field
 import jax
 
 from schedulers.placement import Device, ModelDemand, Placement, PlacementConfig
-from schedulers.rebalance import (FreeSteps, Move, RateTracker, apply_move, drift, plan_moves,
-                                  replan)
+from schedulers.rebalance import (
+    FreeSteps,
+    Move,
+    RateTracker,
+    apply_move,
+    drift,
+    plan_moves,
+    replan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +63,17 @@ class RebalanceConfig:
     threshold: float = 0.5  # relative rate drift of any model that triggers a re-placement
     window_s: float = 60.0  # arrivals counted for the observed rates
     min_rate: float = 0.05  # req/s: below this both planned and observed, drift is noise
-    placement: PlacementConfig = PlacementConfig()
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     # Planning inputs for what a model or its traffic does not say yet:
     prompt_tokens: float = 256.0  # mean prompt length before any request finished
     output_tokens: float = 128.0  # mean output length before any request finished
     ttft_slo_s: float = 2.0  # for models served without a TTFT target
     tpot_slo_s: float = 0.2  # for models served without a TPOT target
     attach_timeout_s: float = 900.0  # longest wait for a destination to compile a model
+    # Compile a moving model's step shapes on its destination before routing to it
+    # (whatever the engine's warm-up setting): its first requests there do not stall
+    # the destination's loop on compilations.
+    precompile: bool = True
 
     def __post_init__(self):
         for f in ("interval_s", "window_s", "prompt_tokens", "output_tokens", "ttft_slo_s",
@@ -252,6 +263,7 @@ class Rebalancer:
             spec = src.model_spec(mv.model)
             try:
                 attach = await asyncio.to_thread(dst.attach_model, mv.model,
+                                                 precompile=self.config.precompile,
                                                  **spec.kwargs())
             except (ValueError, RuntimeError) as e:
                 out = f"{mv}: skipped, the destination refused it: {e}"
