@@ -36,8 +36,8 @@ Three policies with this interface:
        order (partly prefilled sequences first) under the guards (running sequences,
        rows and tokens of one step, prompts in flight), then shrunk by evicting the
        longest prompt while a member whose prompt completes in this step would miss its
-       deadline, and cut (chunk halved, rows dropped) while the step would outlast the
-       time until a running decode is due (adaptive batch size). The prefill whose earliest member is due first runs, unless running it
+       deadline, and cut (chunk halved, rows dropped) to end before the next running
+       decode is due when some cut can (adaptive batch size). The prefill whose earliest member is due first runs, unless running it
        would make some model's decode late (``last decode + tpot`` minus its step time,
        with a safety margin): then that decode runs first -- at most once per model
        while the batch waits (a decode whose model has sampled since the batch's oldest
@@ -230,9 +230,10 @@ class SLOAware(LocalScheduler):
     def prefill_batch(self, sched: ModelScheduler, now: float,
                       slot_s: float = math.inf) -> list[tuple[Seq, int]]:
         """The prefill rows this model would run now: deadline order under the guards,
-        shrunk while a completing member would miss its deadline, then cut (last chunk
-        halved, then the last row dropped) while the step would outlast ``slot_s`` -- the
-        time until some running decode is due -- down to ``min_prefill_tokens``."""
+        shrunk while a completing member would miss its deadline, then, if the step would
+        outlast ``slot_s`` (the time until some running decode is due), cut (last chunk
+        halved, then the last row dropped, down to ``min_prefill_tokens``) to the first
+        cut that fits; when no cut fits the batch runs whole."""
         lim = sched.limits
         partial = [s for s in sched.running if s.prefilling]
         waiting = sorted(sched.waiting, key=lambda q: (q.slo_missed, q.deadline, q.arrival))
@@ -261,14 +262,21 @@ class SLOAware(LocalScheduler):
                 break
             victim = max(new, key=lambda r: (r[0].remaining, r[0].arrival))
             rows.remove(victim)
-        while rows and batch_time(sched, rows) > slot_s:
-            seq, c = rows[-1]
+        if not rows or batch_time(sched, rows) <= slot_s:
+            return rows
+        cut = list(rows)
+        while True:  # smaller steps, until one ends within the slot
+            seq, c = cut[-1]
             if c > self.min_prefill_tokens:
-                rows[-1] = (seq, max(self.min_prefill_tokens, c // 2))
-            elif len(rows) > 1:
-                rows.pop()
+                cut[-1] = (seq, max(self.min_prefill_tokens, c // 2))
+            elif len(cut) > 1:
+                cut.pop()
             else:
                 break
+            if batch_time(sched, cut) <= slot_s:
+                return cut
+        # No cut fits (a step's time is mostly fixed, e.g. reading the weights): smaller
+        # steps would only add steps, so the batch runs whole.
         return rows
 
     def _decode_due(self, s: ModelScheduler) -> float:

@@ -259,9 +259,12 @@ def test_prefill_is_cut_to_fit_before_the_next_decode_is_due():
     (z,) = device(("z", SLO(ttft_s=10.0)))
     z.add(seq("z0", 100, 0.0))
     assert ids(SLOAware().next_step([z], now=0.0)[1].rows) == [("z0", 100)]
-    # Never below min_prefill_tokens: with the decode already due, 16 tokens go in.
+    # No cut fits a slot shorter than the fixed 0.1 s of a step (or a decode already
+    # due): cutting would only add steps, so the prompt goes in whole.
     x, y = device(("x", SLO(tpot_s=0.5)), ("y", SLO(ttft_s=10.0)))
-    _decoding(x, "x0", 20, -1.0)
-    y.add(seq("y0", 100, 0.0))
     sch = SLOAware()
-    assert ids(sch.prefill_batch(y, 0.0, slot_s=-0.7)) == [("y0", 16)]
+    y.add(seq("y0", 100, 0.0))
+    # Slot 0.3 s: 50 (0.6 s), 25 (0.35 s), then 16 tokens (0.26 s) fit.
+    assert ids(sch.prefill_batch(y, 0.0, slot_s=0.3)) == [("y0", 16)]
+    # Slot 0.2 s: not even 16 tokens (0.26 s) fit, so all 100 go in one step.
+    assert ids(sch.prefill_batch(y, 0.0, slot_s=0.2)) == [("y0", 100)]
