@@ -339,6 +339,17 @@ class _Item:
     weights: float  # bytes per device
     kv_need: float  # bytes per device
     util: float
+    batch: int = 1  # sequences decoding at once (the plan's concurrency)
+
+    def steps(self) -> tuple[float, float]:
+        """(decode step at ``batch``, shortest prefill step: ``MIN_PREFILL_TOKENS`` at the
+        mean prompt) of this replica, seconds."""
+        d = self.demand
+        cost = d.cost(self.tp)
+        ctx = _tokens(d.mean_context)
+        p = _tokens(d.prompt_tokens)
+        c = min(MIN_PREFILL_TOKENS, p)
+        return cost.decode_time([ctx] * self.batch), cost.prefill_time([c], [p])
 
     @property
     def min_kv(self) -> float:
@@ -389,7 +400,8 @@ def _items(demands: Sequence[ModelDemand], plans: Mapping[str, ParallelPlan]) ->
         p = plans[d.name]
         kv_need = p.concurrency * d.mean_context * d.kv_bytes_per_token
         for r in range(p.replicas):
-            out.append(_Item(d, r, p.tp, d.weight_bytes / p.tp, kv_need, p.utilisation))
+            out.append(_Item(d, r, p.tp, d.weight_bytes / p.tp, kv_need, p.utilisation,
+                             p.concurrency))
     return out
 
 
@@ -492,6 +504,24 @@ def _free_blocks(g: _Group, item: _Item) -> float:
     return (g.kv_budget(item) - g.kv_need(item)) / block
 
 
+MIN_PREFILL_TOKENS = 16  # the local scheduler's smallest prefill step (SLOAware)
+
+
+def tpot_compatible(items: Sequence[_Item]) -> bool:
+    """Whether models sharing a device can all keep their TPOT targets: within one TPOT
+    interval of each model, its own decode step, every other model's decode step and the
+    longest of the shortest prefill steps (a prompt must get in) must fit."""
+    if len(items) < 2:
+        return True
+    steps = [i.steps() for i in items]
+    for k, it in enumerate(items):
+        others = [s for j, s in enumerate(steps) if j != k]
+        need = steps[k][0] + sum(dec for dec, _ in others) + max(pre for _, pre in steps)
+        if need > it.demand.tpot_slo_s:
+            return False
+    return True
+
+
 def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, ParallelPlan],
                       devices: Sequence[Device],
                       config: PlacementConfig = PlacementConfig()) -> Placement:
@@ -500,11 +530,15 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     ``tp`` unused devices) that leaves the most free KV blocks, counted in the block sizes
     of the precisions sharing that pool weighted by their KV demand (a pool of INT4-KV
     models holds more tokens per byte than one of BF16 models). Ties: lowest device index.
+    Groups where the models' step times would break one of their TPOT targets
+    (``tpot_compatible``) are passed over while any other group fits.
     """
     _check_inputs(demands, devices)
     cluster, unplaced = _Cluster(devices, config), []
     for item in _by_memory(_items(demands, plans)):
-        cands = cluster.candidates(item)
+        fit = cluster.candidates(item)
+        # Interference: never beside models whose steps break its TPOT (or theirs).
+        cands = [g for g in fit if tpot_compatible(g.items + [item])] or fit
         if not cands:
             unplaced.append(_unfit(item, cluster))
             continue

@@ -137,6 +137,24 @@ def test_slab_greedy_known_answer():
     assert not pl.unplaced
 
 
+def test_slab_greedy_keeps_models_apart_whose_steps_break_a_tpot():
+    # The case above, with TPOT targets: B at 0.05 s, A and C at 1 s. Beside C, B's TPOT
+    # interval must hold B's decode (40 sequences: 0.05 s), C's (0.05 s) and a 16-token
+    # prefill (0.026 s): 0.126 s > 0.05 s. So C goes beside A instead (A's interval:
+    # 0.02 + 0.05 + 0.026 = 0.096 s <= 1 s), although B's pool has more free blocks.
+    demands, plans, devices = slab_vs_kvpr_case()
+    loose = {"A": 1.0, "B": 0.05, "C": 1.0}
+    demands = [demand(d.name, d.weight_bytes / GB, kv_per_token=d.kv_bytes_per_token,
+                      block_bytes=d.block_bytes, tpot=loose[d.name]) for d in demands]
+    pl = place_slab_greedy(demands, plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B",)), ((1,), ("A", "C"))]
+    # When every choice breaks someone's TPOT the memory rule decides, as before.
+    tight = [demand(d.name, d.weight_bytes / GB, kv_per_token=d.kv_bytes_per_token,
+                    block_bytes=d.block_bytes, tpot=0.05) for d in demands]
+    pl = place_slab_greedy(tight, plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B", "C")), ((1,), ("A",))]
+
+
 def test_kvpr_known_answer_is_precision_blind():
     demands, plans, devices = slab_vs_kvpr_case()
     pl = place_kvpr(demands, plans, devices, NO_RESERVE)
