@@ -264,6 +264,7 @@ def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
 
+    git = git_state()  # the code that runs, before anything can change under a long run
     allocators = {SYSTEMS[s][0] for s in args.systems}
     engines, costs, toks = build_engines(args, allocators)
     any_engine = next(iter(engines.values()))
@@ -307,7 +308,7 @@ def run_systems(args, command: str) -> int:
                               "goodput_99": goodput(args.rates, att, 0.99)}
     record = {"benchmark": "serve-systems", "command": command,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "git": git_state(), "device": any_engine.device,
+              "git": git, "device": any_engine.device,
               "systems": {s: {"allocator": SYSTEMS[s][0], "scheduler": SYSTEMS[s][1]}
                           for s in args.systems},
               "slos": {n: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for n, s in slos.items()},
