@@ -24,10 +24,10 @@ Three policies with this interface:
     Every call:
 
     1. *Feasibility*, device-wide: waiting requests of every model in deadline order.
-       A request's first token is predicted at ``now + (W + p) / (1 - u)``, where ``p`` is
-       the time of its own prefill steps alone (``costmodel``), ``W`` the prefill work of
-       the requests ahead of it (partly prefilled ones first, then earlier deadlines that
-       are kept), and ``u`` the share of the device the running decodes need to keep
+       A request's first token is predicted at ``now + W / (1 - u)``, where ``W`` is the
+       time to prefill its prompt and those ahead of it in full steps (partly prefilled
+       ones first, then earlier deadlines that are kept; its own model's tokens batched,
+       other models' work added), and ``u`` the share of the device the running decodes need to keep
        their TPOT SLOs (``sum(decode_time / tpot)`` over models, at most 0.9). A request
        whose prediction is past its deadline is dropped at once (``on_miss="reject"``:
        the client hears why) or kept behind every feasible request and counted as a miss
@@ -84,6 +84,18 @@ def solo_prefill_time(sched: ModelScheduler, seq: Seq) -> float:
         return 0.0
     return sum(sched.cost.prefill_time([c], [ctx])
                for c, ctx in prefill_chunks(seq, sched.limits.prefill_token_budget))
+
+
+def batched_prefill_time(sched: ModelScheduler, tokens: int) -> float:
+    """Seconds to prefill ``tokens`` prompt tokens of this model in full steps of
+    ``prefill_token_budget`` tokens (one row per step: a lower bound on the rows' cost,
+    as a batch of short prompts costs about one row of their total)."""
+    if sched.cost is None or tokens <= 0:
+        return 0.0
+    budget = sched.limits.prefill_token_budget
+    full, rest = divmod(tokens, budget)
+    t = full * sched.cost.prefill_time([budget], [budget]) if full else 0.0
+    return t + (sched.cost.prefill_time([rest], [rest]) if rest else 0.0)
 
 
 def batch_time(sched: ModelScheduler, rows: Sequence[tuple[Seq, int]]) -> float:
@@ -215,15 +227,22 @@ class SLOAware(LocalScheduler):
         return min(u, self.max_decode_share)
 
     def check_feasible(self, scheds: Sequence[ModelScheduler], now: float) -> None:
-        """Drop (or mark) every waiting request predicted to miss its TTFT deadline."""
+        """Drop (or mark) every waiting request predicted to miss its TTFT deadline.
+
+        The prefill work ahead of a request is its model's prompt tokens ahead of it
+        (plus its own) run as full prefill steps (``batched_prefill_time``: prompts batch,
+        so this is less than their solo times added up), plus the other models' work."""
         stretch = 1.0 / (1.0 - self.decode_share(scheds))
-        ahead = sum(solo_prefill_time(s, q) for s in scheds for q in s.running if q.prefilling)
+        tokens = {id(s): sum(q.remaining for q in s.running if q.prefilling) for s in scheds}
+        work = {id(s): batched_prefill_time(s, tokens[id(s)]) for s in scheds}
         waiting = sorted(((q.deadline, q.arrival, i, s, q) for i, s in enumerate(scheds)
                           for q in s.waiting if not q.slo_missed), key=lambda t: t[:3])
         for deadline, _, _, s, q in waiting:
-            p = solo_prefill_time(s, q)
-            if now + (ahead + p) * stretch <= deadline:
-                ahead += p
+            mine = batched_prefill_time(s, tokens[id(s)] + q.remaining)
+            others = sum(w for k, w in work.items() if k != id(s))
+            if now + (others + mine) * stretch <= deadline:
+                tokens[id(s)] += q.remaining
+                work[id(s)] = mine
             else:
                 _miss(s, q, self.on_miss)
 

@@ -46,9 +46,11 @@ def ids(rows) -> list[tuple[str, int]]:
 
 
 def test_drop_infeasible_requests_at_once():
-    # TTFT SLO 1 s; now = 0.05. Deadline order A (1.00), B (1.01), C (1.02).
-    # A alone: 0.05 + 0.6 = 0.65 <= 1.00: kept (work ahead 0.6 s).
-    # B: 0.05 + 0.6 + 1.1 = 1.75 > 1.01: dropped. C: 0.05 + 0.6 + 0.3 = 0.95 <= 1.02: kept.
+    # TTFT SLO 1 s; now = 0.05. Deadline order A (1.00), B (1.01), C (1.02). A request's
+    # prediction is its model's prompt tokens up to and including it, in full steps.
+    # A: 0.05 + (0.1 + 0.5) = 0.65 <= 1.00: kept.
+    # B: 150 tokens: 0.05 + 1.6 = 1.65 > 1.01: dropped.
+    # C: 70 tokens (A and C): 0.05 + 0.8 = 0.85 <= 1.02: kept.
     # The batch [A 50, C 20] ends at 0.05 + 0.1 + 0.7 = 0.85, before both deadlines.
     (m,) = device(("m", SLO(ttft_s=1.0)))
     for s in (seq("A", 50, 0.0), seq("B", 100, 0.01), seq("C", 20, 0.02)):
@@ -268,3 +270,18 @@ def test_prefill_is_cut_to_fit_before_the_next_decode_is_due():
     assert ids(sch.prefill_batch(y, 0.0, slot_s=0.3)) == [("y0", 16)]
     # Slot 0.2 s: not even 16 tokens (0.26 s) fit, so all 100 go in one step.
     assert ids(sch.prefill_batch(y, 0.0, slot_s=0.2)) == [("y0", 100)]
+
+
+def test_feasibility_counts_prompts_batched_and_other_models_work():
+    # Budget 256 tokens per step. Model m: three 80-token prompts due at 2.85 s; model n:
+    # one 100-token prompt due at 1.5 s, so n's work (1.1 s) is ahead of all of m's.
+    # m's prompts batch: the first is predicted at 1.1 + 0.9 = 2.0, the second at
+    # 1.1 + 1.7 (160 tokens in one step) = 2.8, the third at 1.1 + 2.5 = 3.6 > 2.85:
+    # dropped. (Solo times added up, the second would be at 1.1 + 1.8 = 2.9: dropped too.)
+    m, n = device(("m", SLO(ttft_s=2.85)), ("n", SLO(ttft_s=1.5)))
+    for i in range(3):
+        m.add(seq(f"m{i}", 80, 0.0))
+    n.add(seq("n0", 100, 0.0))
+    SLOAware().check_feasible([m, n], now=0.0)
+    assert [s.id for s, _ in m.take_dropped()] == ["m2"]
+    assert n.take_dropped() == []
