@@ -255,6 +255,13 @@ def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
             "dropped": sum(r.status == "dropped" for r in recs)}
 
 
+def _rel(predicted, measured):
+    """Relative error of a prediction (None when either side is missing or zero)."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
 def goodput(rates: list[float], attain: list[float], level: float) -> float | None:
     ok = [r for r, a in zip(rates, attain) if a >= level]
     return max(ok) if ok else None
@@ -299,6 +306,11 @@ def run_systems(args, command: str) -> int:
                 time.sleep(0.1)
     for e in engines.values():
         e.shutdown()
+    for r in runs:  # the simulator against the engine, same trace and configuration
+        meas, sim = r["summary"], r["simulated"]
+        r["sim_error"] = {
+            "ttft_p50": _rel(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
+            "output_tok_s": _rel(sim["output_tok_s"], meas["output_tok_s"])}
     per_system = {}
     for system in args.systems:
         att = [r["summary"]["attainment"] for r in runs if r["system"] == system]
@@ -325,8 +337,16 @@ def run_systems(args, command: str) -> int:
         rows.append([s, *[f"{a:.0%}" for a in d["attainment"]],
                      *[f"{t:.1f}" for t in d["output_tok_s"]],
                      f"{d['goodput_90'] or '-'}/{d['goodput_99'] or '-'}"])
-    print(format_table(header, rows, [CPU_FOOTER] if "cpu" in str(any_engine.device).lower()
-                       else []))
+    errs = [(r["system"], r["rate"], r["sim_error"]) for r in runs]
+    within = sum(abs(e["ttft_p50"]) <= 0.2 and abs(e["output_tok_s"]) <= 0.2
+                 for _, _, e in errs if None not in e.values())
+    foot = [f"simulator vs engine (same trace): TTFT p50 and tokens/s both within 20% in "
+            f"{within} of {len(errs)} runs; worst TTFT p50 "
+            f"{max(abs(e['ttft_p50'] or 0) for _, _, e in errs):.0%}, worst tokens/s "
+            f"{max(abs(e['output_tok_s'] or 0) for _, _, e in errs):.0%}"]
+    if "cpu" in str(any_engine.device).lower():
+        foot.append(CPU_FOOTER)
+    print(format_table(header, rows, foot))
     return 0
 
 
