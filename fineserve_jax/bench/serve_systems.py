@@ -263,8 +263,14 @@ def _rel(predicted, measured):
 
 
 def goodput(rates: list[float], attain: list[float], level: float) -> float | None:
-    ok = [r for r, a in zip(rates, attain) if a >= level]
-    return max(ok) if ok else None
+    """The highest swept rate whose attainment, and that of every lower swept rate, is at
+    least ``level`` (None if the lowest misses it)."""
+    best = None
+    for r, a in sorted(zip(rates, attain)):
+        if a < level:
+            break
+        best = r
+    return best
 
 
 def run_systems(args, command: str) -> int:
