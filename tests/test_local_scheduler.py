@@ -124,14 +124,15 @@ def _decoding(m: ModelScheduler, rid: str, prompt: int, arrival: float) -> Seq:
 
 
 def test_decode_due_runs_before_a_prefill_that_would_make_it_late():
-    # X decodes with TPOT 0.2 s, its last token at 0: due at 0 + 0.8 * 0.2 - 0.05 = 0.11.
-    # Y's prefill of 20 tokens would end at 0.05 + 0.3 = 0.35 > 0.11: X decodes first.
+    # X decodes with TPOT 0.2 s, its last token at 0: due at 0 + 0.2 - 0.05 = 0.15.
+    # Y's prefill of 20 tokens would end at 0.05 + 0.3 = 0.35 > 0.15 (no cut of it fits
+    # the 0.1 s left either): X decodes first.
     x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(ttft_s=5.0)))
     _decoding(x, "x0", 20, 0.0)
     y.add(seq("y0", 20, 0.0))
     got = SLOAware().next_step([x, y], now=0.05)
     assert got[0] is x and got[1].kind == DECODE
-    # With TPOT 1 s the decode is due at 0.8 - 0.05 = 0.75 > 0.35: Y's prefill goes first.
+    # With TPOT 1 s the decode is due at 1 - 0.05 = 0.95 > 0.35: Y's prefill goes first.
     x2, y2 = device(("x", SLO(tpot_s=1.0)), ("y", SLO(ttft_s=5.0)))
     _decoding(x2, "x0", 20, 0.0)
     y2.add(seq("y0", 20, 0.0))
@@ -249,10 +250,10 @@ def test_make_local_scheduler_and_slo_checks():
 
 
 def test_prefill_is_cut_to_fit_before_the_next_decode_is_due():
-    # X decodes with TPOT 0.5 s, its last token at 0: due at 0.8 * 0.5 - 0.05 = 0.35.
+    # X decodes with TPOT 0.4 s, its last token at 0: due at 0.4 - 0.05 = 0.35.
     # Y's 100-token prompt alone would take 1.1 s; halving the chunk: 50 (0.6 s), then
     # 25 (0.35 s), which ends as X's decode is due: Y feeds 25 tokens now.
-    x, y = device(("x", SLO(tpot_s=0.5)), ("y", SLO(ttft_s=10.0)))
+    x, y = device(("x", SLO(tpot_s=0.4)), ("y", SLO(ttft_s=10.0)))
     _decoding(x, "x0", 20, 0.0)
     y.add(seq("y0", 100, 0.0))
     got = SLOAware().next_step([x, y], now=0.0)

@@ -193,13 +193,13 @@ def test_bad_inputs_name_what_is_wrong():
 
 
 def test_fineserve_prefill_is_not_starved_by_several_models_decoding():
-    # Three models decode on one device: 2 ms a step against a 10 ms TPOT, so each one's
-    # decode is due 0.8 * 10 - 2 = 6 ms after its last token, and the three take 6 ms in
+    # Three models decode on one device: 2 ms a step against an 8 ms TPOT, so each one's
+    # decode is due 8 - 2 = 6 ms after its last token, and the three take 6 ms in
     # turn. A 3 ms prefill never ends before the next due decode: unless each decoding
     # model goes ahead of a waiting prompt at most once, the prompt waits until it is
     # predicted late and is dropped. Here it waits at most for the step in flight and one
     # decode per model: 2 + 3 * 2 ms, then its 3 ms prefill.
-    slo = SLO(ttft_s=0.05, tpot_s=0.010)
+    slo = SLO(ttft_s=0.05, tpot_s=0.008)
     groups, models = one_device(models=("a", "b", "c"), slo=slo)
     costs = lambda m, g: ConstCost(prefill=0.003, decode=0.002)
     trace = [Request(0.0, m, 10, 200) for m in ("a", "b", "c")] + [Request(0.1, "a", 10, 2)]
