@@ -6,7 +6,7 @@ without JAX (the simulator uses them).
 
 from __future__ import annotations
 
-import importlib
+from fineserve_jax._lazy import lazy_exports
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestMetrics", "RequestRejected", "StreamDelta"]
 
@@ -15,13 +15,4 @@ _LAZY = {"Engine": "fineserve_jax.engine.engine", "RequestRejected": "fineserve_
          "StreamDelta": "fineserve_jax.engine.handle", "RequestMetrics": "schedulers.batching"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fineserve_jax.engine' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
