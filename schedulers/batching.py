@@ -32,6 +32,14 @@ from fineserve_jax.kvslab import BlockFormat
 PREFILL, DECODE = "prefill", "decode"
 
 
+def moves_by_model(moves) -> dict[str, dict[int, int]]:
+    """An allocator's block moves (``model``, ``src``, ``dst``) as model -> {src: dst}."""
+    out: dict[str, dict[int, int]] = {}
+    for mv in moves:
+        out.setdefault(mv.model, {})[mv.src] = mv.dst
+    return out
+
+
 @dataclass
 class RequestMetrics:
     """Timings (``time.monotonic()`` seconds, or simulated time) and counts of one request."""
@@ -263,6 +271,12 @@ class ModelScheduler:
         if seq.blocks:
             self.alloc.free(self.name, seq.blocks)
             seq.blocks = []
+
+    def relocate(self, remap: dict[int, int]) -> None:
+        """Rewrite running sequences' block handles after the allocator moved blocks
+        (``src -> dst``, KV Slab compaction)."""
+        for seq in self.running:
+            seq.blocks = [remap.get(h, h) for h in seq.blocks]
 
     def preempt(self, seq: Seq) -> None:
         """Free a running sequence's blocks and requeue it first, to be recomputed."""

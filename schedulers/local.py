@@ -309,9 +309,10 @@ class SLOAware(LocalScheduler):
     # ------------------------------------------------------------- decision
     def _pick(self, scheds, now):
         self.check_feasible(scheds, now)
-        decodes = sorted((s for s in scheds if s.decodable()),
-                         key=lambda s: (self._decode_due(s), s.last_step, s.name))
-        timed = [self._decode_due(d) for d in decodes if d.slo.tpot_s is not None]
+        due = {s.name: self._decode_due(s) for s in scheds if s.decodable()}
+        decodes = sorted((s for s in scheds if s.name in due),
+                         key=lambda s: (due[s.name], s.last_step, s.name))
+        timed = [due[d.name] for d in decodes if d.slo.tpot_s is not None]
         slot = min(timed) - now if timed else math.inf
         prefills = []
         for s in scheds:
@@ -324,7 +325,7 @@ class SLOAware(LocalScheduler):
         for _, _, _, s, rows in prefills:
             t_end = now + batch_time(s, rows)
             waiting_since = min(_waiting_since(q) for q, _ in rows)
-            urgent = [d for d in decodes if self._decode_due(d) < t_end
+            urgent = [d for d in decodes if due[d.name] < t_end
                       and last_token_at(d) <= waiting_since]
             for d in urgent:
                 work = d.schedule(DECODE)

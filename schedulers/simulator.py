@@ -58,6 +58,7 @@ from schedulers.batching import (
     RequestMetrics,
     Scheduled,
     Seq,
+    moves_by_model,
 )
 from schedulers.local import make_local_scheduler
 from schedulers.workload import Request
@@ -293,12 +294,8 @@ class _Group:
         moves = self.alloc.compact_for(name, n)
         if not moves:
             return False
-        remap: dict[str, dict[int, int]] = {}
-        for mv in moves:
-            remap.setdefault(mv.model, {})[mv.src] = mv.dst
-        for mname, table in remap.items():
-            for seq in self.scheds[mname].running:
-                seq.blocks = [table.get(h, h) for h in seq.blocks]
+        for mname, table in moves_by_model(moves).items():
+            self.scheds[mname].relocate(table)
             nbytes = len(table) * self.alloc.fmt(mname).block_bytes
             self.counters.blocks_moved += len(table)
             self.counters.bytes_moved += nbytes

@@ -48,7 +48,8 @@ from fineserve_jax.sampling import (FILTERED, GREEDY, RANDOM, SamplingArrays, Sa
                                     batch_mode)
 from fineserve_jax.sequence import SequenceState
 from fineserve_jax.tokenizer import Tokenizer
-from schedulers.batching import DECODE, SLO, BatchLimits, ModelScheduler, Scheduled, Seq
+from schedulers.batching import (DECODE, SLO, BatchLimits, ModelScheduler, Scheduled, Seq,
+                                 moves_by_model)
 from schedulers.local import LocalScheduler, make_local_scheduler
 
 log = logging.getLogger(__name__)
@@ -249,13 +250,9 @@ class Engine(LiveModels):
         moves = self.alloc.compact_for(name, n)
         if not moves:
             return False
-        by_model: dict[str, dict[int, int]] = {}
-        for mv in moves:
-            by_model.setdefault(mv.model, {})[mv.src] = mv.dst
-        for mname, remap in by_model.items():
+        for mname, remap in moves_by_model(moves).items():
             m = self._models[mname]
-            for seq in m.sched.running:
-                seq.blocks = [remap.get(h, h) for h in seq.blocks]
+            m.sched.relocate(remap)
             fmt, (bpr, stride) = self.alloc.fmt(mname), self.alloc.layout(mname)
             copies = [(s // bpr, s % bpr * stride, d // bpr, d % bpr * stride)
                       for s, d in remap.items()]
