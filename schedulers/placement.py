@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Protocol, Sequence
 
 from schedulers.costmodel import StepCost
@@ -440,12 +440,22 @@ class _Cluster:
                 out.append(_Group(devs, tp, self.config.usable_bytes(self.devices[devs[0]])))
         return sorted(out, key=lambda g: g.devices)
 
-    def candidates(self, item: _Item) -> list[_Group]:
-        """Existing groups and fresh ones that can take ``item``, by device index."""
+    def candidates(self, item: _Item) -> list[tuple[_Group, _Item]]:
+        """(group, replica as placed there) for the existing groups and fresh ones that
+        can take ``item``, by device index. When none can at its planned tp, existing
+        groups of a larger tp that can take it sharded over all their devices (its
+        weights spread thinner, no device newly used): a model is widened rather than
+        left unplaced."""
         h = self.config.headroom
-        cands = [g for g in self.groups if g.admits(item, h)]
-        cands += [g for g in self.fresh(item.tp) if g.admits(item, h)]
-        return sorted(cands, key=lambda g: g.devices)
+        cands = [(g, item) for g in self.groups if g.admits(item, h)]
+        cands += [(g, item) for g in self.fresh(item.tp) if g.admits(item, h)]
+        if not cands:
+            for g in self.groups:
+                if g.tp > item.tp:
+                    wide = replace(item, tp=g.tp, weights=item.demand.weight_bytes / g.tp)
+                    if g.admits(wide, h):
+                        cands.append((g, wide))
+        return sorted(cands, key=lambda c: c[0].devices)
 
     def add(self, g: _Group, item: _Item) -> None:
         if not any(x is g for x in self.groups):
@@ -527,7 +537,8 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
                       config: PlacementConfig = PlacementConfig()) -> Placement:
     """FineServe's placement: replicas by memory need per device (weights / tp + planned
     KV), largest first; each goes to the feasible group (an existing group of its tp, or
-    ``tp`` unused devices) that leaves the most free KV blocks, counted in the block sizes
+    ``tp`` unused devices; failing both, an existing wider group it is sharded over) that
+    leaves the most free KV blocks, counted in the block sizes
     of the precisions sharing that pool weighted by their KV demand (a pool of INT4-KV
     models holds more tokens per byte than one of BF16 models). Ties: lowest device index.
     Groups where the models' step times would break one of their TPOT targets
@@ -538,12 +549,12 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     for item in _by_memory(_items(demands, plans)):
         fit = cluster.candidates(item)
         # Interference: never beside models whose steps break its TPOT (or theirs).
-        cands = [g for g in fit if tpot_compatible(g.items + [item])] or fit
+        cands = [(g, it) for g, it in fit if tpot_compatible(g.items + [it])] or fit
         if not cands:
             unplaced.append(_unfit(item, cluster))
             continue
-        best = max(cands, key=lambda g: (_free_blocks(g, item), [-i for i in g.devices]))
-        cluster.add(best, item)
+        best = max(cands, key=lambda c: (_free_blocks(*c), [-i for i in c[0].devices]))
+        cluster.add(*best)
     return cluster.placement("slab-greedy", unplaced)
 
 
@@ -569,12 +580,13 @@ def place_kvpr(demands: Sequence[ModelDemand], plans: Mapping[str, ParallelPlan]
             unplaced.append(_unfit(item, cluster))
             continue
 
-        def score(g: _Group) -> tuple:
-            mine = _kvpr(g, item)
+        def score(c: tuple[_Group, _Item]) -> tuple:
+            g, it = c
+            mine = _kvpr(g, it)
             others = max((_kvpr(o) for o in cluster.groups if o is not g), default=0.0)
             return (max(mine, others), mine, g.devices)
 
-        cluster.add(min(cands, key=score), item)
+        cluster.add(*min(cands, key=score))
     return cluster.placement("kvpr", unplaced)
 
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from fineserve_jax.engine.alloc import make_allocator
-from fineserve_jax.kvslab import BlockFormat, StaticPartitionAllocator
+from fineserve_jax.kvslab import BlockFormat, StaticPartitionAllocator, choose_slab_bytes
 from schedulers.batching import (
     DECODE,
     SLO,
@@ -262,7 +262,12 @@ class _Group:
         self.spec = spec
         formats = {m: models[m].block for m in spec.models}
         if spec.allocator == "static" and spec.partitions is not None:
-            self.alloc = StaticPartitionAllocator(spec.kv_budget_bytes, list(formats.values()),
+            # Separate processes each page their own share: rows as small as 1% padding
+            # allows, not the shared pool's 2x-LCM slabs.
+            fmts = list(formats.values())
+            row = choose_slab_bytes([f.block_bytes for f in fmts], spec.kv_budget_bytes,
+                                    lcm_first=False)
+            self.alloc = StaticPartitionAllocator(spec.kv_budget_bytes, fmts, slab_bytes=row,
                                                   partitions=dict(spec.partitions))
         else:
             self.alloc = make_allocator(spec.allocator, spec.kv_budget_bytes, formats)

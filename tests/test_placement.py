@@ -198,6 +198,24 @@ def test_unplaced_when_nothing_fits_or_compute_is_full():
         assert set(reasons) == {"huge", "x", "y"} - set(pl.groups[0].models)
 
 
+def test_a_model_is_widened_into_a_wider_group_rather_than_left_out():
+    # "big" (150 GB, tp 2) takes both devices; "small" (30 GB, tp 1) finds no device of
+    # its own, but sharded over big's pair it needs 15 GB per device: 75 + 15 + KV fits.
+    demands = [demand("big", 150), demand("small", 30)]
+    plans = {"big": plan(tp=2), "small": plan()}
+    for fn in (place_slab_greedy, place_kvpr):
+        pl = fn(demands, plans, [device(), device()], NO_RESERVE)
+        assert not pl.unplaced
+        assert [(g.devices, g.tp, g.models) for g in pl.groups] == [((0, 1), 2, ("big", "small"))]
+        assert pl.groups[0].kv_budget_bytes == 10 * GB  # 100 - 75 - 15 per device
+        # A free device of its own tp still wins: widening is the fallback only.
+        pl = fn(demands, plans, [device()] * 3, NO_RESERVE)
+        assert [(g.devices, g.models) for g in pl.groups] == [((0, 1), ("big",)), ((2,), ("small",))]
+    # Dedicated placement never shares, so it leaves small out.
+    pl = place_dedicated(demands, plans, [device(), device()], NO_RESERVE)
+    assert [u.model for u in pl.unplaced] == ["small"]
+
+
 def test_replicas_go_to_different_groups():
     demands = [demand("r", 10)]
     pl = place_slab_greedy(demands, {"r": plan(replicas=3)}, [device()] * 4, NO_RESERVE)
@@ -238,7 +256,7 @@ def test_random_demands_respect_memory_and_account_for_every_replica(algorithm):
             weights = sum(by_name[m].weight_bytes / g.tp for m in g.models)
             kv_need = sum(plans[m].concurrency * by_name[m].mean_context
                           * by_name[m].kv_bytes_per_token for m in g.models)
-            assert all(plans[m].tp == g.tp for m in g.models)
+            assert all(plans[m].tp <= g.tp for m in g.models)  # widened at most
             assert weights + g.kv_budget_bytes <= usable * (1 + 1e-12)  # pool beside weights
             assert kv_need <= g.kv_budget_bytes + 1
             assert sum(plans[m].utilisation for m in g.models) <= config.headroom + 1e-9

@@ -250,3 +250,33 @@ def test_goodput_and_knee_definitions():
     assert goodput([(10, 0.5), (20, 1.0)], 0.9)["rate"] == 0.0  # must hold at every lower rate
     assert knee([(10, 1.0), (20, 0.95), (30, 0.85), (40, 0.2)]) == 30
     assert knee([(10, 0.8), (20, 0.85), (30, 0.8)]) is None
+
+
+def test_bench_cluster_lengths_and_model_count_reach_the_workload(tmp_path):
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+    from fineserve_jax.bench.cluster import MODELS, model_list
+
+    names = [m[0] for m in model_list(15)]
+    assert names[:12] == [m[0] for m in MODELS] and len(set(names)) == 15
+    assert [m[1:] for m in model_list(15)[12:]] == [("8b", "bf16"), ("8b", "fp8"), ("8b", "fireq")]
+    out = tmp_path / "c.json"
+    assert main(["cluster", "--quick", "--models", "14", "--prompt-mean", "700",
+                 "--prompt-max", "3000", "--output-mean", "40", "--output-max", "64",
+                 "--systems", "fineserve", "static", "--out", str(out), "--plot", ""]) == 0
+    rec = json.loads(out.read_text())
+    assert len(rec["models"]) == 14
+    assert rec["config"]["prompt"]["mean"] == 700 and rec["config"]["prompt"]["hi"] == 3000
+    assert rec["config"]["output"]["hi"] == 64
+    assert "--models 14" in rec["command"] and "--prompt-mean 700" in rec["command"]
+    # SLOs follow the longest prompt the workload draws: a 3,000-token solo prefill.
+    from fineserve_jax.bench.cluster import setup_models
+    from schedulers.placement import PlacementConfig
+
+    short = setup_models(5.0, PlacementConfig())["chat-8b-bf16"]
+    m = rec["models"]["chat-8b-bf16"]
+    assert m["solo_ttft_s"] > 2 * short.solo_ttft_s  # 3,000 vs 1,024 prompt tokens
+    assert m["slo"]["ttft_s"] == pytest.approx(5 * m["solo_ttft_s"])
+    with pytest.raises(SystemExit, match="bad length options"):
+        main(["cluster", "--quick", "--output-mean", "0", "--out", str(out), "--plot", ""])

@@ -28,7 +28,10 @@ precision-aware slab pool models, so it isolates Prism's placement and batching.
 Workload (``schedulers.workload``): per-model Poisson arrivals (``--cv`` 1) with power-law
 rates (``--alpha``) over ``MODELS``' order, ShareGPT-like lengths (lognormal, means 161 /
 338 tokens) with prompts and outputs clipped to 1,024 tokens each, as vLLM's ShareGPT
-benchmark prunes prompts over 1,024 and sequences over 2,048 tokens.
+benchmark prunes prompts over 1,024 and sequences over 2,048 tokens. ``--prompt-mean``,
+``--output-mean`` (and ``-sigma``, ``-max``) give other length distributions, e.g. long
+contexts; ``--models N`` adds 8B tenants after the twelve (``model_list``) so that more
+models share each GPU.
 
 SLOs: each model's TTFT and TPOT targets are ``--slo-scale`` times its *solo latency*: the
 TTFT of the longest prompt the workload draws (1,024 tokens, chunked by the prefill
@@ -39,6 +42,8 @@ them when alone, so attainment can reach 100%.
 Global scheduling per rate: ``plan_parallelism`` picks each model's tp and replicas from
 its rate and SLOs; each system's placer puts the replicas on ``--gpus`` devices (a replica
 that fits nowhere is reported; a model with no replica placed misses every request).
+Static partitions are paged in rows of at most 1% padding, as separate processes would
+page their own shares, and each holds at least one longest sequence.
 
 Figures per (system, rate): SLO attainment (requests meeting both SLOs / all; dropped,
 failed and unplaced ones are misses), output tokens/s (tokens generated / simulated span,
@@ -92,8 +97,8 @@ HELP = ("simulated cluster of H100s serving 12 mixed-precision Llama-3 models: F
         "static partitions, fixed pages and Prism-style, attainment and goodput per rate")
 BLOCK_TOKENS = 16
 TP_OPTIONS = (1, 2, 4, 8)
-PROMPT = LengthDist(161.0, 1.0, 4, 1024)
-OUTPUT = LengthDist(338.0, 0.9, 4, 1024)
+PROMPT = LengthDist(161.0, 1.0, 4, 1024)  # defaults of --prompt-mean/-sigma/-max
+OUTPUT = LengthDist(338.0, 0.9, 4, 1024)  # defaults of --output-mean/-sigma/-max
 # vLLM-like batch limits, the same for every system.
 LIMITS = BatchLimits(max_seqs=128, max_prefill_seqs=16, prefill_token_budget=512)
 SHAPES = {"8b": ModelShape.llama3_8b, "70b": ModelShape.llama3_70b}
@@ -114,6 +119,23 @@ SYSTEMS = {
     "prism": System("kvpr", "kvslab", "prism"),
 }
 
+@dataclass(frozen=True)
+class Lengths:
+    """The workload's prompt and output length distributions."""
+
+    prompt: LengthDist = PROMPT
+    output: LengthDist = OUTPUT
+
+    @property
+    def longest(self) -> int:
+        return self.prompt.hi + self.output.hi
+
+    @property
+    def mean_context(self) -> float:
+        """A running sequence's mean context: the prompt plus half the output."""
+        return self.prompt.mean + self.output.mean / 2
+
+
 # (name, shape, precision), most popular first: popularity is spread over sizes and
 # precisions so that every precision has a busy and an idle model.
 MODELS = (
@@ -130,6 +152,20 @@ MODELS = (
     ("code-8b-fireq", "8b", "fireq"),
     ("math-8b-fp8", "8b", "fp8"),
 )
+_PRECISIONS = ("bf16", "fp8", "fireq")
+
+
+def model_list(n: int) -> tuple[tuple[str, str, str], ...]:
+    """``n`` models, most popular first: ``MODELS``, then (``n > 12``) more 8B tenants
+    cycling through the precisions, so that several models share each GPU and KV memory,
+    not compute, is what runs short."""
+    if n < 1:
+        raise ValueError(f"need at least one model, got {n}")
+    out = list(MODELS[:n])
+    for i in range(len(MODELS), n):
+        prec = _PRECISIONS[i % 3]
+        out.append((f"tenant{i + 1}-8b-{prec}", "8b", prec))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------- models
@@ -163,17 +199,18 @@ def block_format(shape: str, precision: str) -> BlockFormat:
                        p.kv_scale_bytes, name)
 
 
-def setup_models(slo_scale: float, config: PlacementConfig) -> dict[str, ModelSetup]:
+def setup_models(slo_scale: float, config: PlacementConfig, lengths: Lengths = Lengths(),
+                 n_models: int = len(MODELS)) -> dict[str, ModelSetup]:
     dev = DeviceSpec.h100_sxm()
-    longest = PROMPT.hi + OUTPUT.hi
+    longest = lengths.longest
     out = {}
-    for name, shape, prec in MODELS:
+    for name, shape, prec in model_list(n_models):
         c1 = cost(shape, prec, 1)
         w, kvt = c1.weight_bytes(), c1.kv_bytes_per_token()
         tp = next(t for t in TP_OPTIONS
                   if config.usable_bytes(dev) - w / t >= longest * kvt)
         c = cost(shape, prec, tp)
-        ttft = solo_ttft(c, PROMPT.hi, LIMITS.prefill_token_budget)
+        ttft = solo_ttft(c, lengths.prompt.hi, LIMITS.prefill_token_budget)
         tpot = c.decode_time([longest])
         out[name] = ModelSetup(name, shape, prec, tp, ttft, tpot,
                                SLO(slo_scale * ttft, slo_scale * tpot),
@@ -181,40 +218,44 @@ def setup_models(slo_scale: float, config: PlacementConfig) -> dict[str, ModelSe
     return out
 
 
-def demands(models: dict[str, ModelSetup], rates: dict[str, float]) -> list[ModelDemand]:
+def demands(models: dict[str, ModelSetup], rates: dict[str, float],
+            lengths: Lengths) -> list[ModelDemand]:
     return [ModelDemand(m.name, m.precision, m.weight_bytes, m.kv_bytes_per_token,
-                        rates[m.name], PROMPT.mean, OUTPUT.mean, m.slo.ttft_s, m.slo.tpot_s,
+                        rates[m.name], lengths.prompt.mean, lengths.output.mean, m.slo.ttft_s, m.slo.tpot_s,
                         cost=lambda tp, m=m: cost(m.shape, m.precision, tp),
                         block_tokens=BLOCK_TOKENS, block_bytes=m.block.block_bytes)
             for m in models.values()]
 
 
 def placements(models: dict[str, ModelSetup], rates: dict[str, float], gpus: int,
-               config: PlacementConfig) -> tuple[dict, dict[str, Placement]]:
+               config: PlacementConfig, lengths: Lengths) -> tuple[dict, dict[str, Placement]]:
     """Plans (shared) and each placement algorithm's placement at these rates."""
     dev = DeviceSpec.h100_sxm()
-    ds = demands(models, rates)
+    ds = demands(models, rates, lengths)
     plans = {d.name: plan_parallelism(d, dev, TP_OPTIONS, config) for d in ds}
     algos = {s.placement for s in SYSTEMS.values()}
     return plans, {a: place(a, ds, plans, [dev] * gpus, config) for a in sorted(algos)}
 
 
-def kv_need(plan, m: ModelSetup) -> float:
+def kv_need(plan, m: ModelSetup, lengths: Lengths) -> float:
     """A replica's planned KV bytes (as placement counts them): batch_rate sequences at
     the mean context."""
-    return plan.batch_rate * (PROMPT.mean + OUTPUT.mean / 2) * m.kv_bytes_per_token
+    return plan.batch_rate * lengths.mean_context * m.kv_bytes_per_token
 
 
-def groups_of(p: Placement, system: System, plans: dict,
-              models: dict[str, ModelSetup]) -> list[GroupSpec]:
+def groups_of(p: Placement, system: System, plans: dict, models: dict[str, ModelSetup],
+              lengths: Lengths) -> list[GroupSpec]:
     """Simulator groups of a placement. Static partitions are sized in proportion to each
-    model's planned KV need (what an operator sizing one process per model would do)."""
+    model's planned KV need, and at least one longest sequence (what an operator sizing
+    one process per model would do: an engine refuses to start without room for one)."""
     move = DeviceSpec.h100_sxm().hbm_bytes_per_s * 0.8  # compaction copies at 80% of HBM
     out = []
     for g in p.groups:
         parts = None
         if system.allocator == "static":
-            need = {m: kv_need(plans[m], models[m]) for m in g.models}
+            need = {m: max(kv_need(plans[m], models[m], lengths),
+                           lengths.longest * models[m].kv_bytes_per_token)
+                    for m in g.models}
             total = sum(need.values())
             parts = {m: v / total for m, v in need.items()}
         out.append(GroupSpec(f"g{'-'.join(map(str, g.devices))}", g.models,
@@ -226,10 +267,10 @@ def groups_of(p: Placement, system: System, plans: dict,
 
 # ------------------------------------------------------------------------ running
 def run_point(system_name: str, models: dict[str, ModelSetup], plans: dict,
-              placement: Placement, trace, horizon_s: float) -> dict:
+              placement: Placement, trace, horizon_s: float, lengths: Lengths) -> dict:
     system = SYSTEMS[system_name]
     specs = {m.name: ModelSpec(m.name, m.block, LIMITS, m.slo) for m in models.values()}
-    groups = groups_of(placement, system, plans, models)
+    groups = groups_of(placement, system, plans, models, lengths)
     specs = {k: v for k, v in specs.items() if any(k in g.models for g in groups)}
     t0 = time.perf_counter()
     res = simulate(groups, specs, lambda m, g: cost(models[m].shape, models[m].precision, g.tp),
@@ -252,17 +293,17 @@ def run_point(system_name: str, models: dict[str, ModelSetup], plans: dict,
     return out
 
 
-def sweep(args, models, config) -> list[dict]:
+def sweep(args, models, config, lengths: Lengths) -> list[dict]:
     rows = []
-    names = [m[0] for m in MODELS]
+    names = list(models)
     for rate in args.rates:
-        spec = WorkloadSpec(names, rate, args.duration, args.alpha, args.cv, PROMPT, OUTPUT,
-                            args.seed)
+        spec = WorkloadSpec(names, rate, args.duration, args.alpha, args.cv, lengths.prompt,
+                            lengths.output, args.seed)
         trace = spec.generate()
-        plans, pl = placements(models, spec.rates(), args.gpus, config)
+        plans, pl = placements(models, spec.rates(), args.gpus, config, lengths)
         for sname in args.systems:
             r = run_point(sname, models, plans, pl[SYSTEMS[sname].placement], trace,
-                          args.duration + args.drain)
+                          args.duration + args.drain, lengths)
             r.update(system=sname, rate=rate, gpus=args.gpus)
             if sname == args.systems[0]:
                 r["plans"] = {k: asdict(v) for k, v in plans.items()}
@@ -272,21 +313,21 @@ def sweep(args, models, config) -> list[dict]:
     return rows
 
 
-def fewest_gpus(args, models, config) -> dict:
+def fewest_gpus(args, models, config, lengths: Lengths) -> dict:
     """Per system: the first count in ``--gpu-grid`` reaching 99% at ``--fixed-rate``."""
-    names = [m[0] for m in MODELS]
-    spec = WorkloadSpec(names, args.fixed_rate, args.duration, args.alpha, args.cv, PROMPT,
-                        OUTPUT, args.seed)
+    names = list(models)
+    spec = WorkloadSpec(names, args.fixed_rate, args.duration, args.alpha, args.cv,
+                        lengths.prompt, lengths.output, args.seed)
     trace = spec.generate()
     out = {s: {"gpus": None, "tried": {}} for s in args.systems}
     for n in args.gpu_grid:
         todo = [s for s in args.systems if out[s]["gpus"] is None]
         if not todo:
             break
-        plans, pl = placements(models, spec.rates(), n, config)
+        plans, pl = placements(models, spec.rates(), n, config, lengths)
         for s in todo:
             r = run_point(s, models, plans, pl[SYSTEMS[s].placement], trace,
-                          args.duration + args.drain)
+                          args.duration + args.drain, lengths)
             out[s]["tried"][str(n)] = r["slo_attainment"]
             _log(f"fixed rate {args.fixed_rate:g}: {s} on {n} GPUs: "
                  f"attainment {r['slo_attainment']:.3f}")
@@ -360,6 +401,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="total rate of the fewest-GPUs search")
     p.add_argument("--gpu-grid", type=int, nargs="+", default=[8, 10, 12, 14, 16, 20, 24, 32],
                    help="GPU counts tried, in order, by the fewest-GPUs search")
+    p.add_argument("--models", type=int, default=len(MODELS),
+                   help="models sharing the cluster: the twelve of MODELS, then more tenants")
+    for kind, d in (("prompt", PROMPT), ("output", OUTPUT)):
+        p.add_argument(f"--{kind}-mean", type=float, default=d.mean,
+                       help=f"mean {kind} tokens (lognormal, before clipping)")
+        p.add_argument(f"--{kind}-sigma", type=float, default=d.sigma,
+                       help=f"log-space sigma of {kind} lengths")
+        p.add_argument(f"--{kind}-max", type=int, default=d.hi,
+                       help=f"{kind} lengths are clipped to this many tokens")
     p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -373,6 +423,17 @@ def apply_quick(args) -> None:
     args.fixed_rate, args.gpu_grid = 5.0, [8, 16]
 
 
+def lengths_of(args) -> Lengths:
+    try:
+        return Lengths(
+            LengthDist(args.prompt_mean, args.prompt_sigma, min(PROMPT.lo, args.prompt_max),
+                       args.prompt_max),
+            LengthDist(args.output_mean, args.output_sigma, min(OUTPUT.lo, args.output_max),
+                       args.output_max))
+    except ValueError as e:
+        raise SystemExit(f"bad length options: {e}") from None
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -380,15 +441,18 @@ def _log(msg: str) -> None:
 def run(args) -> int:
     if args.quick:
         apply_quick(args)
+    if args.models < 1:
+        raise SystemExit("need --models >= 1")
     if min(args.rates) <= 0 or args.duration <= 0 or args.drain < 0 or args.gpus < 1:
         raise SystemExit("need rates > 0, --duration > 0, --drain >= 0 and --gpus >= 1")
     if "static" not in args.systems or "fineserve" not in args.systems:
         _log("note: the headline ratios need both 'fineserve' and 'static'")
     t0 = time.perf_counter()
     config = PlacementConfig()
-    models = setup_models(args.slo_scale, config)
-    rows = sweep(args, models, config)
-    fewest = fewest_gpus(args, models, config)
+    lengths = lengths_of(args)
+    models = setup_models(args.slo_scale, config, lengths, args.models)
+    rows = sweep(args, models, config, lengths)
+    fewest = fewest_gpus(args, models, config, lengths)
     record = {
         "benchmark": "cluster",
         "command": command(args),
@@ -399,7 +463,7 @@ def run(args) -> int:
         "config": {**{k: v for k, v in vars(args).items() if k not in ("_run", "subcommand")},
                    "device": asdict(DeviceSpec.h100_sxm()),
                    "placement": asdict(config), "limits": asdict(LIMITS),
-                   "prompt": asdict(PROMPT), "output": asdict(OUTPUT),
+                   "prompt": asdict(lengths.prompt), "output": asdict(lengths.output),
                    "systems": {k: asdict(v) for k, v in SYSTEMS.items()
                                if k in args.systems}},
         "models": {k: {**asdict(v), "slo": asdict(v.slo), "block": None,
@@ -418,14 +482,17 @@ def run(args) -> int:
 
 
 def command(args) -> str:
+    workload = (f"--prompt-mean {args.prompt_mean:g} --prompt-sigma {args.prompt_sigma:g} "
+                f"--prompt-max {args.prompt_max} --output-mean {args.output_mean:g} "
+                f"--output-sigma {args.output_sigma:g} --output-max {args.output_max} "
+                f"--models {args.models} --systems {' '.join(args.systems)} --seed {args.seed}")
     if args.quick:
-        return f"python -m fineserve_jax.bench cluster --quick --out {args.out}"
+        return f"python -m fineserve_jax.bench cluster --quick {workload} --out {args.out}"
     return (f"python -m fineserve_jax.bench cluster --gpus {args.gpus} --rates "
             f"{' '.join(f'{x:g}' for x in args.rates)} --duration {args.duration:g} "
             f"--drain {args.drain:g} --alpha {args.alpha:g} --cv {args.cv:g} --slo-scale "
             f"{args.slo_scale:g} --fixed-rate {args.fixed_rate:g} --gpu-grid "
-            f"{' '.join(map(str, args.gpu_grid))} --systems {' '.join(args.systems)} "
-            f"--seed {args.seed} --out {args.out}")
+            f"{' '.join(map(str, args.gpu_grid))} {workload} --out {args.out}")
 
 
 def plot(record: dict, path: str) -> str:
@@ -442,7 +509,7 @@ def plot(record: dict, path: str) -> str:
     for y in (0.9, 0.99):
         ax1.axhline(y, color="grey", lw=0.6, ls="--")
     ax1.set(xlabel="total rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.02),
-            title=f"{record['config']['gpus']} simulated H100s, 12 models")
+            title=f"{record['config']['gpus']} simulated H100s, {len(record['models'])} models")
     ax2.set(xlabel="total rate (req/s)", ylabel="output tokens/s", title="throughput")
     ax1.legend()
     fig.tight_layout()
