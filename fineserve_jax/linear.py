@@ -13,13 +13,16 @@ import jax
 import jax.numpy as jnp
 
 _IMPLS: list[tuple[type, Callable]] = []
+_RESIDUAL_IMPLS: list[tuple[type, Callable]] = []
 
 
-def register_linear(weight_type: type):
-    """Decorator: ``@register_linear(MyQuantWeight) def impl(x, w): ...``."""
+def register_linear(weight_type: type, *, residual: bool = False):
+    """Decorator: ``@register_linear(MyQuantWeight) def impl(x, w): ...``; with
+    ``residual=True`` it registers ``impl(x, w, r)`` for ``linear_residual`` instead (a
+    kernel that adds the residual in its epilogue)."""
 
     def deco(fn):
-        _IMPLS.insert(0, (weight_type, fn))
+        (_RESIDUAL_IMPLS if residual else _IMPLS).insert(0, (weight_type, fn))
         return fn
 
     return deco
@@ -37,3 +40,12 @@ def linear(x: jax.Array, w) -> jax.Array:
     y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def linear_residual(x: jax.Array, w, residual: jax.Array) -> jax.Array:
+    """``residual + x @ w.T`` in ``residual.dtype``: fused where the weight type registers
+    a residual implementation, else exactly ``residual + linear(x, w)``."""
+    for cls, fn in _RESIDUAL_IMPLS:
+        if isinstance(w, cls):
+            return fn(x, w, residual)
+    return residual + linear(x, w).astype(residual.dtype)

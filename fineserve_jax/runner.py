@@ -33,12 +33,26 @@ def backend_weights(params, dtype, backend: str | None = None):
     layers' weights on every decode step). On CPU, bf16 weights are therefore held as f32
     arrays carrying the same bf16 values; activations stay bf16 and the dot accumulated in
     f32 as before, so results are unchanged and decode is several times faster.
+    On GPU, INT4 weights with FP8 activations go to the INT4 x FP8 kernel's layout
+    (``pallas_kernels.w4a8.kernel_layout``).
     """
     backend = backend or jax.default_backend()
+    if backend == "gpu" and _has_fp8_int4(params):
+        # INT4 x FP8 weights in the Pallas kernel's layout, gate and up fused.
+        from pallas_kernels.w4a8 import kernel_layout
+
+        return kernel_layout(params)
     if backend == "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
         return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a,
                             params)
     return params
+
+
+def _has_fp8_int4(params) -> bool:
+    from fineserve_jax.quant import Int4Weight
+
+    layers = params.get("layers", {}) if isinstance(params, dict) else {}
+    return any(isinstance(w, Int4Weight) and w.act == "fp8" for w in layers.values())
 
 
 class DenseRunner:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fineserve_jax.config import ModelConfig
-from fineserve_jax.linear import linear
+from fineserve_jax.linear import linear, linear_residual
 from fineserve_jax.model.kv import KVCacheOps
 
 
@@ -39,9 +39,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _proj(x, lp: dict, w: str, b: str):
+def _proj(x, lp: dict, w: str, b: str, residual=None):
+    """``x @ lp[w].T`` (+ bias ``lp[b]``), then ``residual +`` it when given (fused into
+    the matmul's epilogue where the weight type has a kernel for it)."""
+    if residual is not None and b not in lp:
+        return linear_residual(x, lp[w], residual)
     y = linear(x, lp[w])
-    return y + lp[b].astype(y.dtype) if b in lp else y
+    y = y + lp[b].astype(y.dtype) if b in lp else y
+    return y if residual is None else residual + y
 
 
 def apply_k_post(q: jax.Array, k: jax.Array, k_post: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -56,7 +61,9 @@ def apply_k_post(q: jax.Array, k: jax.Array, k_post: jax.Array) -> tuple[jax.Arr
 
 
 def attention_block(cfg: ModelConfig, lp: dict, x, cos, sin, kv: KVCacheOps, kv_state,
-                    layer, kv_meta, query_fp8: bool = False):
+                    layer, kv_meta, query_fp8: bool = False, residual=None):
+    """Attention of normed ``x``; returns (output, kv_state), the output plus
+    ``residual`` when given."""
     B, T, _ = x.shape
     hd = cfg.head_dim
     q = _proj(x, lp, "wq", "bq").reshape(B, T, cfg.num_heads, hd)
@@ -71,14 +78,19 @@ def attention_block(cfg: ModelConfig, lp: dict, x, cos, sin, kv: KVCacheOps, kv_
         q = fake_quant_per_token(q)
     kv_state = kv.update(kv_state, layer, k, v, kv_meta)
     o = kv.attend(kv_state, layer, q, kv_meta, hd ** -0.5)  # (B, T, H, hd)
-    return _proj(o.reshape(B, T, cfg.num_heads * hd), lp, "wo", "bo"), kv_state
+    return _proj(o.reshape(B, T, cfg.num_heads * hd), lp, "wo", "bo", residual), kv_state
 
 
-def mlp_block(lp: dict, x):
-    gate = _proj(x, lp, "w_gate", "b_gate")
-    up = _proj(x, lp, "w_up", "b_up")
-    h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
-    return _proj(h, lp, "w_down", "b_down")
+def mlp_block(lp: dict, x, residual=None):
+    """SwiGLU of normed ``x`` (plus ``residual`` when given). A fused ``w_gate_up`` weight
+    (``pallas_kernels.w4a8.fuse_gate_up``) computes ``silu(gate) * up`` in one matmul."""
+    if "w_gate_up" in lp:
+        h = linear(x, lp["w_gate_up"])
+    else:
+        gate = _proj(x, lp, "w_gate", "b_gate")
+        up = _proj(x, lp, "w_up", "b_up")
+        h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+    return _proj(h, lp, "w_down", "b_down", residual)
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
@@ -98,10 +110,9 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Ar
 
     def layer_fn(carry, lp):
         x, kv_state, layer = carry
-        h, kv_state = attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin,
-                                      kv, kv_state, layer, kv_meta, query_fp8)
-        x = x + h
-        x = x + mlp_block(lp, rms_norm(x, lp["mlp_norm"], eps))
+        x, kv_state = attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin,
+                                      kv, kv_state, layer, kv_meta, query_fp8, residual=x)
+        x = mlp_block(lp, rms_norm(x, lp["mlp_norm"], eps), residual=x)
         return (x, kv_state, layer + 1), None
 
     (x, kv_state, _), _ = jax.lax.scan(layer_fn, (x, kv_state, jnp.int32(0)), params["layers"])
