@@ -31,9 +31,12 @@ mode on CPU, the Triton lowering on GPU); ``w4a8_reference`` is the plain-jnp se
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -66,10 +69,39 @@ class BlockConfig:
             raise ValueError(f"bad num_warps/num_stages: {self.num_warps}, {self.num_stages}")
 
 
+M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+TUNED_PATH = Path(__file__).with_name("w4a8_tuned.json")
+
+
+def tuning_key(m: int, n: int, k: int, fmt: str, gated: bool) -> str:
+    """The tuned table's key: format, N x K, gated, and the smallest M bucket >= m."""
+    mb = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+    return f"{fmt}{'-gated' if gated else ''}:{n}x{k}:m{mb}"
+
+
+@functools.cache
+def _tuned(device_kind: str) -> dict[str, BlockConfig]:
+    if not TUNED_PATH.exists():
+        return {}
+    table = json.loads(TUNED_PATH.read_text()).get(device_kind, {})
+    fields = ("block_m", "block_n", "num_warps", "num_stages")
+    return {key: BlockConfig(**{f: cfg[f] for f in fields}) for key, cfg in table.items()}
+
+
+def pick_config(m: int, w: W4A8Weight) -> BlockConfig:
+    """The tuned config for this device and problem (``python -m pallas_kernels.tune_w4a8``
+    writes the table), else ``default_config``."""
+    n = w.packed.shape[-2]
+    fmt = "fireq" if w.symmetric else "fireq-g32"
+    kind = jax.devices()[0].device_kind
+    hit = _tuned(kind).get(tuning_key(m, n, w.k, fmt, w.gated))
+    return hit or default_config(m, n, w.gated, w.tile_n)
+
+
 def default_config(m: int, n: int, gated: bool = False, tile_n: int = 128) -> BlockConfig:
-    """A block config for an ``[m, K] x [K, n]`` problem: small M tiles for decode, 64 or
-    128 for prefill; ``block_n`` the largest of 256/128/64 dividing n (a gated weight's
-    ``tile_n``). ``tune`` writes measured tables that replace this guess."""
+    """A block config for an ``[m, K] x [K, n]`` problem when no tuned entry exists:
+    small M tiles for decode, 64 or 128 for prefill; ``block_n`` the largest of
+    256/128/64 dividing n (a gated weight's ``tile_n``)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 1024 else 128
     if gated:
         bn = tile_n
@@ -308,7 +340,7 @@ def w4a8_matmul(xq: jax.Array, xs: jax.Array, w: W4A8Weight, residual: jax.Array
         raise TypeError(f"w4a8_matmul: activations must be float8_e4m3fn, got {xq.dtype}")
     n = w.packed.shape[0]
     n_out = w.out_features
-    cfg = config or default_config(m, n, w.gated, w.tile_n)
+    cfg = config or pick_config(m, w)
     bn = cfg.block_n
     if w.gated and bn != w.tile_n:
         raise ValueError(f"a gated weight needs block_n = tile_n = {w.tile_n}, got {bn}")

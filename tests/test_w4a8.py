@@ -156,3 +156,46 @@ def test_linear_dispatch_and_model_layout(smollm2_f32, monkeypatch):
     assert y.shape == (2, 3, 576)
     np.testing.assert_allclose(as_np(linear_residual(x, wk, x)), as_np(x + y), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_bench_kernels_quick_record(tmp_path):
+    """The GPU benchmark's plumbing, in interpret mode: every row timed and checked."""
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+
+    out = tmp_path / "k.json"
+    assert main(["kernels", "--quick", "--m", "3", "--impls", "xla-bf16", "w4a8-fireq-g32",
+                 "--out", str(out)]) == 0
+    assert w4a8.KERNEL_MODE is None  # restored
+    rec = json.loads(out.read_text())
+    rows = rec["results"]
+    assert {r["impl"] for r in rows} == {"xla-bf16", "w4a8-fireq-g32"}
+    assert len(rows) == 2 * 4  # four linear shapes
+    for r in rows:
+        assert r["seconds"] > 0 and r["flops"] == 2 * r["m"] * r["n"] * r["k"]
+        if r["impl"] == "w4a8-fireq-g32":
+            assert r["max_row_rel_err"] < 1e-2 and r["speedup_vs_bf16"] > 0
+    assert [f["m"] for f in rec["ffn"]] == [3, 17] and rec["e2e"] is None
+    with pytest.raises(SystemExit, match="GPU"):
+        main(["kernels", "--out", str(out)])
+
+
+def test_tuned_table_is_used_for_its_device(tmp_path, monkeypatch):
+    import json
+
+    xq, xs, w = exact_case(np.random.default_rng(2), 5, 256, 384)
+    kind = jax.devices()[0].device_kind
+    key = w4a8.tuning_key(5, 256, 384, "fireq", False)
+    assert key == "fireq:256x384:m16"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({kind: {key: {"block_m": 32, "block_n": 64, "num_warps": 8,
+                                             "num_stages": 2, "seconds": 1e-5}},
+                                "other-gpu": {}}))
+    monkeypatch.setattr(w4a8, "TUNED_PATH", path)
+    w4a8._tuned.cache_clear()
+    try:
+        assert w4a8.pick_config(5, w) == BlockConfig(32, 64, 8, 2)
+        assert w4a8.pick_config(100, w) == w4a8.default_config(100, 256)  # no entry
+    finally:
+        w4a8._tuned.cache_clear()
