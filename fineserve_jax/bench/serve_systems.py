@@ -252,7 +252,10 @@ def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
     return {"attainment": sum(r.slo_met for r in recs) / len(recs),
             "output_tok_s": toks / span if span > 0 else 0.0,
             "ttft_p50_s": _pct(ttfts, 50),
-            "dropped": sum(r.status == "dropped" for r in recs)}
+            "dropped": sum(r.status == "dropped" for r in recs),
+            "steps": {k: {"steps": g.steps, "prefill_steps": g.prefill_steps,
+                          "busy_s": g.busy_s} for k, g in res.groups.items()},
+            "ttft_s": [r.ttft for r in sorted(recs, key=lambda r: r.index)]}
 
 
 def _rel(predicted, measured):
@@ -276,6 +279,7 @@ def goodput(rates: list[float], attain: list[float], level: float) -> float | No
 def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
+    from fineserve_jax.engine.steplog import summarize as summarize_steps
 
     git = git_state()  # the code that runs, before anything can change under a long run
     allocators = {SYSTEMS[s][0] for s in args.systems}
@@ -297,12 +301,13 @@ def run_systems(args, command: str) -> int:
             alloc, sched = SYSTEMS[system]
             e = engines[alloc]
             e.scheduler = make_local_scheduler(sched)
-            t0 = time.perf_counter()
+            t0, m0 = time.perf_counter(), time.monotonic()
             recs, lag = replay(e, reqs, ids, args.drain_s)
             s = summarize(recs, slos)
             sim = simulate(args, system, reqs, costs, slos, formats)
             runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
                          "wall_s": time.perf_counter() - t0, "simulated": sim,
+                         "engine_steps": summarize_steps(e.step_log.between(m0), costs),
                          "requests": recs})
             _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
                  f"{s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']}, "

@@ -38,6 +38,7 @@ from fineserve_jax.engine.logprobs import (record_prompt_logprobs, step_logprobs
 from fineserve_jax.engine.runner import (LOGPROBS, PROMPT_LOGPROBS, SAMPLER, PagedRunner,
                                          StepBatch, TopLogprobs)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
+from fineserve_jax.engine.steplog import StepLog, StepRecord
 from fineserve_jax.engine.alloc import make_allocator
 from fineserve_jax.engine.live import LIVE_MESSAGES, LiveModels
 from fineserve_jax.engine.pool import BlockMover, new_pool
@@ -136,6 +137,7 @@ class Engine(LiveModels):
         self.started = False
         self.device: str | None = None  # where the pool lives, once started
         self.warmup_seconds = 0.0
+        self.step_log = StepLog()  # what each iteration ran and how long it took
         self._init_live()
 
     def __repr__(self):
@@ -455,6 +457,7 @@ class Engine(LiveModels):
 
     def step(self) -> bool:
         """One iteration: drain the inbox, schedule one model, run, postprocess."""
+        t_start = time.monotonic()
         with self._lock:
             self._drain_inbox()
             if self._retiring:
@@ -465,9 +468,13 @@ class Engine(LiveModels):
                 return False
             m, work = picked
             batch = self._build_batch(m, work)
+            chunks = tuple(c for _, c in work.rows)
+            contexts = tuple(s.num_computed + c for s, c in work.rows)
         try:
+            t_run = time.monotonic()
             nxt, self.pool, aux = m.runner.step(self.pool, batch)
             nxt = np.asarray(nxt)
+            t_ran = time.monotonic()
             lps = step_logprobs(m.runner, work.rows, batch, nxt, aux)
         except Exception as e:
             log.exception("step of model %s failed", m.name)
@@ -479,6 +486,8 @@ class Engine(LiveModels):
             return True
         with self._lock:
             self._postprocess(m, work, nxt, lps)
+        self.step_log.add(StepRecord(m.name, work.kind, chunks, contexts, t_start, t_run, t_ran,
+                                     time.monotonic()))
         return True
 
     def _drain_inbox(self) -> None:
