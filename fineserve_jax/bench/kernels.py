@@ -34,7 +34,8 @@ import sys
 import time
 
 HELP = ("kernel microbenchmarks (GPU): --op w4a8 times the INT4xFP8 GEMM against XLA BF16 "
-        "and FP8 dots and W4A16 on Llama-2-7B / Llama-3-8B linear shapes")
+        "and FP8 dots and W4A16 on Llama-2-7B / Llama-3-8B linear shapes; --op attention "
+        "the paged decode and FP8 prefill attention kernels")
 
 # (hidden, FFN, KV width) per model; layers are (name, N, K).
 SHAPES = {"llama2-7b": (4096, 11008, 4096), "llama3-8b": (4096, 14336, 1024)}
@@ -49,7 +50,9 @@ def layers(model: str, shapes=None) -> list[tuple[str, int, int]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--op", choices=["w4a8"], default="w4a8", help="which kernel")
+    p.add_argument("--op", choices=["w4a8", "attention"], default="w4a8",
+                   help="which kernel: the INT4xFP8 GEMM, or paged decode and FP8 prefill "
+                        "attention (fineserve_jax.bench.attention)")
     p.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--m", type=int, nargs="+", default=list(M_VALUES), help="tokens M")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
@@ -61,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-batch", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--e2e-context", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="tiny shapes, interpret mode (CPU)")
-    p.add_argument("--out", default="benchmarks/results/kernels_w4a8.json")
+    p.add_argument("--out", default=None, help="JSON record (default: "
+                   "benchmarks/results/kernels_<op>.json)")
+    from fineserve_jax.bench import attention
+
+    attention.add_arguments(p)
 
 
 # -------------------------------------------------------------------------- timing
@@ -246,10 +253,36 @@ def run(args) -> int:
         if jax.default_backend() != "gpu":
             raise SystemExit("bench kernels times GPU kernels; on a CPU use --quick "
                              "(interpret mode, plumbing only)")
+    args.out = args.out or f"benchmarks/results/kernels_{args.op}.json"
     try:
-        return _run(args, shapes)
+        return _run_attention(args) if args.op == "attention" else _run(args, shapes)
     finally:
         w4a8.KERNEL_MODE = None
+
+
+def _run_attention(args) -> int:
+    import jax
+
+    from fineserve_jax.bench import attention
+    from fineserve_jax.bench.common import versions, write_json
+
+    pk = peaks(args)
+    body = attention.run(args, pk, timed)
+    record = {"benchmark": "kernels-attention", "command": _command(),
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
+                          "versions": versions(("jax", "jaxlib", "numpy")),
+                          "device": str(jax.devices()[0].device_kind), "quick": args.quick},
+              "peaks": pk, **body}
+    _log(f"wrote {write_json(args.out, record)}")
+    print(attention.table(record))
+    return 0
+
+
+def _command() -> str:
+    if sys.argv[1:2] == ["kernels"]:
+        return "python -m fineserve_jax.bench kernels " + " ".join(sys.argv[2:])
+    return "python -m fineserve_jax.bench kernels"
 
 
 def check(impls: dict) -> dict:
@@ -316,8 +349,7 @@ def _run(args, shapes) -> int:
                  f"{t['w4a8-fireq'] * 1e6:.0f} us ({ffn[-1]['speedup']:.2f}x)")
     record = {
         "benchmark": "kernels-w4a8",
-        "command": "python -m fineserve_jax.bench kernels " + " ".join(sys.argv[2:])
-        if sys.argv[1:2] == ["kernels"] else "python -m fineserve_jax.bench kernels",
+        "command": _command(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                     "versions": versions(("jax", "jaxlib", "numpy")),
