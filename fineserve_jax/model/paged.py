@@ -87,6 +87,14 @@ class PagedKVCache:
         return k, v
 
     def attend(self, pool: jax.Array, layer, q, meta: PagedKVMeta, scale: float):
+        """Attention of q (B, T, H, D) over the blocks: the Pallas kernel on GPU, the XLA
+        reference elsewhere (``pallas_kernels.paged_attention.KERNEL_MODE`` overrides)."""
+        from pallas_kernels import paged_attention as kernel  # lazy: kernels import the model
+
+        mode = kernel.KERNEL_MODE
+        if mode == "interpret" or (mode is None and jax.default_backend() == "gpu"):
+            return kernel.paged_attention(pool, layer, q, meta, self, scale,
+                                          interpret=kernel.KERNEL_MODE == "interpret")
         k, v = self.gather(pool, layer, meta.page_table)
         return paged_reference_attention(q, k, v, meta.positions, meta.seq_lens, scale,
                                          self.sliding_window)
