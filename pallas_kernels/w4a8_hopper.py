@@ -1,0 +1,345 @@
+"""INT4 x FP8 GEMM for Hopper (H100 / H200): Pallas Mosaic GPU, TMA and FP8 wgmma.
+
+Same semantics and weight type as ``pallas_kernels.w4a8`` (read its docstring): FP8
+activations ``xq`` with a per-token scale ``xs``, a ``W4A8Weight`` in the "split halves"
+layout, per-group scales (and offsets for asymmetric groups), a column scale, and the
+residual and gated-SiLU epilogues. Results equal ``w4a8_reference`` up to float32
+summation order (bit for bit on ``exact_case``).
+
+One launch = one block of ``block_m`` tokens x ``block_n`` weight rows; a single
+warpgroup per block runs a TMA pipeline over the K tiles (``tile_k`` = 128) with
+``num_stages`` tiles in flight. Per K tile:
+
+* TMA brings the activation tile in segments ``[block_m, seg]`` and the packed codes in
+  ``[block_n, seg]`` byte tiles (``seg = min(group, tile_k / 2)``: 64 for group 128,
+  32 for group 32); a byte tile holds the codes of two segments, its low nibbles the one
+  in the first half of the K tile, its high nibbles the one in the second half.
+* The codes are unpacked in registers to exact small-integer FP8 values (``c - 8`` for
+  symmetric groups, ``c`` for asymmetric ones; Hopper has no INT4 MMA) and written to an
+  FP8 SMEM tile ``[block_n, seg]``: K contiguous, the K-major B operand FP8 wgmma needs.
+* Per group: FP8 x FP8 wgmmas of that group's segments into a zeroed float32
+  accumulator, then ``acc += partial * S[group, n]`` (``+ xsum[m, group] * b[group, n]``
+  for asymmetric groups, with the exact per-group activation sums computed beside the
+  kernel) in registers.
+
+The epilogue applies ``xs[m] * cs[n]``, the gate (``silu(gate) * up``, gate and up rows
+interleaved per ``tile_n`` as ``fuse_gate_up`` lays them out) and the residual, and
+stores BF16. Scales and offsets are read transposed (``[groups, N]``) so that one group's
+row is a contiguous TMA box; the wrapper transposes them per call (an XLA transpose of
+1/64 of the code bytes for group 128 and 1/4 for group 32 with offsets).
+
+``interpret=True`` is the variant the Mosaic GPU interpreter runs: the unpacked weight
+tile is stored ``[seg, block_n]`` (N contiguous) and used as B directly, because the
+interpreter does not model ``transpose_ref`` on a wgmma operand, while a real FP8 wgmma
+rejects an N-major B. Everything else (TMA pipeline, unpacking, wgmma per group, scaling,
+epilogues) is the same code; the default variant is proved by lowering it for CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from fineserve_jax.quant.fp8 import E4M3
+from pallas_kernels.w4a8 import W4A8Weight
+
+HOPPER_KINDS = ("H100", "H200", "H800", "GH200")
+
+
+def is_hopper(device_kind: str) -> bool:
+    """Whether a device kind (``jax.devices()[0].device_kind``) is a Hopper GPU."""
+    return any(k in device_kind for k in HOPPER_KINDS)
+
+
+def supports(w: W4A8Weight) -> bool:
+    """Whether ``w4a8_matmul_hopper`` takes this weight (else use ``w4a8_matmul``)."""
+    n = w.packed.shape[-2]
+    bn_ok = w.tile_n in (32, 64, 128, 256) if w.gated else n % 32 == 0
+    return w.tile_k == 128 and w.group in (32, 64, 128) and bn_ok
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    """Tile sizes of one Mosaic GPU launch. ``block_m``: tokens per block, a multiple of
+    64 (wgmma's M; M is padded to it); ``block_n``: weight rows per block, dividing N
+    (a gated weight's ``tile_n``); ``num_stages``: K tiles in flight in the TMA pipeline."""
+
+    block_m: int = 64
+    block_n: int = 128
+    num_stages: int = 3
+
+    def __post_init__(self):
+        if self.block_m not in (64, 128):
+            raise ValueError(f"HopperConfig.block_m must be 64 or 128, got {self.block_m}")
+        if self.block_n not in (32, 64, 128, 256):
+            raise ValueError(f"HopperConfig.block_n must be 32, 64, 128 or 256, "
+                             f"got {self.block_n}")
+        if self.block_m * self.block_n > 64 * 256:
+            raise ValueError("block_m * block_n > 64 * 256: the float32 accumulator would "
+                             "not fit one warpgroup's registers")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"HopperConfig.num_stages must be in [1, 8], got {self.num_stages}")
+
+
+def default_hopper_config(m: int, w: W4A8Weight) -> HopperConfig:
+    """128-row weight blocks (a gated weight's ``tile_n``); 64 tokens per block up to
+    M = 1024, then 128 x 128 tiles."""
+    n = w.packed.shape[-2]
+    if w.gated:
+        bn = w.tile_n
+    else:
+        bn = next(b for b in (128, 64, 32) if n % b == 0) if n % 32 == 0 else 0
+        if not bn:
+            raise ValueError(f"w4a8_matmul_hopper: N = {n} is not a multiple of 32")
+    bm = 128 if m > 1024 and bn <= 128 else 64
+    return HopperConfig(block_m=bm, block_n=bn)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Static shape of one launch (derived from the weight and the config)."""
+
+    bm: int
+    bn: int
+    tile_k: int
+    group: int
+    n_tiles: int  # K tiles
+    symmetric: bool
+    gated: bool
+    residual: bool
+    interpret: bool
+    stages: int
+
+    @property
+    def seg(self) -> int:  # K elements per wgmma operand tile
+        return min(self.group, self.tile_k // 2)
+
+    @property
+    def n_seg(self) -> int:  # segments per K tile
+        return self.tile_k // self.seg
+
+    @property
+    def gpt(self) -> int:  # groups per K tile
+        return self.tile_k // self.group
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:  # (first row, rows): gate, up
+        h = self.bn // 2
+        return ((0, h), (h, h)) if self.gated else ((0, self.bn),)
+
+
+def _smem_tiles(cols: int, itemsize: int):
+    """Tiling and swizzle of an SMEM tile whose rows are ``cols`` elements: one swizzle
+    atom per row (32, 64 or 128 bytes), the layout TMA and wgmma share."""
+    sw = cols * itemsize
+    return (plgpu.TilingTransform((8, sw // itemsize)), plgpu.SwizzleTransform(sw))
+
+
+def _layout(x: jax.Array, layout, interpret: bool) -> jax.Array:
+    """``x`` in a register layout (a no-op in the interpreter, which has no layouts).
+    Right after a load, the load itself uses the layout."""
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _row_vec(ref, interpret: bool) -> jax.Array:
+    """A ``[rows]`` vector in the layout that broadcasts along a wgmma tile's columns."""
+    return _layout(ref[...], plgpu.Layout.WGMMA.reduce(1), interpret)
+
+
+def _col_vec(ref, interpret: bool) -> jax.Array:
+    """A ``[cols]`` vector in the layout that broadcasts along a wgmma tile's rows."""
+    return _layout(ref[...], plgpu.Layout.WGMMA.reduce(0), interpret)
+
+
+# --------------------------------------------------------------------------- kernel
+def _kernel(*refs, plan: _Plan):
+    it = iter(refs)
+    x_gmem = next(it)  # e4m3[Mp, Kt]
+    xs_gmem = next(it)  # f32[Mp]
+    p_gmem = next(it)  # u8[N, Kt/2], split halves per tile_k
+    s_gmem = next(it)  # [G, N] group scales (transposed)
+    b_gmem = None if plan.symmetric else next(it)  # [G, N] group offsets (transposed)
+    xsum_gmem = None if plan.symmetric else next(it)  # f32[G, Mp] activation group sums
+    cs_gmem = next(it)  # f32[N]
+    r_gmem = next(it) if plan.residual else None  # [Mp, N_out]
+    o_gmem = next(it)  # [Mp, N_out]
+    w_smem = next(it)  # e4m3[n_seg, bn, seg] unpacked codes ([n_seg, seg, bn] interpreted)
+    xs_smem, cs_smem = next(it), next(it)  # f32[bm], f32[bn]
+    r_smem = next(it) if plan.residual else None  # [bm, bo]
+    o_smem, epi_barrier = next(it), next(it)  # [bm, bo]; the epilogue inputs' arrival
+
+    bm, bn, seg, n_seg, gpt = plan.bm, plan.bn, plan.seg, plan.n_seg, plan.gpt
+    half = n_seg // 2  # byte tiles per K tile
+    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    m0, n0 = mi * bm, ni * bn
+    bo = o_smem.shape[1]  # output columns of the block (bn / 2 when gated)
+    o0 = ni * bo
+
+    # The epilogue's inputs come in by TMA while the K loop runs.
+    plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(m0, bm)], xs_smem, epi_barrier)
+    plgpu.copy_gmem_to_smem(cs_gmem.at[pl.ds(n0, bn)], cs_smem, epi_barrier)
+    if plan.residual:
+        plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(m0, bm), pl.ds(o0, bo)], r_smem, epi_barrier)
+
+    def b_operand(i: int, r0: int, rn: int):
+        """Segment ``i``'s weight rows ``[r0, r0 + rn)`` as the ``[seg, rn]`` B operand."""
+        if plan.interpret:
+            return w_smem.at[i, :, pl.ds(r0, rn)]
+        return plgpu.transpose_ref(w_smem.at[i, pl.ds(r0, rn)], (1, 0))
+
+    def step(_, *args):
+        *bufs, carry = args
+        x_refs = bufs[:n_seg]  # n_seg x e4m3[bm, seg]
+        p_refs = bufs[n_seg:n_seg + half]  # half x u8[bn, seg]
+        s_ref = bufs[n_seg + half]  # [gpt, bn]
+        b_ref, xsum_ref = (None, None) if plan.symmetric else bufs[n_seg + half + 1:]
+        # Unpack: byte tile j feeds segment j (low nibbles) and segment half + j (high).
+        for j, p_ref in enumerate(p_refs):
+            p = p_ref[...]  # u8[bn, seg]
+            # Only bitwise ops on 8-bit values: no shift, the high nibble is scaled down.
+            lo = (p & 0x0F).astype(jnp.float32)
+            hi = (p & 0xF0).astype(jnp.float32) * (1 / 16)
+            for i, v in ((j, lo), (half + j, hi)):
+                if plan.symmetric:
+                    v = v - 8.0
+                v = v.astype(E4M3)  # exact: integers in [-8, 15]
+                if plan.interpret:
+                    w_smem[i] = v.T
+                else:
+                    w_smem[i] = v
+        plgpu.commit_smem()  # make the stores visible to the wgmmas
+
+        accs = list(carry)
+        for g in range(gpt):
+            segs = [i for i in range(n_seg) if i * seg // plan.group == g]
+            for p_i, (r0, rn) in enumerate(plan.parts):
+                def mma(acc_ref, segs=segs, r0=r0, rn=rn):
+                    for i in segs:
+                        plgpu.wgmma(acc_ref, x_refs[i], b_operand(i, r0, rn))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref[...]
+
+                part = pl.run_scoped(mma, plgpu.ACC((bm, rn), jnp.float32))  # f32[bm, rn]
+                s = _col_vec(s_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
+                y = part * lax.broadcast_in_dim(s, (bm, rn), (1,))
+                if not plan.symmetric:
+                    b = _col_vec(b_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
+                    xsum = _row_vec(xsum_ref.at[g], plan.interpret)  # f32[bm]
+                    y = y + (lax.broadcast_in_dim(xsum, (bm, rn), (0,))
+                             * lax.broadcast_in_dim(b, (bm, rn), (1,)))
+                accs[p_i] = accs[p_i] + y
+        return tuple(accs)
+
+    x_tiles = _smem_tiles(seg, 1)
+    in_specs = [plgpu.BlockSpec((bm, seg), lambda t, i=i: (0, t * n_seg + i),
+                                transforms=x_tiles) for i in range(n_seg)]
+    in_specs += [plgpu.BlockSpec((bn, seg), lambda t, j=j: (0, t * half + j),
+                                 transforms=x_tiles) for j in range(half)]
+    in_specs.append(plgpu.BlockSpec((gpt, bn), lambda t: (t, 0)))
+    gm = [x_gmem.at[pl.ds(m0, bm)]] * n_seg + [p_gmem.at[pl.ds(n0, bn)]] * half
+    gm.append(s_gmem.at[:, pl.ds(n0, bn)])
+    if not plan.symmetric:
+        in_specs.append(plgpu.BlockSpec((gpt, bn), lambda t: (t, 0)))
+        in_specs.append(plgpu.BlockSpec((gpt, bm), lambda t: (t, 0)))
+        gm += [b_gmem.at[:, pl.ds(n0, bn)], xsum_gmem.at[:, pl.ds(m0, bm)]]
+    init = tuple(_layout(jnp.zeros((bm, rn), jnp.float32), plgpu.Layout.WGMMA, plan.interpret)
+                 for _, rn in plan.parts)
+    pipeline = plgpu.emit_pipeline(step, grid=(plan.n_tiles,), in_specs=in_specs,
+                                   max_concurrent_steps=min(plan.stages, plan.n_tiles),
+                                   init_carry=init)
+    accs = pipeline(*gm)
+
+    # Epilogue: per-token and column scales, gate, residual; one rounding to out dtype.
+    plgpu.barrier_wait(epi_barrier)
+    xs = lax.broadcast_in_dim(_row_vec(xs_smem, plan.interpret), (bm, plan.parts[0][1]), (0,))
+    ys = []
+    for acc, (r0, rn) in zip(accs, plan.parts):
+        cs = _col_vec(cs_smem.at[pl.ds(r0, rn)], plan.interpret)
+        ys.append(acc * xs * lax.broadcast_in_dim(cs, (bm, rn), (1,)))
+    if plan.gated:
+        gate, up = ys
+        y = gate / (1.0 + jnp.exp(-gate)) * up
+    else:
+        (y,) = ys
+    if plan.residual:
+        y = y + r_smem[...].astype(jnp.float32)
+    o_smem[...] = y.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(m0, bm), pl.ds(o0, bo)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+# -------------------------------------------------------------------------- wrapper
+def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
+                       residual: jax.Array | None = None, *,
+                       config: HopperConfig | None = None, interpret: bool = False,
+                       out_dtype=jnp.bfloat16) -> jax.Array:
+    """``xq`` e4m3[M, K], ``xs`` f32[M] or [M, 1] -> ``[M, N]`` (``N / 2`` when gated),
+    the Mosaic GPU (Hopper) kernel; same results as ``w4a8.w4a8_matmul``.
+
+    ``residual`` ``[M, N_out]`` is added before the rounding to ``out_dtype``.
+    ``interpret``: the variant for the Mosaic GPU interpreter (module docstring); on a
+    GPU leave it False.
+    """
+    if w.packed.ndim != 2:
+        raise ValueError(f"w4a8_matmul_hopper: one [N, K] weight, got {w.shape}")
+    m, k = xq.shape
+    if k != w.k:
+        raise ValueError(f"w4a8_matmul_hopper: x has K = {k}, the weight {w.k}")
+    if xq.dtype != E4M3:
+        raise TypeError(f"w4a8_matmul_hopper: activations must be float8_e4m3fn, got {xq.dtype}")
+    if not supports(w):
+        raise ValueError(f"w4a8_matmul_hopper: needs tile_k = 128, group 32, 64 or 128 and "
+                         f"N a multiple of 32, got {w!r}")
+    n = w.packed.shape[0]
+    n_out = w.out_features
+    cfg = config or default_hopper_config(m, w)
+    bm, bn = cfg.block_m, cfg.block_n
+    if w.gated and bn != w.tile_n:
+        raise ValueError(f"a gated weight needs block_n = tile_n = {w.tile_n}, got {bn}")
+    if n % bn:
+        raise ValueError(f"block_n = {bn} does not divide N = {n}")
+    kt = 2 * w.packed.shape[1]
+    mp = -(-m // bm) * bm
+    xq = jnp.pad(xq, ((0, mp - m), (0, kt - k)))
+    xs = jnp.pad(xs.reshape(-1).astype(jnp.float32), (0, mp - m))
+    inputs = [xq, xs, w.packed, w.scales.T]
+    if not w.symmetric:
+        # Exact: at most 32 E4M3 values per group, within float32's 24-bit mantissa.
+        xsum = xq.astype(jnp.float32).reshape(mp, kt // w.group, w.group).sum(-1)
+        inputs += [w.offsets.T, xsum.T]
+    inputs.append(w.col_scale.astype(jnp.float32))
+    if residual is not None:
+        if residual.shape != (m, n_out):
+            raise ValueError(f"residual must be {(m, n_out)}, got {residual.shape}")
+        inputs.append(jnp.pad(residual, ((0, mp - m), (0, 0))))
+    plan = _Plan(bm=bm, bn=bn, tile_k=w.tile_k, group=w.group, n_tiles=kt // w.tile_k,
+                 symmetric=w.symmetric, gated=w.gated, residual=residual is not None,
+                 interpret=interpret, stages=cfg.num_stages)
+    w_tile = (plan.n_seg, plan.seg, bn) if interpret else (plan.n_seg, bn, plan.seg)
+    w_tf = _smem_tiles(bn if interpret else plan.seg, 1)
+    if interpret:  # the interpreter ignores tiling; keep it legal for any block_n
+        w_tf = ()
+    bo = bn // 2 if w.gated else bn
+    out_tf = () if interpret else _smem_tiles(64, 2)  # [bm, bo] 16-bit: 128-byte swizzle
+    scratch = [plgpu.SMEM(w_tile, E4M3, transforms=w_tf),
+               plgpu.SMEM((bm,), jnp.float32), plgpu.SMEM((bn,), jnp.float32)]
+    if residual is not None:
+        scratch.append(plgpu.SMEM((bm, bo), residual.dtype, transforms=out_tf))
+    scratch += [plgpu.SMEM((bm, bo), out_dtype, transforms=out_tf),
+                plgpu.Barrier(num_arrivals=len(scratch) - 1)]
+    call = plgpu.kernel(
+        partial(_kernel, plan=plan),
+        out_type=jax.ShapeDtypeStruct((mp, n_out), out_dtype),
+        grid=(mp // bm, n // bn), grid_names=("m", "n"), scratch_types=scratch)
+    return call(*inputs)[:m]
+
+
+__all__ = ["HOPPER_KINDS", "HopperConfig", "default_hopper_config", "is_hopper", "supports",
+           "w4a8_matmul_hopper"]
