@@ -1,0 +1,536 @@
+"""FP8 causal prefill flash attention (FireQ's prefill attention): E4M3 Q, K, V and P,
+float32 accumulation, BF16 output.
+
+Inputs: ``q`` [B, T, H, D], ``k`` and ``v`` [B, T, Hkv, D] (bf16 or f32, K after RoPE),
+``lengths`` i32[B]. Token ``t`` of sequence ``b`` is valid when ``t < lengths[b]``; query
+``i`` attends keys ``j <= i`` (prefill from position 0). Query head ``h`` reads KV head
+``h // (H / Hkv)`` (GQA). Outputs of padding rows (``t >= lengths[b]``) are 0, and padding
+tokens are never attended to, whatever they hold (NaN included).
+
+Quantization (``quantize_inputs``, plain jnp, shared by every backend):
+
+* Q: one float32 scale per (token, head), ``sq = absmax over D / 448``;
+  ``q8 = e4m3(q / sq)`` (``fineserve_jax.quant.fp8.quantize_per_token``, the model's
+  FP8 query rounding).
+* K and V: one float32 scale per (sequence, KV head) over its valid tokens,
+  ``sk = absmax / 448``; ``k8 = e4m3(k / sk)`` (same for V). A per-head V scale keeps
+  P @ V a pure FP8 x FP8 product (a per-token V scale cannot leave the sum over keys).
+  Padding tokens are set to 0 in q8, k8 and v8.
+* The scales reach the kernels folded into two row vectors, f32[B, H, T]:
+  ``qk_scale = sq * sk[h // g] * sm_scale * log2(e)`` (base-2 logits) and
+  ``out_scale = sv[h // g]`` on valid rows, 0 on padding rows.
+
+Attention (per row ``i``, over KV tiles of ``block_kv`` keys in order, online softmax):
+
+    s_j   = (q8_i . k8_j, f32 accumulation) * qk_scale_i,  -inf where j > i
+    m'    = max(m, max_j s_j)                    (m starts at -inf)
+    alpha = exp2(m - m')
+    p8_j  = e4m3(exp2(s_j - m') * 2**8)          (p in [0, 1]: 2**8 puts it in E4M3's
+                                                  normal range, at most 256 < 448)
+    l     = l * alpha + sum_j f32(p8_j)          (the sum of the *rounded* weights)
+    o     = o * alpha + sum_j p8_j * v8_j        (FP8 x FP8, f32 accumulation)
+    out_i = bf16(o * (out_scale_i / max(l, 1)))
+
+The 2**8 cancels between ``o`` and ``l``, so the output is a convex combination of the
+dequantized values with exactly the FP8 weights the tensor cores multiplied. Key 0 is
+visible to every row, so ``m`` is finite after the first tile and ``l >= 256``.
+``flash_prefill_reference`` is this recipe in plain jnp (the oracle; it depends on
+``block_kv`` because P is rounded against the running max).
+
+Backends (``flash_prefill(..., backend=)``):
+
+* ``"pallas"``: generic Pallas kernel, one program per (batch, q tile, head), a KV loop
+  up to the last tile the q tile can see (causal tile skipping, and no tile past the
+  sequence's length). Interpret mode on CPU, the Triton lowering on a GPU.
+* ``"mosaic"``: Hopper kernel (Pallas Mosaic GPU, ``plgpu.kernel``), one warpgroup per
+  (head, q tile of 64 rows, batch). K and V tiles arrive by TMA into ``num_stages``-deep
+  SMEM rings with one barrier per slot. Both products are asynchronous FP8 wgmmas, and
+  iteration ``i`` of the KV loop issues QK^T of tile ``i + 1`` and PV of tile ``i - 1``
+  before it runs the softmax of tile ``i``: the three stages overlap. P goes through SMEM
+  (double-buffered). FP8 wgmma needs K-major B operands: B = K^T is the K tile [bk, D]
+  viewed transposed, and B = V is the V^T tile [D, bk], so the wrapper passes V^T
+  [B, Hkv, D, T]. The Mosaic GPU interpreter of JAX 0.10.2 cannot apply transposed SMEM
+  views, so ``interpret=True`` feeds the same kernel B operands already laid out (K, N)
+  (K^T [B, Hkv, D, T] and V [B, T, Hkv, D]), a layout the hardware rejects for FP8.
+* ``"reference"``: ``flash_prefill_reference``.
+* ``"auto"``: ``"mosaic"`` on a Hopper GPU, ``"pallas"`` on other GPUs, the reference
+  elsewhere.
+
+Cost of one call (for throughput): with ``n_b = lengths[b]``, causal FLOPs are
+``sum_b 4 * H * D * n_b * (n_b + 1) / 2`` (QK^T and PV, 2 FLOPs per multiply-add); the
+kernels read ``B * T * (H + 2 * Hkv) * D`` FP8 bytes plus 8 bytes per (b, h, t) of row
+scales, and write ``2 * B * T * H * D`` bytes (``flops_and_bytes``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fineserve_jax.quant.fp8 import E4M3, E4M3_MAX, quantize_per_token, to_e4m3
+
+LOG2E = math.log2(math.e)
+P_SHIFT = 2.0 ** 8  # P in [0, 1] is rounded to E4M3 as P * 2**8 (at most 256 < 448)
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+@dataclass(frozen=True)
+class FlashPrefillConfig:
+    """Tile sizes of one launch. T is padded to a multiple of ``max(block_q, block_kv)``.
+
+    ``block_q``: query rows per program (the Mosaic kernel needs 64: one warpgroup's
+    wgmma M). ``block_kv``: keys per KV tile (a multiple of 64 for the Mosaic kernel, so
+    P's SMEM tile fits a 64-byte swizzle). ``num_warps`` / ``num_stages``: Triton's for the
+    generic kernel; ``num_stages`` is also the depth of the Mosaic kernel's K and V rings.
+    """
+
+    block_q: int = 64
+    block_kv: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for f in ("block_q", "block_kv"):
+            v = getattr(self, f)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"FlashPrefillConfig.{f} must be a power of two >= 16, got {v}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+    def check_mosaic(self) -> None:
+        if self.block_q != 64 or self.block_kv % 64 or self.num_stages < 2:
+            raise ValueError("the Mosaic kernel needs block_q = 64, block_kv a multiple of 64 "
+                             f"and num_stages >= 2, got {self}")
+
+
+# ---------------------------------------------------------------------- quantization
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["q8", "k8", "v8", "qk_scale", "out_scale", "lengths"],
+                   meta_fields=[])
+@dataclass(frozen=True)
+class QuantizedPrefill:
+    """What every kernel reads: FP8 tensors and two float32 row vectors (module docstring)."""
+
+    q8: jax.Array  # e4m3[B, T, H, D], padding rows 0
+    k8: jax.Array  # e4m3[B, T, Hkv, D], padding tokens 0
+    v8: jax.Array  # e4m3[B, T, Hkv, D], padding tokens 0
+    qk_scale: jax.Array  # f32[B, H, T]: sq * sk * sm_scale * log2(e), 0 on padding rows
+    out_scale: jax.Array  # f32[B, H, T]: sv on valid rows, 0 on padding rows
+    lengths: jax.Array  # i32[B]
+
+
+def _head_scale(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """x [B, T, Hkv, D], valid bool[B, T] -> f32[B, Hkv]: absmax / 448 over valid tokens
+    (finite values only), 1.0 where that is 0."""
+    xf = x.astype(jnp.float32)
+    ok = valid[:, :, None, None] & jnp.isfinite(xf)
+    amax = jnp.max(jnp.where(ok, jnp.abs(xf), 0.0), axis=(1, 3))
+    return jnp.where(amax > 0, jnp.maximum(amax * (1.0 / E4M3_MAX), _F32_TINY), 1.0)
+
+
+def quantize_inputs(q, k, v, lengths, sm_scale: float | None = None) -> QuantizedPrefill:
+    """Round q, k, v to E4M3 and fold every scale into the kernels' row vectors."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    g = H // Hkv
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+    valid = jnp.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    q8, sq = quantize_per_token(q, axis=-1)  # (B, T, H, D), (B, T, H, 1)
+    sk = _head_scale(k, valid)  # (B, Hkv)
+    sv = _head_scale(v, valid)
+    k8 = to_e4m3(k.astype(jnp.float32) * (1.0 / sk)[:, None, :, None])
+    v8 = to_e4m3(v.astype(jnp.float32) * (1.0 / sv)[:, None, :, None])
+    zero8 = jnp.zeros((), E4M3)
+    vmask = valid[:, :, None, None]
+    q8, k8, v8 = (jnp.where(vmask, x, zero8) for x in (q8, k8, v8))
+    sk_h = jnp.repeat(sk, g, axis=1)  # (B, H)
+    sv_h = jnp.repeat(sv, g, axis=1)
+    vrow = valid[:, None, :]  # (B, 1, T)
+    qk = sq[..., 0].transpose(0, 2, 1) * (sk_h * (sm_scale * LOG2E))[:, :, None]
+    qk_scale = jnp.where(vrow, qk, 0.0)
+    out_scale = jnp.where(vrow, sv_h[:, :, None], 0.0)
+    return QuantizedPrefill(q8, k8, v8, qk_scale, out_scale, lengths)
+
+
+def _pad_t(x: QuantizedPrefill, tp: int) -> QuantizedPrefill:
+    t = x.q8.shape[1]
+    if tp == t:
+        return x
+    p4 = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    p3 = ((0, 0), (0, 0), (0, tp - t))
+    return QuantizedPrefill(jnp.pad(x.q8, p4), jnp.pad(x.k8, p4), jnp.pad(x.v8, p4),
+                            jnp.pad(x.qk_scale, p3), jnp.pad(x.out_scale, p3), x.lengths)
+
+
+# ------------------------------------------------------------------------- reference
+def reference_from_quantized(x: QuantizedPrefill, block_kv: int) -> jax.Array:
+    """The module docstring's recipe on quantized inputs -> bf16[B, T, H, D]."""
+    B, T, H, D = x.q8.shape
+    Hkv = x.k8.shape[2]
+    g = H // Hkv
+    tp = -(-T // block_kv) * block_kv
+    x = _pad_t(x, tp)
+    qf = x.q8.astype(jnp.float32).reshape(B, tp, Hkv, g, D)
+    kf = x.k8.astype(jnp.float32)
+    vf = x.v8
+    hi = lax.Precision.HIGHEST
+    rows = jnp.arange(tp)[:, None]
+    c = x.qk_scale.reshape(B, Hkv, g, tp)[..., None]  # (B, Hkv, g, T, 1)
+
+    def tile(carry, j):
+        o, m, l = carry
+        kt = lax.dynamic_slice_in_dim(kf, j * block_kv, block_kv, axis=1)
+        vt = lax.dynamic_slice_in_dim(vf, j * block_kv, block_kv, axis=1)
+        raw = jnp.einsum("btkgd,bskd->bkgts", qf, kt, precision=hi)
+        s = raw * c
+        cols = j * block_kv + jnp.arange(block_kv)[None, :]
+        s = jnp.where(cols <= rows, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp2(m - m_new)
+        p8 = (jnp.exp2(s - m_new[..., None]) * P_SHIFT).astype(E4M3)
+        l = l * alpha + jnp.sum(p8.astype(jnp.float32), axis=-1)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p8.astype(jnp.float32),
+                        vt.astype(jnp.float32), precision=hi)
+        return (o * alpha[..., None] + pv, m_new, l), None
+
+    init = (jnp.zeros((B, Hkv, g, tp, D), jnp.float32),
+            jnp.full((B, Hkv, g, tp), -jnp.inf, jnp.float32),
+            jnp.zeros((B, Hkv, g, tp), jnp.float32))
+    (o, _, l), _ = lax.scan(tile, init, jnp.arange(tp // block_kv))
+    scale = x.out_scale.reshape(B, Hkv, g, tp) / jnp.maximum(l, 1.0)
+    out = (o * scale[..., None]).astype(jnp.bfloat16)  # (B, Hkv, g, T, D)
+    return out.reshape(B, H, tp, D).transpose(0, 2, 1, 3)[:, :T]
+
+
+def flash_prefill_reference(q, k, v, lengths, *, sm_scale: float | None = None,
+                            block_kv: int = 64) -> jax.Array:
+    """Plain-jnp semantics of the kernels (module docstring), bf16[B, T, H, D]."""
+    return reference_from_quantized(quantize_inputs(q, k, v, lengths, sm_scale), block_kv)
+
+
+def float_attention(q, k, v, lengths, *, sm_scale: float | None = None) -> jax.Array:
+    """Unquantized causal GQA attention in float32 (padding rows 0): the FP8 error yardstick."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+    valid = jnp.arange(T)[None, :] < lengths[:, None]
+    zero = lambda x: jnp.where(valid[:, :, None, None], x.astype(jnp.float32), 0.0)
+    qf = zero(q).reshape(B, T, Hkv, H // Hkv, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qf, zero(k), precision=lax.Precision.HIGHEST)
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    s = jnp.where(causal, s * sm_scale, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, zero(v), precision=lax.Precision.HIGHEST)
+    return jnp.where(valid[:, :, None, None], o.reshape(B, T, H, D), 0.0)
+
+
+# --------------------------------------------------------------- generic Pallas kernel
+def _pallas_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref, *, block_kv: int):
+    # q_ref e4m3[bq, D]; k_ref, v_ref e4m3[T, D] (this KV head); qs_ref, os_ref f32[bq];
+    # len_ref i32[1]; o_ref bf16[bq, D]
+    bq, d = q_ref.shape
+    q0 = pl.program_id(1) * bq
+    n = len_ref[0]
+    n_kv = jnp.minimum(pl.cdiv(q0 + bq, block_kv), pl.cdiv(n, block_kv))
+    q = q_ref[...]
+    c = qs_ref[...][:, None]  # (bq, 1)
+    rows = q0 + lax.broadcasted_iota(jnp.int32, (bq, block_kv), 0)
+
+    def body(j, carry):
+        o, m, l = carry
+        k = k_ref[pl.ds(j * block_kv, block_kv), :]  # (bk, D)
+        v = v_ref[pl.ds(j * block_kv, block_kv), :]
+        raw = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)  # (bq, bk)
+        cols = j * block_kv + lax.broadcasted_iota(jnp.int32, (bq, block_kv), 1)
+        s = jnp.where(cols <= rows, raw * c, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p8 = (jnp.exp2(s - m_new[:, None]) * P_SHIFT).astype(E4M3)
+        l = l * alpha + jnp.sum(p8.astype(jnp.float32), axis=1)
+        pv = jnp.dot(p8, v, preferred_element_type=jnp.float32)  # (bq, D)
+        return o * alpha[:, None] + pv, m_new, l
+
+    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    o, _, l = lax.fori_loop(0, n_kv, body, init)
+    scale = os_ref[...] / jnp.maximum(l, 1.0)
+    o_ref[...] = (o * scale[:, None]).astype(o_ref.dtype)
+
+
+def _pallas_call(x: QuantizedPrefill, cfg: FlashPrefillConfig, interpret: bool) -> jax.Array:
+    B, tp, H, D = x.q8.shape
+    Hkv = x.k8.shape[2]
+    g = H // Hkv
+    bq = cfg.block_q
+    q_spec = pl.BlockSpec((None, bq, None, D), lambda b, i, h: (b, i, h, 0))
+    kv_spec = pl.BlockSpec((None, tp, None, D), lambda b, i, h: (b, 0, h // g, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda b, i, h: (b, h, i))
+    len_spec = pl.BlockSpec((None, 1), lambda b, i, h: (b, 0))
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton
+
+        params["compiler_params"] = pl_triton.CompilerParams(num_warps=cfg.num_warps,
+                                                             num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        functools.partial(_pallas_kernel, block_kv=cfg.block_kv),
+        grid=(B, tp // bq, H),
+        in_specs=[q_spec, kv_spec, kv_spec, row_spec, row_spec, len_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct((B, tp, H, D), jnp.bfloat16),
+        interpret=interpret, name="flash_prefill_fp8", **params,
+    )(x.q8, x.k8, x.v8, x.qk_scale, x.out_scale, x.lengths.reshape(B, 1))
+
+
+# ------------------------------------------------------------ Hopper (Mosaic GPU) kernel
+def _smem(shape, dtype, minor: int):
+    """An SMEM buffer tiled and swizzled for wgmma / TMA (swizzle from the minor extent)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(minor * bits)
+    tiling = plgpu.TilingTransform((8, swizzle * 8 // bits))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
+                   q_smem, k_smem, v_smem, p_smem, o_smem, qs_smem, os_smem,
+                   bars, k_bars, v_bars, *, group: int, block_kv: int, stages: int,
+                   interpret: bool):
+    # GMEM: q_ref e4m3[B, T, H, D]; kmajor: k_ref e4m3[B, T, Hkv, D], v_ref V^T e4m3[B, Hkv, D, T]
+    # (else k_ref K^T [B, Hkv, D, T], v_ref [B, T, Hkv, D]); qs_ref, os_ref f32[B, H, T];
+    # len_ref i32[B]; o_ref bf16[B, T, H, D].
+    # SMEM: q_smem [bq, D]; k_smem [S, bk, D] (K^T: [S, D, bk]); v_smem [S, D, bk] (V: [S, bk, D]);
+    # p_smem e4m3[2, bq, bk]; o_smem bf16[bq, D]; qs_smem, os_smem f32[bq].
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bq, d = q_smem.shape
+    bk, S = block_kv, stages
+    kmajor = not interpret
+    wg = plgpu.Layout.WGMMA
+    row = wg.reduce(1)
+    # Register layouts are hints for the lowering; the interpreter has no rule for them.
+    cast = (lambda x, _: x) if interpret else plgpu.layout_cast
+
+    def iota(dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=wg)
+    h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+    kvh = lax.div(h, jnp.int32(group))
+    q0 = qi * bq
+    n = len_ref[b]
+    n_kv = jnp.minimum(lax.div(q0 + (bq + bk - 1), jnp.int32(bk)),
+                       lax.div(n + (bk - 1), jnp.int32(bk)))
+    slot = lambda j: lax.rem(j, jnp.int32(S))
+
+    def load_k(j):
+        src = (k_ref.at[b, pl.ds(j * bk, bk), kvh] if kmajor
+               else k_ref.at[b, kvh, :, pl.ds(j * bk, bk)])
+        plgpu.copy_gmem_to_smem(src, k_smem.at[slot(j)], k_bars.at[slot(j)])
+
+    def load_v(j):
+        src = (v_ref.at[b, kvh, :, pl.ds(j * bk, bk)] if kmajor
+               else v_ref.at[b, pl.ds(j * bk, bk), kvh])
+        plgpu.copy_gmem_to_smem(src, v_smem.at[slot(j)], v_bars.at[slot(j)])
+
+    # B operands of the two wgmmas, [K, N]: K^T [D, bk] and V [bk, D]; K-major in SMEM on
+    # hardware (a transposed view of the K tile and of the V^T tile).
+    k_op = lambda s: plgpu.transpose_ref(k_smem.at[s], (1, 0)) if kmajor else k_smem.at[s]
+    v_op = lambda s: plgpu.transpose_ref(v_smem.at[s], (1, 0)) if kmajor else v_smem.at[s]
+
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(qs_ref.at[b, h, pl.ds(q0, bq)], qs_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(os_ref.at[b, h, pl.ds(q0, bq)], os_smem, bars.at[2])
+    for t in range(S):  # fill both rings
+        @pl.when(t < n_kv)
+        def _():
+            load_k(jnp.int32(t))
+            load_v(jnp.int32(t))
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[1])
+    qs = cast(qs_smem[...], row)  # (bq,) base-2 logit scale per row
+    rows = q0 + iota(0)
+    cols0 = iota(1)
+
+    def first_qk(acc_s):
+        @pl.when(n_kv > 0)
+        def _():
+            plgpu.barrier_wait(k_bars.at[0])
+            plgpu.wgmma(acc_s, q_smem, k_op(0))
+        return acc_s[...]
+
+    s0 = pl.run_scoped(first_qk, plgpu.ACC((bq, bk), jnp.float32))
+
+    @pl.when(S < n_kv)  # K_0 is consumed: slot 0 takes K_S
+    def _():
+        load_k(jnp.int32(S))
+
+    def softmax(i, s, m, l):
+        """Tile i's scores -> (P_i rounded to E4M3, new max, alpha, new l)."""
+        s = s * lax.broadcast_in_dim(qs, (bq, bk), [0])
+        s = jnp.where(cols0 + i * bk <= rows, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
+        p8 = (p * P_SHIFT).astype(E4M3)
+        l = l * alpha + p8.astype(jnp.float32).sum(axis=1)
+        return p8, m_new, alpha, l
+
+    def step(i, carry):
+        s, m, l, o, alpha_prev = carry
+
+        def overlapped(acc_s, acc_o):
+            @pl.when(i + 1 < n_kv)  # QK^T of tile i + 1
+            def _():
+                plgpu.barrier_wait(k_bars.at[slot(i + 1)])
+                plgpu.wgmma(acc_s, q_smem, k_op(slot(i + 1)))
+
+            @pl.when(i > 0)  # PV of tile i - 1 (its P was stored last iteration)
+            def _():
+                plgpu.barrier_wait(v_bars.at[slot(i - 1)])
+                plgpu.wgmma(acc_o, p_smem.at[lax.rem(i + 1, 2)], v_op(slot(i - 1)))
+
+            p8, m_new, alpha, l_new = softmax(i, s, m, l)  # runs under both wgmmas
+            p_smem.at[lax.rem(i, 2)][...] = p8
+            plgpu.commit_smem()
+            pv = acc_o[...]  # waits for both wgmmas
+            return acc_s[...], m_new, l_new, alpha, pv
+
+        s_next, m, l, alpha, pv = pl.run_scoped(
+            overlapped, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, d), jnp.float32))
+        o = o * lax.broadcast_in_dim(alpha_prev, (bq, d), [0]) + pv
+
+        @pl.when(i + S + 1 < n_kv)  # K_{i+1} is consumed
+        def _():
+            load_k(i + S + 1)
+
+        @pl.when((i > 0) & (i - 1 + S < n_kv))  # V_{i-1} is consumed
+        def _():
+            load_v(i - 1 + S)
+
+        return s_next, m, l, o, alpha
+
+    init = (s0, cast(jnp.full((bq,), -jnp.inf, jnp.float32), row),
+            cast(jnp.zeros((bq,), jnp.float32), row), cast(jnp.zeros((bq, d), jnp.float32), wg),
+            cast(jnp.ones((bq,), jnp.float32), row))
+    _, _, l, o, alpha = lax.fori_loop(0, n_kv, step, init)
+
+    def last_pv(acc_o):
+        @pl.when(n_kv > 0)
+        def _():
+            last = n_kv - 1
+            plgpu.barrier_wait(v_bars.at[slot(last)])
+            plgpu.wgmma(acc_o, p_smem.at[lax.rem(last, 2)], v_op(slot(last)))
+        return acc_o[...]
+
+    o = o * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pl.run_scoped(
+        last_pv, plgpu.ACC((bq, d), jnp.float32))
+    plgpu.barrier_wait(bars.at[2])
+    osc = cast(os_smem[...], row)
+    scale = osc / jnp.maximum(l, 1.0)
+    o_smem[...] = (o * lax.broadcast_in_dim(scale, (bq, d), [0])).astype(jnp.bfloat16)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q0, bq), h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _mosaic_call(x: QuantizedPrefill, cfg: FlashPrefillConfig, interpret: bool) -> jax.Array:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cfg.check_mosaic()
+    B, tp, H, D = x.q8.shape
+    Hkv = x.k8.shape[2]
+    bq, bk, S = cfg.block_q, cfg.block_kv, cfg.num_stages
+    kmajor = not interpret
+    if kmajor:  # K tiles [bk, D] as they are, V as V^T [B, Hkv, D, T]
+        k_in, v_in = x.k8, x.v8.transpose(0, 2, 3, 1)
+        k_buf, v_buf = _smem((S, bk, D), E4M3, D), _smem((S, D, bk), E4M3, bk)
+    else:  # the interpreter's (K, N) operands: K^T [B, Hkv, D, T], V as it is
+        k_in, v_in = x.k8.transpose(0, 2, 3, 1), x.v8
+        k_buf, v_buf = _smem((S, D, bk), E4M3, bk), _smem((S, bk, D), E4M3, D)
+    kern = functools.partial(_mosaic_kernel, group=H // Hkv, block_kv=bk, stages=S,
+                             interpret=interpret)
+    scratch = [
+        _smem((bq, D), E4M3, D), k_buf, v_buf, _smem((2, bq, bk), E4M3, bk),
+        _smem((bq, D), jnp.bfloat16, D),
+        plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32),
+        plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=S),
+        plgpu.Barrier(num_barriers=S),
+    ]
+    return plgpu.kernel(
+        kern, out_type=jax.ShapeDtypeStruct((B, tp, H, D), jnp.bfloat16),
+        scratch_types=scratch, grid=(H, tp // bq, B), grid_names=("h", "q", "b"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(x.q8, k_in, v_in, x.qk_scale, x.out_scale, x.lengths)
+
+
+# ------------------------------------------------------------------------- entry point
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
+                  backend: str = "auto", interpret: bool | None = None,
+                  config: FlashPrefillConfig | None = None,
+                  sm_scale: float | None = None) -> jax.Array:
+    """FP8 causal prefill attention: q [B, T, H, D], k, v [B, T, Hkv, D], lengths i32[B]
+    -> bf16[B, T, H, D] (module docstring).
+
+    ``backend``: "pallas" (generic kernel), "mosaic" (Hopper kernel), "reference", or
+    "auto". ``interpret`` (default: not on a GPU) runs the generic kernel in the Pallas
+    interpreter; for "mosaic" it selects the interpreter's operand layout (call it inside
+    the Mosaic GPU interpreter). ``sm_scale`` defaults to ``D ** -0.5``.
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"flash_prefill: q [B, T, H, D], k, v [B, T, Hkv, D]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    B, T, H, D = q.shape
+    if k.shape[:2] != (B, T) or k.shape[3] != D or H % k.shape[2]:
+        raise ValueError(f"flash_prefill: k, v {k.shape} do not match q {q.shape} "
+                         "(same B, T, D; H a multiple of Hkv)")
+    if jnp.shape(lengths) != (B,):
+        raise ValueError(f"flash_prefill: lengths must be [B] = [{B}], got {jnp.shape(lengths)}")
+    if backend not in ("auto", "pallas", "mosaic", "reference"):
+        raise ValueError(f"flash_prefill: unknown backend {backend!r}")
+    cfg = config or FlashPrefillConfig()
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "auto":
+        backend = ("mosaic" if _is_hopper() else "pallas") if on_gpu else "reference"
+    if backend == "reference":
+        return flash_prefill_reference(q, k, v, lengths, sm_scale=sm_scale,
+                                       block_kv=cfg.block_kv)
+    interpret = (not on_gpu) if interpret is None else interpret
+    x = quantize_inputs(q, k, v, lengths, sm_scale)
+    blk = max(cfg.block_q, cfg.block_kv)
+    x = _pad_t(x, -(-T // blk) * blk)
+    out = _mosaic_call(x, cfg, interpret) if backend == "mosaic" else _pallas_call(
+        x, cfg, interpret)
+    return out[:, :T]
+
+
+def flops_and_bytes(lengths, seq_len: int, num_heads: int, num_kv_heads: int,
+                    head_dim: int) -> tuple[int, int]:
+    """(useful causal FLOPs, kernel HBM bytes) of one call: 4 * H * D * n (n + 1) / 2 FLOPs
+    per sequence of n valid tokens; FP8 q, k, v and f32 row scales read, bf16 out written."""
+    lens = [int(n) for n in jnp.asarray(lengths).reshape(-1)]
+    flops = sum(4 * num_heads * head_dim * n * (n + 1) // 2 for n in lens)
+    b, t = len(lens), seq_len
+    read = b * t * (num_heads + 2 * num_kv_heads) * head_dim + 8 * b * num_heads * t
+    return flops, read + 2 * b * t * num_heads * head_dim
+
+
+__all__ = ["FlashPrefillConfig", "QuantizedPrefill", "flash_prefill", "flash_prefill_reference",
+           "float_attention", "flops_and_bytes", "quantize_inputs", "reference_from_quantized"]
