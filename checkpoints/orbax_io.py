@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from checkpoints.errors import CheckpointError
+from checkpoints.kernel_layout import LAYOUT_KEY, abstract_kernel, check_layout
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.model.params import abstract_params
 
@@ -118,6 +119,8 @@ def load(directory: str | Path, target: Any = None) -> tuple[Any, dict, str]:
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{directory}: unreadable precision recipe: {e}") from e
             target = abstract_quantized(cfg, prec, meta["dtype"])
+            if meta.get(LAYOUT_KEY) is not None:  # stored as the GPU kernel reads it
+                target = abstract_kernel(target, check_layout(meta[LAYOUT_KEY], str(directory)))
         else:
             target = abstract_params(cfg, meta["dtype"])
     _check_stored_tree(directory, target)

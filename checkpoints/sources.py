@@ -20,6 +20,7 @@ from checkpoints import orbax_io
 from checkpoints.assemble import assemble
 from checkpoints.errors import CheckpointError
 from checkpoints.gguf_source import GGUFSource
+from checkpoints.kernel_layout import LAYOUT_KEY, for_backend, from_kernel, to_kernel
 from checkpoints.hf_source import HFSource
 from fineserve_jax.assets import SMOLLM2_ALIAS, smollm2_gguf_path
 from fineserve_jax.config import ModelConfig
@@ -76,6 +77,7 @@ def load_model(src: str | Path, dtype: str = "bfloat16", *, progress: bool = Tru
     kind = source_kind(src)
     if kind == "orbax":
         params, meta, tok_json = orbax_io.load(src)
+        params = for_backend(params, meta)  # the kernel layout stays on a GPU only
         if meta["dtype"] != dtype:  # e.g. a float32 checkpoint served in bfloat16
             want = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
             if meta.get("precision_recipe") is not None:  # quantized weights stay as stored
@@ -162,5 +164,16 @@ def load_in_precision(src: str | Path, precision=None, dtype: str = "bfloat16", 
 
 
 def save_model(model: LoadedModel, out: str | Path, *, overwrite: bool = False) -> Path:
-    return orbax_io.save(out, model.params, model.metadata, model.tokenizer.to_json(),
-                         overwrite=overwrite)
+    """Write ``model`` as an Orbax checkpoint. INT4 x FP8 weights are stored in the GPU
+    kernel's layout, named in the metadata (``checkpoints.kernel_layout``)."""
+    params, meta = model.params, dict(model.metadata)
+    meta.pop(LAYOUT_KEY, None)
+    if meta.get("precision_recipe") is not None:
+        from pallas_kernels.w4a8 import W4A8Weight
+
+        if any(isinstance(w, W4A8Weight) for w in params["layers"].values()):
+            params = from_kernel(params)  # loaded on a GPU: store from the one form
+        params, layout = to_kernel(params)
+        if layout is not None:
+            meta[LAYOUT_KEY] = layout
+    return orbax_io.save(out, params, meta, model.tokenizer.to_json(), overwrite=overwrite)

@@ -349,5 +349,16 @@ def test_start_profiles_models_with_slos(tiny):
     assert 0 < cost.decode_time([5]) <= cost.decode_time([5] * 8) <= cost.decode_time([100] * 8)
     assert cost.prefill_time([3], [3]) == cost.prefill_time([8], [8])  # both pad to (2, 8, 8)
     h = e.submit("slo", [1, 2, 3], GREEDY)
-    e.run_until_idle()
+    steps = e.run_until_idle()
     assert len(h.result().token_ids) == 12
+    # The step log has every iteration, its rows, and the times around the jitted step.
+    from fineserve_jax.engine.steplog import summarize
+
+    recs = e.step_log.between(0.0)
+    assert len(recs) == steps and [r.kind for r in recs[:2]] == ["prefill", "decode"]
+    assert recs[0].chunks == (3,) and recs[0].contexts == (3,) and recs[-1].contexts == (14,)
+    assert all(r.start <= r.run_start <= r.run_end <= r.end for r in recs)
+    s = summarize(recs, {"slo": cost})
+    assert s["decode"]["steps"] == steps - 1 and s["prefill"]["steps"] == 1
+    assert s["decode"]["predicted"]["sum_s"] == pytest.approx(
+        sum(cost.decode_time([c]) for r in recs[1:] for c in r.contexts))

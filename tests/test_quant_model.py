@@ -56,14 +56,18 @@ def _leaves(tree):
 
 
 def test_quantized_checkpoint_round_trips_bit_for_bit(fireq_checkpoint, capsys):
-    from checkpoints import load_model, quantize_loaded
+    from checkpoints import load_model, orbax_io, quantize_loaded
     from checkpoints.orbax_io import read_metadata
+    from pallas_kernels.w4a8 import LAYOUT, W4A8Weight
 
     meta = read_metadata(fireq_checkpoint)
     rec = Precision.from_dict(meta["precision_recipe"])
     assert meta["precision"] == "fireq" and rec.smoothing.calib_tokens == int(CALIB)
     assert rec.weights == PRECISIONS["fireq"].weights and rec.kv_format == "int4"
     assert meta["quantization"]["calibration_tokens"] == int(CALIB)
+    assert meta["weight_layout"] == {"name": LAYOUT, "tile_k": 128, "tile_n": 128}
+    stored = orbax_io.load(fireq_checkpoint)[0]["layers"]  # as the GPU kernel reads them
+    assert isinstance(stored["w_gate_up"], W4A8Weight) and "w_gate" not in stored
     restored = load_model(fireq_checkpoint, "float32", progress=False).params
     again = quantize_loaded(load_model("smollm2-135m", "float32", progress=False), rec,
                             "float32", progress=False).params
@@ -75,6 +79,23 @@ def test_quantized_checkpoint_round_trips_bit_for_bit(fireq_checkpoint, capsys):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
         assert x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)  # bit for bit
+
+
+def test_an_unknown_weight_layout_is_refused_by_name(fireq_checkpoint, tmp_path):
+    import shutil
+
+    from checkpoints import load_model
+    from checkpoints.errors import CheckpointError
+
+    bad = tmp_path / "ck"
+    shutil.copytree(fireq_checkpoint, bad)
+    files = [f for f in (bad / "metadata").rglob("*") if f.is_file()
+             and "w4a8-split-halves-v1" in f.read_text(errors="ignore")]
+    assert files, "the metadata names the layout"
+    for f in files:
+        f.write_text(f.read_text().replace("w4a8-split-halves-v1", "w4a8-interleaved-v9"))
+    with pytest.raises(CheckpointError, match="'w4a8-interleaved-v9' is not known"):
+        load_model(bad, "float32", progress=False)
 
 
 def test_converted_checkpoint_serves_without_requantizing(fireq_checkpoint, monkeypatch):

@@ -153,3 +153,27 @@ def test_quantized_weights_shard_leaf_by_leaf(precision):
     assert (spec["w_down"].packed, spec["w_down"].scales) == (P(), P())
     if precision == "fireq-g32":
         assert spec["wo"].offsets == row and spec["wq"].offsets == col
+
+
+def test_kernel_layout_weights_shard_by_whole_tiles():
+    from fineserve_jax.config import ModelConfig
+    from fineserve_jax.engine.sharding import param_specs_tp
+    from fineserve_jax.model import init_params
+    from fineserve_jax.precisions import get_precision
+    from fineserve_jax.quant.model import quantize_linears
+    from pallas_kernels.w4a8 import kernel_layout
+
+    # hidden 256 (K tiles of 128: 2), FFN 128 (gate/up fused: 256 rows = 2 tiles of 128),
+    # w_down's K = 128 (1 tile: replicated at tp 2).
+    cfg = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=128)
+    q = jax.eval_shape(lambda: kernel_layout(quantize_linears(
+        init_params(cfg, jax.random.key(0)), get_precision("fireq-g32"))))
+    spec = param_specs_tp(q, 2)["layers"]
+    col, row = P(None, "tp", None), P(None, None, "tp")
+    gu = spec["w_gate_up"]
+    assert (gu.packed, gu.scales, gu.offsets, gu.col_scale) == (col, col, col, P(None, "tp"))
+    assert (spec["wo"].packed, spec["wo"].scales, spec["wo"].col_scale) == (row, row, P())
+    assert (spec["w_down"].packed, spec["w_down"].scales) == (P(), P())
+    # tp 4: the fused weight's 2 tiles cannot give each device whole gate/up pairs.
+    assert param_specs_tp(q, 4)["layers"]["w_gate_up"].packed == P()

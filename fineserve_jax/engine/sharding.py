@@ -14,6 +14,8 @@ by leaf: ``Fp8Weight`` values like the float weight and its per-channel scales `
 with N; ``Int4Weight`` codes, scales and offsets along N for column-parallel, and along
 the packed K axis for row-parallel only when every device gets whole groups
 (``groups % tp == 0``), otherwise replicated; its per-tensor exponent is replicated.
+``W4A8Weight`` (the INT4 x FP8 kernel's layout) splits by whole kernel tiles
+(``_w4a8_specs``); a gated ``w_gate_up`` is column-parallel.
 Any layout is numerically correct under GSPMD (it inserts the collectives); the choice
 only decides memory and communication.
 
@@ -28,7 +30,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 TP_AXIS = "tp"
-COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # output dim split
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up", "w_gate_up")  # output dim split
 COLUMN_BIAS = ("bq", "bk", "bv", "b_gate", "b_up")
 ROW = ("wo", "w_down")  # input dim split
 
@@ -70,6 +72,8 @@ def _linear_specs(w, name: str, tp: int):
     from fineserve_jax.quant import Fp8Weight, Int4Weight
 
     column = name in COLUMN
+    if type(w).__name__ == "W4A8Weight":
+        return _w4a8_specs(w, column, tp)
     if isinstance(w, Int4Weight):
         groups = w.scales.shape[-1]
         if column:
@@ -90,6 +94,27 @@ def _linear_specs(w, name: str, tp: int):
         return Fp8Weight(_axis_spec(w.values.ndim, -1, k, tp), P(), w.act)
     n, k = w.shape[-2:]
     return _axis_spec(w.ndim, -2 if column else -1, n if column else k, tp)
+
+
+def _w4a8_specs(w, column: bool, tp: int):
+    """The kernel layout (``pallas_kernels.w4a8.W4A8Weight``): column-parallel splits N
+    into whole ``tile_n`` tiles when gated (each device keeps gate/up pairs, so its output
+    columns are one contiguous slice); row-parallel splits K into whole ``tile_k`` tiles
+    (a tile's two nibble halves stay together), else nothing is split."""
+    n, kt = w.packed.shape[-2], 2 * w.packed.shape[-1]
+    if column:
+        unit = w.tile_n if w.gated else 1
+        n_split = n if (n // unit) % tp == 0 and n % unit == 0 else 1
+        data = _axis_spec(w.packed.ndim, -2, n_split, tp)
+        side = _axis_spec(w.scales.ndim, -2, n_split, tp)
+        col = _axis_spec(w.col_scale.ndim, -1, n_split, tp)
+    else:
+        k_split = kt if (kt // w.tile_k) % tp == 0 else 1
+        data = _axis_spec(w.packed.ndim, -1, k_split, tp)
+        side = _axis_spec(w.scales.ndim, -1, k_split, tp)
+        col = P()
+    return type(w)(data, side, None if w.offsets is None else side, col, w.group, w.k,
+                   w.symmetric, w.tile_k, w.gated, w.tile_n, w.act)
 
 
 def param_specs_tp(params: dict, tp: int) -> dict:
