@@ -25,8 +25,10 @@ down_proj); a *gated* weight (``fuse_gate_up``) holds gate and up rows interleav
 ``tile_n`` rows (the first half of each tile gate, the second up) and the kernel returns
 ``silu(gate) * up`` ``[M, N / 2]`` from one pass over the activations.
 
-Backends: ``w4a8_matmul(..., backend="pallas")`` is the generic Pallas kernel (interpret
-mode on CPU, the Triton lowering on GPU); ``w4a8_reference`` is the plain-jnp semantics.
+Backends: ``w4a8_matmul`` is the generic Pallas kernel (interpret mode on CPU, the
+Triton lowering on GPU); ``pallas_kernels.w4a8_hopper.w4a8_matmul_hopper`` the Mosaic GPU
+kernel for Hopper, which ``linear`` picks there (``GPU_BACKEND``); ``w4a8_reference`` is
+the plain-jnp semantics.
 """
 
 from __future__ import annotations
@@ -387,13 +389,33 @@ def w4a8_matmul(xq: jax.Array, xs: jax.Array, w: W4A8Weight, residual: jax.Array
 # ``linear`` on a ``W4A8Weight``: the kernel on GPU, the XLA reference elsewhere; set to
 # "interpret" to run the kernel in the Pallas interpreter on any backend (tests).
 KERNEL_MODE: str | None = None
+# Which GPU kernel ``linear`` runs: "mosaic" (``w4a8_hopper``, Mosaic GPU: TMA + FP8
+# wgmma) or "triton" (``w4a8_matmul``); None picks mosaic on Hopper, triton elsewhere.
+GPU_BACKEND: str | None = None
+
+
+def gpu_backend(w: W4A8Weight) -> str:
+    """The GPU kernel ``linear`` uses for ``w`` on this device (``GPU_BACKEND`` forces
+    one; the Mosaic kernel also needs tile_k 128 and N a multiple of 32)."""
+    from pallas_kernels import w4a8_hopper
+
+    if GPU_BACKEND is not None:
+        return GPU_BACKEND
+    if not w4a8_hopper.is_hopper(jax.devices()[0].device_kind):
+        return "triton"
+    return "mosaic" if w4a8_hopper.supports(w) else "triton"
 
 
 def _matmul(x: jax.Array, w: W4A8Weight, residual: jax.Array | None) -> jax.Array:
     q, s = quantize_activations(x)
     r = None if residual is None else residual.reshape(-1, w.out_features)
     dtype = x.dtype if residual is None else residual.dtype
-    if KERNEL_MODE == "interpret" or jax.default_backend() == "gpu":
+    if KERNEL_MODE != "interpret" and jax.default_backend() == "gpu" and \
+            gpu_backend(w) == "mosaic":
+        from pallas_kernels.w4a8_hopper import w4a8_matmul_hopper
+
+        y = w4a8_matmul_hopper(q, s, w, r, out_dtype=dtype)
+    elif KERNEL_MODE == "interpret" or jax.default_backend() == "gpu":
         y = w4a8_matmul(q, s, w, r, out_dtype=dtype, interpret=KERNEL_MODE == "interpret")
     else:  # CPU: the XLA reference
         y = w4a8_reference(q, s, w, r, out_dtype=dtype)

@@ -7,7 +7,9 @@ step), one run times, on the same device and inputs:
 * ``xla-fp8``: E4M3 ``x`` and ``w`` with per-token and per-channel scales (XLA's FP8 dot);
 * ``w4a16``: INT4 weights (group 128, BF16 scales) dequantized in XLA, BF16 activations;
 * ``w4a8-fireq`` and ``w4a8-fireq-g32``: ``pallas_kernels.w4a8.w4a8_matmul`` on
-  pre-quantized FP8 activations, for both weight formats.
+  pre-quantized FP8 activations, for both weight formats;
+* ``w4a8-fireq-mosaic`` and ``w4a8-g32-mosaic`` (Hopper only): the same through
+  ``pallas_kernels.w4a8_hopper.w4a8_matmul_hopper`` (Mosaic GPU, TMA + FP8 wgmma).
 
 Each figure is the median over ``--reps`` timed runs of ``--inner`` back-to-back calls
 (after ``--warmup`` untimed ones), divided by ``--inner``. Against measured peaks, also in
@@ -41,7 +43,8 @@ HELP = ("kernel microbenchmarks (GPU): --op w4a8 times the INT4xFP8 GEMM against
 SHAPES = {"llama2-7b": (4096, 11008, 4096), "llama3-8b": (4096, 14336, 1024)}
 QUICK_SHAPES = {"tiny": (256, 384, 128)}
 M_VALUES = (1, 16, 64, 256, 1024, 16384)
-IMPLS = ("xla-bf16", "xla-fp8", "w4a16", "w4a8-fireq", "w4a8-fireq-g32")
+MOSAIC_IMPLS = ("w4a8-fireq-mosaic", "w4a8-g32-mosaic")  # timed on Hopper GPUs only
+IMPLS = ("xla-bf16", "xla-fp8", "w4a16", "w4a8-fireq", "w4a8-fireq-g32", *MOSAIC_IMPLS)
 
 
 def layers(model: str, shapes=None) -> list[tuple[str, int, int]]:
@@ -138,6 +141,12 @@ def make_impls(n: int, k: int, m: int, key, quick: bool) -> dict:
         wk = W4A8Weight.from_int4(quantize_int4(w, act="fp8", **kwargs))
         fn = jax.jit(lambda q, s, wk: w4a8_matmul(q, s, wk, interpret=quick))
         out[f"w4a8-{fmt}"] = (fn, (q, s, wk), wk.nbytes + m * k + 2 * m * n)
+    from pallas_kernels.w4a8_hopper import is_hopper, w4a8_matmul_hopper
+
+    if not quick and is_hopper(jax.devices()[0].device_kind):
+        for name, fmt in zip(MOSAIC_IMPLS, ("fireq", "fireq-g32")):
+            fn = jax.jit(lambda q, s, wk: w4a8_matmul_hopper(q, s, wk))
+            out[name] = (fn, *out[f"w4a8-{fmt}"][1:])
     return out
 
 
@@ -323,7 +332,7 @@ def _run(args, shapes) -> int:
                     raise SystemExit(f"{model} {lname} M={m}: kernel differs from its "
                                      f"reference: per-row relative error {bad}")
                 base = None
-                for name in args.impls:
+                for name in (i for i in args.impls if i in impls):  # mosaic: Hopper only
                     fn, a, nbytes = impls[name]
                     t = timed(fn, a, args.reps, args.inner, args.warmup)
                     base = t if name == "xla-bf16" else base

@@ -1,0 +1,141 @@
+"""The Mosaic GPU (Hopper) INT4 x FP8 GEMM (``pallas_kernels.w4a8_hopper``) on CPU:
+numerics in the Mosaic GPU interpreter, and the CUDA lowering of the variant a GPU runs.
+
+The interpreter runs the kernel's ``interpret=True`` variant, whose unpacked weight tile
+is stored N-major: the interpreter does not model ``transpose_ref`` on a wgmma operand,
+and a real FP8 wgmma rejects anything but the K-major tile. Everything else (TMA
+pipeline, nibble unpacking, a wgmma per group, scales, offsets, epilogues) is the same
+code. The default (K-major) variant is checked by lowering it for CUDA.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fineserve_jax.quant import quantize_int4, reference_linear
+from pallas_kernels import w4a8, w4a8_hopper
+from pallas_kernels.w4a8 import (W4A8Weight, exact_case, fuse_gate_up, quantize_activations,
+                                 w4a8_reference)
+from pallas_kernels.w4a8_hopper import HopperConfig, w4a8_matmul_hopper
+from tests.mosaic_gpu import lowers_for_cuda, mosaic_interpret
+from tests.tiny_models import rel_err_rows
+
+FORMATS = {"fireq": dict(group=128, symmetric=True, scale_dtype="fp8"),
+           "fireq-g32": dict(group=32, symmetric=False, scale_dtype="f16")}
+
+
+def as_np(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32))
+
+
+def random_int4(rng, n, k, fmt):
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    w[:, rng.integers(0, k, 3)] *= 8  # a few outlier input channels
+    return quantize_int4(jnp.asarray(w), act="fp8", **FORMATS[fmt])
+
+
+def random_weight(rng, n, k, fmt) -> W4A8Weight:
+    return W4A8Weight.from_int4(random_int4(rng, n, k, fmt))
+
+
+def interpreted(*args, **kw) -> np.ndarray:
+    with mosaic_interpret(num_cores=2):
+        return as_np(w4a8_matmul_hopper(*args, interpret=True, **kw))
+
+
+@pytest.mark.parametrize("fmt,m,residual", [("fireq", 1, False), ("fireq-g32", 17, True)])
+def test_exact_inputs_give_the_reference_bit_for_bit(fmt, m, residual):
+    # (Each interpreted launch takes seconds: one M and epilogue per format.)
+    sym = FORMATS[fmt]["symmetric"]
+    rng = np.random.default_rng(m)
+    xq, xs, w = exact_case(rng, m, 256, 384, FORMATS[fmt]["group"], sym)
+    r = jnp.asarray(rng.integers(-8, 9, (m, 256)), jnp.bfloat16) if residual else None
+    got = interpreted(xq, xs, w, r)
+    want = as_np(w4a8_reference(xq, xs, w, r))
+    assert got.shape == (m, 256) and np.count_nonzero(want) > want.size // 2
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_random_inputs_match_the_int4_reference(fmt):
+    # K = 192: padded to 256; N = 128 in two 64-row blocks; two pipeline stages.
+    rng = np.random.default_rng(11)
+    wi = random_int4(rng, 128, 192, fmt)
+    x = jnp.asarray(rng.standard_normal((17, 192)), jnp.bfloat16)
+    q, s = quantize_activations(x)
+    wk = W4A8Weight.from_int4(wi)
+    got = interpreted(q, s, wk, config=HopperConfig(block_m=64, block_n=64, num_stages=2))
+    want = as_np(reference_linear(x, wi))  # FP8 activations, dequantized weight, f32 dot
+    assert rel_err_rows(got, want).max() < 1e-2  # BF16 output rounding
+    ref = as_np(w4a8_reference(q, s, wk))  # the kernel's own f32 semantics
+    assert rel_err_rows(got, ref).max() < 8e-3
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_gated_epilogue_with_residual(fmt):
+    """``silu(gate) * up`` over gate/up rows interleaved per tile_n, then the residual,
+    in float32 before the one rounding to BF16."""
+    rng = np.random.default_rng(7)
+    k, f, m = 256, 64, 5
+    g, u = (random_weight(rng, f, k, fmt) for _ in range(2))
+    gu = fuse_gate_up(g, u, tile_n=128)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    q, s = quantize_activations(x)
+    r = jnp.asarray(rng.standard_normal((m, f)) * 4, jnp.bfloat16)
+    yg, yu = (as_np(w4a8_reference(q, s, w, out_dtype=jnp.float32)) for w in (g, u))
+    want = yg / (1 + np.exp(-yg)) * yu + as_np(r)
+    got = interpreted(q, s, gu, r)
+    assert got.shape == (m, f) and rel_err_rows(got, want).max() < 8e-3
+    # and without the epilogue's SiLU the error would be large: the check can fail
+    assert rel_err_rows(yg * yu + as_np(r), want).max() > 0.1
+
+
+def _struct(a):
+    return None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+@pytest.mark.parametrize("case", ["fireq", "fireq-g32", "fireq+residual", "fireq-g32+residual",
+                                  "fireq-gated", "fireq-g32-gated", "fireq-m128"])
+def test_kernel_lowers_for_cuda(case):
+    """The K-major variant a Hopper GPU runs goes through the whole Mosaic GPU lowering."""
+    fmt = "fireq-g32" if "g32" in case else "fireq"
+    m = 200 if "m128" in case else 17
+    xq, xs, w = exact_case(np.random.default_rng(0), m, 256, 384, FORMATS[fmt]["group"],
+                           FORMATS[fmt]["symmetric"])
+    if "gated" in case:
+        w = fuse_gate_up(w, w)
+    r = jnp.zeros((m, w.out_features), jnp.bfloat16) if "residual" in case else None
+    cfg = HopperConfig(block_m=128, block_n=128, num_stages=4) if "m128" in case else None
+    text = lowers_for_cuda(lambda xq, xs, w, r: w4a8_matmul_hopper(xq, xs, w, r, config=cfg),
+                           xq, xs, w, r)
+    assert "mosaic_gpu" in text
+
+
+def test_config_and_input_checks():
+    with pytest.raises(ValueError, match="block_m"):
+        HopperConfig(block_m=32)
+    with pytest.raises(ValueError, match="registers"):
+        HopperConfig(block_m=128, block_n=256)
+    xq, xs, w = exact_case(np.random.default_rng(3), 4, 128, 256)
+    with pytest.raises(ValueError, match="K = 128"):
+        w4a8_matmul_hopper(xq[:, :128], xs, w)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        w4a8_matmul_hopper(xq.astype(jnp.bfloat16), xs, w)
+    with pytest.raises(ValueError, match="block_n = tile_n"):
+        w4a8_matmul_hopper(xq, xs, fuse_gate_up(w, w), config=HopperConfig(block_n=64))
+    assert w4a8_hopper.default_hopper_config(1, w) == HopperConfig(64, 128)
+    assert w4a8_hopper.default_hopper_config(4096, w) == HopperConfig(128, 128)
+
+
+def test_linear_picks_the_mosaic_kernel_on_hopper(monkeypatch):
+    _, _, w = exact_case(np.random.default_rng(4), 1, 128, 256)
+    assert w4a8_hopper.is_hopper("NVIDIA H100 80GB HBM3") and w4a8_hopper.is_hopper("NVIDIA H200")
+    assert not w4a8_hopper.is_hopper("NVIDIA A100-SXM4-80GB") and not w4a8_hopper.is_hopper("cpu")
+    assert w4a8.gpu_backend(w) == "triton"  # this (CPU) device is no Hopper
+    monkeypatch.setattr(w4a8_hopper, "is_hopper", lambda kind: True)
+    assert w4a8.gpu_backend(w) == "mosaic"
+    monkeypatch.setattr(w4a8, "GPU_BACKEND", "triton")
+    assert w4a8.gpu_backend(w) == "triton"
