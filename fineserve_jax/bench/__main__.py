@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "memory": "fineserve_jax.bench.memory",  # weight and KV bytes per precision
     "serve": "fineserve_jax.bench.serve",  # load client against a running server
     "cluster": "fineserve_jax.bench.cluster",  # simulated cluster, FineServe vs baselines
-    "kernels": "fineserve_jax.bench.kernels",  # GPU kernels against XLA (--op w4a8)
+    "kernels": "fineserve_jax.bench.kernels",  # GPU kernels against XLA (--op w4a8|attention)
 }
 
 
@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args._command = "python -m fineserve_jax.bench " + " ".join(argv)  # for records
     return int(args._run(args) or 0)
 
 

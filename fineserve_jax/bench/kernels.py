@@ -277,7 +277,7 @@ def _run_attention(args) -> int:
 
     pk = peaks(args)
     body = attention.run(args, pk, timed)
-    record = {"benchmark": "kernels-attention", "command": _command(),
+    record = {"benchmark": "kernels-attention", "command": _command(args),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                           "versions": versions(("jax", "jaxlib", "numpy")),
@@ -288,10 +288,8 @@ def _run_attention(args) -> int:
     return 0
 
 
-def _command() -> str:
-    if sys.argv[1:2] == ["kernels"]:
-        return "python -m fineserve_jax.bench kernels " + " ".join(sys.argv[2:])
-    return "python -m fineserve_jax.bench kernels"
+def _command(args) -> str:
+    return getattr(args, "_command", "python -m fineserve_jax.bench kernels")
 
 
 def check(impls: dict) -> dict:
@@ -358,7 +356,7 @@ def _run(args, shapes) -> int:
                  f"{t['w4a8-fireq'] * 1e6:.0f} us ({ffn[-1]['speedup']:.2f}x)")
     record = {
         "benchmark": "kernels-w4a8",
-        "command": _command(),
+        "command": _command(args),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                     "versions": versions(("jax", "jaxlib", "numpy")),
