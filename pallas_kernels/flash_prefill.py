@@ -335,12 +335,18 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
                        lax.div(n + (bk - 1), jnp.int32(bk)))
     slot = lambda j: lax.rem(j, jnp.int32(S))
 
+    n_tiles = q_ref.shape[1] // bk  # KV tiles in the (padded) sequence
+
     def load_k(j):
+        if isinstance(j, int) and j >= n_tiles:  # a static tile past the end: never needed
+            return
         src = (k_ref.at[b, pl.ds(j * bk, bk), kvh] if kmajor
                else k_ref.at[b, kvh, :, pl.ds(j * bk, bk)])
         plgpu.copy_gmem_to_smem(src, k_smem.at[slot(j)], k_bars.at[slot(j)])
 
     def load_v(j):
+        if isinstance(j, int) and j >= n_tiles:
+            return
         src = (v_ref.at[b, kvh, :, pl.ds(j * bk, bk)] if kmajor
                else v_ref.at[b, pl.ds(j * bk, bk), kvh])
         plgpu.copy_gmem_to_smem(src, v_smem.at[slot(j)], v_bars.at[slot(j)])
@@ -356,31 +362,16 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
     for t in range(S):  # fill both rings
         @pl.when(t < n_kv)
         def _():
-            load_k(jnp.int32(t))
-            load_v(jnp.int32(t))
+            load_k(t)
+            load_v(t)
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
     qs = cast(qs_smem[...], row)  # (bq,) base-2 logit scale per row
-    rows = q0 + iota(0)
-    cols0 = iota(1)
-
-    def first_qk(acc_s):
-        @pl.when(n_kv > 0)
-        def _():
-            plgpu.barrier_wait(k_bars.at[0])
-            plgpu.wgmma(acc_s, q_smem, k_op(0))
-        return acc_s[...]
-
-    s0 = pl.run_scoped(first_qk, plgpu.ACC((bq, bk), jnp.float32))
-
-    @pl.when(S < n_kv)  # K_0 is consumed: slot 0 takes K_S
-    def _():
-        load_k(jnp.int32(S))
 
     def softmax(i, s, m, l):
         """Tile i's scores -> (P_i rounded to E4M3, new max, alpha, new l)."""
         s = s * lax.broadcast_in_dim(qs, (bq, bk), [0])
-        s = jnp.where(cols0 + i * bk <= rows, s, -jnp.inf)
+        s = jnp.where(iota(1) + i * bk <= iota(0) + q0, s, -jnp.inf)  # causal
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
@@ -388,62 +379,100 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
         l = l * alpha + p8.astype(jnp.float32).sum(axis=1)
         return p8, m_new, alpha, l
 
-    def step(i, carry):
+    def step(i, carry, *, has_next: bool, has_prev: bool):
+        """KV iteration i: issue QK^T of tile i + 1 and PV of tile i - 1 (async wgmmas),
+        run tile i's softmax meanwhile, then wait for both. Every wgmma here is issued
+        unconditionally (the first and last iterations are separate traces), so no
+        in-flight accumulator crosses a branch."""
         s, m, l, o, alpha_prev = carry
 
-        def overlapped(acc_s, acc_o):
-            @pl.when(i + 1 < n_kv)  # QK^T of tile i + 1
-            def _():
+        def overlapped(*accs):
+            acc = iter(accs)
+            acc_s = next(acc) if has_next else None
+            acc_o = next(acc) if has_prev else None
+            if has_next:
                 plgpu.barrier_wait(k_bars.at[slot(i + 1)])
                 plgpu.wgmma(acc_s, q_smem, k_op(slot(i + 1)))
-
-            @pl.when(i > 0)  # PV of tile i - 1 (its P was stored last iteration)
-            def _():
+            if has_prev:  # P_{i-1} was stored by the previous iteration
                 plgpu.barrier_wait(v_bars.at[slot(i - 1)])
                 plgpu.wgmma(acc_o, p_smem.at[lax.rem(i + 1, 2)], v_op(slot(i - 1)))
-
-            p8, m_new, alpha, l_new = softmax(i, s, m, l)  # runs under both wgmmas
+            p8, m_new, alpha, l_new = softmax(i, s, m, l)  # under both wgmmas
             p_smem.at[lax.rem(i, 2)][...] = p8
             plgpu.commit_smem()
-            pv = acc_o[...]  # waits for both wgmmas
-            return acc_s[...], m_new, l_new, alpha, pv
+            pv = acc_o[...] if has_prev else None  # waits for the wgmmas
+            s_next = acc_s[...] if has_next else s
+            return s_next, m_new, l_new, alpha, pv
 
-        s_next, m, l, alpha, pv = pl.run_scoped(
-            overlapped, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, d), jnp.float32))
-        o = o * lax.broadcast_in_dim(alpha_prev, (bq, d), [0]) + pv
+        accs = ([plgpu.ACC((bq, bk), jnp.float32)] if has_next else []) + (
+            [plgpu.ACC((bq, d), jnp.float32)] if has_prev else [])
+        s_next, m, l, alpha, pv = pl.run_scoped(overlapped, *accs)
+        if has_prev:
+            o = o * lax.broadcast_in_dim(alpha_prev, (bq, d), [0]) + pv
 
-        @pl.when(i + S + 1 < n_kv)  # K_{i+1} is consumed
+        @pl.when(i + S + 1 < n_kv)  # K_{i+1} is consumed: its slot takes K_{i+S+1}
         def _():
             load_k(i + S + 1)
 
-        @pl.when((i > 0) & (i - 1 + S < n_kv))  # V_{i-1} is consumed
-        def _():
-            load_v(i - 1 + S)
+        if has_prev:
+            @pl.when(i - 1 + S < n_kv)  # V_{i-1} is consumed
+            def _():
+                load_v(i - 1 + S)
 
         return s_next, m, l, o, alpha
 
-    init = (s0, cast(jnp.full((bq,), -jnp.inf, jnp.float32), row),
-            cast(jnp.zeros((bq,), jnp.float32), row), cast(jnp.zeros((bq, d), jnp.float32), wg),
-            cast(jnp.ones((bq,), jnp.float32), row))
-    _, _, l, o, alpha = lax.fori_loop(0, n_kv, step, init)
+    def first_qk(acc_s):
+        plgpu.barrier_wait(k_bars.at[0])
+        plgpu.wgmma(acc_s, q_smem, k_op(0))
+        return acc_s[...]
 
-    def last_pv(acc_o):
-        @pl.when(n_kv > 0)
-        def _():
-            last = n_kv - 1
+    def last_pv(last, o, alpha):
+        def body(acc_o):
             plgpu.barrier_wait(v_bars.at[slot(last)])
             plgpu.wgmma(acc_o, p_smem.at[lax.rem(last, 2)], v_op(slot(last)))
-        return acc_o[...]
+            return acc_o[...]
+        pv = pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32))
+        return o * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pv
 
-    o = o * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pl.run_scoped(
-        last_pv, plgpu.ACC((bq, d), jnp.float32))
-    plgpu.barrier_wait(bars.at[2])
-    osc = cast(os_smem[...], row)
-    scale = osc / jnp.maximum(l, 1.0)
-    o_smem[...] = (o * lax.broadcast_in_dim(scale, (bq, d), [0])).astype(jnp.bfloat16)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q0, bq), h])
-    plgpu.wait_smem_to_gmem(0)
+    def finish(o, l):
+        plgpu.barrier_wait(bars.at[2])
+        scale = cast(os_smem[...], row) / jnp.maximum(l, 1.0)
+        o_smem[...] = (o * lax.broadcast_in_dim(scale, (bq, d), [0])).astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q0, bq), h])
+        plgpu.wait_smem_to_gmem(0)
+
+    def init(s0):
+        return (s0, cast(jnp.full((bq,), -jnp.inf, jnp.float32), row),
+                cast(jnp.zeros((bq,), jnp.float32), row),
+                cast(jnp.zeros((bq, d), jnp.float32), wg), cast(jnp.ones((bq,), jnp.float32), row))
+
+    zero_o = lambda: cast(jnp.zeros((bq, d), jnp.float32), wg)
+
+    @pl.when(n_kv == 0)  # a q tile past the sequence's end: zeros
+    def _():
+        finish(zero_o(), cast(jnp.zeros((bq,), jnp.float32), row))
+
+    @pl.when(n_kv == 1)
+    def _():
+        carry = step(0, init(pl.run_scoped(first_qk, plgpu.ACC((bq, bk), jnp.float32))),
+                     has_next=False, has_prev=False)
+        _, _, l, o, alpha = carry
+        finish(last_pv(0, o, alpha), l)
+
+    @pl.when(n_kv >= 2)
+    def _():
+        s0 = pl.run_scoped(first_qk, plgpu.ACC((bq, bk), jnp.float32))
+
+        @pl.when(S < n_kv)  # K_0 is consumed: slot 0 takes K_S
+        def _():
+            load_k(S)
+
+        carry = step(0, init(s0), has_next=True, has_prev=False)
+        carry = lax.fori_loop(1, n_kv - 1, functools.partial(step, has_next=True, has_prev=True),
+                              carry)
+        carry = step(n_kv - 1, carry, has_next=False, has_prev=True)
+        _, _, l, o, alpha = carry
+        finish(last_pv(n_kv - 1, o, alpha), l)
 
 
 def _mosaic_call(x: QuantizedPrefill, cfg: FlashPrefillConfig, interpret: bool) -> jax.Array:
