@@ -122,17 +122,19 @@ def test_kernel_equals_reference(case):
 
 
 def test_sliding_window_and_default_config():
-    """A window shorter than the context (the kernel starts at the window), with the
-    config ``default_config`` picks (several splits for so few sequences)."""
-    kv = _cache("bf16", 4, 2, 16, window=6)
+    """A window shorter than the context: the longest row's first query (position 17)
+    sees positions 15..17, so the kernel must start at the KV step holding 15 and may
+    skip none of it (a step of 16 tokens: 15 is the last of the first step)."""
+    kv = _cache("bf16", 4, 2, 16, window=3)
     pool, q, meta = _case(kv, 4, 3, seed=7, qdtype=jnp.float32)
-    cfg = default_config(6, 2, 3 * 2, P * BT, num_cores=132)
-    assert cfg.num_splits == 1  # 20 tokens: one step of 32, nothing to split
+    ref = kv.attend(pool, 1, q, meta, 0.25)
+    cfg = AttentionConfig(block_q=16, block_kv=16, num_splits=2)
+    out = paged_attention(pool, 1, q, meta, kv, 0.25, config=cfg, interpret=True)
+    _check(out, ref, jnp.float32)
+    # default_config: no splits for a 20-token table, several for 4096 tokens and few rows
+    assert default_config(6, 2, 3 * 2, P * BT, num_cores=132).num_splits == 1
     cfg = default_config(6, 2, 3 * 2, 4096, num_cores=132)
     assert cfg.num_splits > 1 and cfg.block_kv == 64
-    ref = kv.attend(pool, 1, q, meta, 0.25)
-    out = paged_attention(pool, 1, q, meta, kv, 0.25, interpret=True)
-    _check(out, ref, jnp.float32)
 
 
 def test_rejects_bad_inputs():
