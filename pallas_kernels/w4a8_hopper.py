@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fineserve_jax.quant.fp8 import E4M3
-from pallas_kernels.w4a8 import W4A8Weight
+from pallas_kernels.w4a8 import W4A8Weight, _epilogue_ref
 
 HOPPER_KINDS = ("H100", "H200", "H800", "GH200")
 
@@ -68,11 +68,15 @@ def supports(w: W4A8Weight) -> bool:
 class HopperConfig:
     """Tile sizes of one Mosaic GPU launch. ``block_m``: tokens per block, a multiple of
     64 (wgmma's M; M is padded to it); ``block_n``: weight rows per block, dividing N
-    (a gated weight's ``tile_n``); ``num_stages``: K tiles in flight in the TMA pipeline."""
+    (a gated weight's ``tile_n``); ``num_stages``: K tiles in flight in the TMA pipeline;
+    ``split_k``: blocks sharing one output tile along K (it must divide the K tiles), so
+    that few output tiles (decode) still fill the GPU; their float32 partial sums are
+    added and the epilogue applied beside the kernel."""
 
     block_m: int = 64
     block_n: int = 128
     num_stages: int = 3
+    split_k: int = 1
 
     def __post_init__(self):
         if self.block_m not in (64, 128):
@@ -85,11 +89,14 @@ class HopperConfig:
                              "not fit one warpgroup's registers")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"HopperConfig.num_stages must be in [1, 8], got {self.num_stages}")
+        if self.split_k < 1:
+            raise ValueError(f"HopperConfig.split_k must be >= 1, got {self.split_k}")
 
 
-def default_hopper_config(m: int, w: W4A8Weight) -> HopperConfig:
+def default_hopper_config(m: int, w: W4A8Weight, num_sms: int = 132) -> HopperConfig:
     """128-row weight blocks (a gated weight's ``tile_n``); 64 tokens per block up to
-    M = 1024, then 128 x 128 tiles."""
+    M = 1024, then 128 x 128 tiles. Fewer blocks than half the SMs (decode) split K
+    up to ``num_sms // blocks`` ways, keeping at least 4 K tiles per block."""
     n = w.packed.shape[-2]
     if w.gated:
         bn = w.tile_n
@@ -98,7 +105,23 @@ def default_hopper_config(m: int, w: W4A8Weight) -> HopperConfig:
         if not bn:
             raise ValueError(f"w4a8_matmul_hopper: N = {n} is not a multiple of 32")
     bm = 128 if m > 1024 and bn <= 128 else 64
-    return HopperConfig(block_m=bm, block_n=bn)
+    blocks = -(-m // bm) * (n // bn)
+    n_tiles = w.packed.shape[-1] * 2 // w.tile_k
+    want = num_sms // blocks if 2 * blocks <= num_sms else 1
+    split = max(d for d in range(1, n_tiles + 1)
+                if n_tiles % d == 0 and d <= want and (n_tiles // d >= 4 or d == 1))
+    return HopperConfig(block_m=bm, block_n=bn, split_k=split)
+
+
+def num_sms() -> int:
+    """SMs of the device kernels run on (the abstract device's under an abstract mesh,
+    as in the interpreter); 132 (an H100 SXM) when it is no GPU."""
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = getattr(mesh, "abstract_device", None)
+    if dev is not None and getattr(dev, "num_cores", None):
+        return dev.num_cores
+    d = jax.devices()[0]
+    return getattr(d, "core_count", 0) or 132 if d.platform == "gpu" else 132
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,7 @@ class _Plan:
     residual: bool
     interpret: bool
     stages: int
+    split: int  # blocks along K; > 1: the kernel writes float32 partial sums
 
     @property
     def seg(self) -> int:  # K elements per wgmma operand tile
@@ -161,102 +185,122 @@ def _col_vec(ref, interpret: bool) -> jax.Array:
 def _kernel(*refs, plan: _Plan):
     it = iter(refs)
     x_gmem = next(it)  # e4m3[Mp, Kt]
-    xs_gmem = next(it)  # f32[Mp]
     p_gmem = next(it)  # u8[N, Kt/2], split halves per tile_k
     s_gmem = next(it)  # [G, N] group scales (transposed)
     b_gmem = None if plan.symmetric else next(it)  # [G, N] group offsets (transposed)
     xsum_gmem = None if plan.symmetric else next(it)  # f32[G, Mp] activation group sums
-    cs_gmem = next(it)  # f32[N]
-    r_gmem = next(it) if plan.residual else None  # [Mp, N_out]
-    o_gmem = next(it)  # [Mp, N_out]
+    epi_gmem = [] if plan.split > 1 else [next(it), next(it)]  # xs f32[Mp], cs f32[N]
+    if plan.residual and plan.split == 1:
+        epi_gmem.append(next(it))  # residual [Mp, N_out]
+    o_gmem = next(it)  # [Mp, N_out]; split: f32[split, Mp, N]
     w_smem = next(it)  # e4m3[n_seg, bn, seg] unpacked codes ([n_seg, seg, bn] interpreted)
-    xs_smem, cs_smem = next(it), next(it)  # f32[bm], f32[bn]
-    r_smem = next(it) if plan.residual else None  # [bm, bo]
-    o_smem, epi_barrier = next(it), next(it)  # [bm, bo]; the epilogue inputs' arrival
+    o_smem = next(it)  # [bm, N_out / (N / bn)]; split: f32[bm, bn]
+    epi_smem = list(it)  # xs f32[bm], cs f32[bn], (residual [bm, bo]), barrier
 
-    bm, bn, seg, n_seg, gpt = plan.bm, plan.bn, plan.seg, plan.n_seg, plan.gpt
-    half = n_seg // 2  # byte tiles per K tile
+    bm, bn, gpt = plan.bm, plan.bn, plan.gpt
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     m0, n0 = mi * bm, ni * bn
-    bo = o_smem.shape[1]  # output columns of the block (bn / 2 when gated)
-    o0 = ni * bo
+    bo = o_smem.shape[1]
+    o_slice = (pl.ds(m0, bm), pl.ds(ni * bo, bo))
+    if plan.split == 1:  # the epilogue's inputs come in by TMA while the K loop runs
+        srcs = [epi_gmem[0].at[pl.ds(m0, bm)], epi_gmem[1].at[pl.ds(n0, bn)]]
+        srcs += [g.at[o_slice] for g in epi_gmem[2:]]
+        for src, dst in zip(srcs, epi_smem[:-1]):
+            plgpu.copy_gmem_to_smem(src, dst, epi_smem[-1])
 
-    # The epilogue's inputs come in by TMA while the K loop runs.
-    plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(m0, bm)], xs_smem, epi_barrier)
-    plgpu.copy_gmem_to_smem(cs_gmem.at[pl.ds(n0, bn)], cs_smem, epi_barrier)
-    if plan.residual:
-        plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(m0, bm), pl.ds(o0, bo)], r_smem, epi_barrier)
+    # This block's K range: tiles [k_idx * tiles, (k_idx + 1) * tiles).
+    tiles = plan.n_tiles // plan.split
+    k_idx = lax.axis_index("k")
+    ks, gs = pl.ds(k_idx * tiles * plan.tile_k, tiles * plan.tile_k), pl.ds(k_idx * tiles * gpt,
+                                                                          tiles * gpt)
+    x_tiles = _smem_tiles(plan.seg, 1)
+    n_seg, half, seg = plan.n_seg, plan.n_seg // 2, plan.seg
+    specs = [plgpu.BlockSpec((bm, seg), lambda t, i=i: (0, t * n_seg + i), transforms=x_tiles)
+             for i in range(n_seg)]
+    specs += [plgpu.BlockSpec((bn, seg), lambda t, j=j: (0, t * half + j), transforms=x_tiles)
+              for j in range(half)]
+    gm = [x_gmem.at[pl.ds(m0, bm), ks]] * n_seg
+    gm += [p_gmem.at[pl.ds(n0, bn), pl.ds(k_idx * tiles * plan.tile_k // 2,
+                                          tiles * plan.tile_k // 2)]] * half
+    specs.append(plgpu.BlockSpec((gpt, bn), lambda t: (t, 0)))
+    gm.append(s_gmem.at[gs, pl.ds(n0, bn)])
+    if not plan.symmetric:
+        specs += [plgpu.BlockSpec((gpt, bn), lambda t: (t, 0)),
+                  plgpu.BlockSpec((gpt, bm), lambda t: (t, 0))]
+        gm += [b_gmem.at[gs, pl.ds(n0, bn)], xsum_gmem.at[gs, pl.ds(m0, bm)]]
+    init = tuple(_layout(jnp.zeros((bm, rn), jnp.float32), plgpu.Layout.WGMMA, plan.interpret)
+                 for _, rn in plan.parts)
+    pipeline = plgpu.emit_pipeline(partial(_step, w_smem=w_smem, plan=plan), grid=(tiles,),
+                                   in_specs=specs, init_carry=init,
+                                   max_concurrent_steps=min(plan.stages, tiles))
+    accs = pipeline(*gm)
+
+    if plan.split > 1:  # float32 partial sums; the epilogue runs beside the kernel
+        for acc, (r0, rn) in zip(accs, plan.parts):
+            o_smem[:, pl.ds(r0, rn)] = acc
+        dst = o_gmem.at[k_idx, pl.ds(m0, bm), pl.ds(n0, bn)]
+    else:
+        o_smem[...] = _epilogue(accs, epi_smem, plan).astype(o_smem.dtype)
+        dst = o_gmem.at[o_slice]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _step(_, *args, w_smem, plan: _Plan):
+    """One K tile: unpack its codes to FP8 in SMEM, then per group a wgmma into a zeroed
+    accumulator, scaled (and offset) into the running float32 sums ``carry``."""
+    *bufs, carry = args
+    bm, seg, n_seg = plan.bm, plan.seg, plan.n_seg
+    half = n_seg // 2
+    x_refs = bufs[:n_seg]  # n_seg x e4m3[bm, seg]
+    p_refs = bufs[n_seg:n_seg + half]  # half x u8[bn, seg]
+    s_ref = bufs[n_seg + half]  # [gpt, bn]
+    b_ref, xsum_ref = (None, None) if plan.symmetric else bufs[n_seg + half + 1:]
+    # Byte tile j holds segment j (low nibbles) and segment half + j (high nibbles).
+    for j, p_ref in enumerate(p_refs):
+        p = p_ref[...]  # u8[bn, seg]
+        # Only bitwise ops on 8-bit values: no shift, the high nibble is scaled down.
+        lo = (p & 0x0F).astype(jnp.float32)
+        hi = (p & 0xF0).astype(jnp.float32) * (1 / 16)
+        for i, v in ((j, lo), (half + j, hi)):
+            v = (v - 8.0 if plan.symmetric else v).astype(E4M3)  # exact: integers in [-8, 15]
+            w_smem[i] = v.T if plan.interpret else v
+    plgpu.commit_smem()  # the stores, visible to the wgmmas
 
     def b_operand(i: int, r0: int, rn: int):
         """Segment ``i``'s weight rows ``[r0, r0 + rn)`` as the ``[seg, rn]`` B operand."""
         if plan.interpret:
             return w_smem.at[i, :, pl.ds(r0, rn)]
-        return plgpu.transpose_ref(w_smem.at[i, pl.ds(r0, rn)], (1, 0))
+        return plgpu.transpose_ref(w_smem.at[i, pl.ds(r0, rn)], (1, 0))  # K-major
 
-    def step(_, *args):
-        *bufs, carry = args
-        x_refs = bufs[:n_seg]  # n_seg x e4m3[bm, seg]
-        p_refs = bufs[n_seg:n_seg + half]  # half x u8[bn, seg]
-        s_ref = bufs[n_seg + half]  # [gpt, bn]
-        b_ref, xsum_ref = (None, None) if plan.symmetric else bufs[n_seg + half + 1:]
-        # Unpack: byte tile j feeds segment j (low nibbles) and segment half + j (high).
-        for j, p_ref in enumerate(p_refs):
-            p = p_ref[...]  # u8[bn, seg]
-            # Only bitwise ops on 8-bit values: no shift, the high nibble is scaled down.
-            lo = (p & 0x0F).astype(jnp.float32)
-            hi = (p & 0xF0).astype(jnp.float32) * (1 / 16)
-            for i, v in ((j, lo), (half + j, hi)):
-                if plan.symmetric:
-                    v = v - 8.0
-                v = v.astype(E4M3)  # exact: integers in [-8, 15]
-                if plan.interpret:
-                    w_smem[i] = v.T
-                else:
-                    w_smem[i] = v
-        plgpu.commit_smem()  # make the stores visible to the wgmmas
+    accs = list(carry)
+    for g in range(plan.gpt):
+        segs = [i for i in range(n_seg) if i * seg // plan.group == g]
+        for p_i, (r0, rn) in enumerate(plan.parts):
+            def mma(acc_ref, segs=segs, r0=r0, rn=rn):
+                for i in segs:
+                    plgpu.wgmma(acc_ref, x_refs[i], b_operand(i, r0, rn))
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
 
-        accs = list(carry)
-        for g in range(gpt):
-            segs = [i for i in range(n_seg) if i * seg // plan.group == g]
-            for p_i, (r0, rn) in enumerate(plan.parts):
-                def mma(acc_ref, segs=segs, r0=r0, rn=rn):
-                    for i in segs:
-                        plgpu.wgmma(acc_ref, x_refs[i], b_operand(i, r0, rn))
-                    plgpu.wgmma_wait(0)
-                    return acc_ref[...]
+            part = pl.run_scoped(mma, plgpu.ACC((bm, rn), jnp.float32))  # f32[bm, rn]
+            sc = _col_vec(s_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
+            y = part * lax.broadcast_in_dim(sc, (bm, rn), (1,))
+            if not plan.symmetric:
+                b = _col_vec(b_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
+                xsum = _row_vec(xsum_ref.at[g], plan.interpret)  # f32[bm]
+                y = y + (lax.broadcast_in_dim(xsum, (bm, rn), (0,))
+                         * lax.broadcast_in_dim(b, (bm, rn), (1,)))
+            accs[p_i] = accs[p_i] + y
+    return tuple(accs)
 
-                part = pl.run_scoped(mma, plgpu.ACC((bm, rn), jnp.float32))  # f32[bm, rn]
-                s = _col_vec(s_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
-                y = part * lax.broadcast_in_dim(s, (bm, rn), (1,))
-                if not plan.symmetric:
-                    b = _col_vec(b_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
-                    xsum = _row_vec(xsum_ref.at[g], plan.interpret)  # f32[bm]
-                    y = y + (lax.broadcast_in_dim(xsum, (bm, rn), (0,))
-                             * lax.broadcast_in_dim(b, (bm, rn), (1,)))
-                accs[p_i] = accs[p_i] + y
-        return tuple(accs)
 
-    x_tiles = _smem_tiles(seg, 1)
-    in_specs = [plgpu.BlockSpec((bm, seg), lambda t, i=i: (0, t * n_seg + i),
-                                transforms=x_tiles) for i in range(n_seg)]
-    in_specs += [plgpu.BlockSpec((bn, seg), lambda t, j=j: (0, t * half + j),
-                                 transforms=x_tiles) for j in range(half)]
-    in_specs.append(plgpu.BlockSpec((gpt, bn), lambda t: (t, 0)))
-    gm = [x_gmem.at[pl.ds(m0, bm)]] * n_seg + [p_gmem.at[pl.ds(n0, bn)]] * half
-    gm.append(s_gmem.at[:, pl.ds(n0, bn)])
-    if not plan.symmetric:
-        in_specs.append(plgpu.BlockSpec((gpt, bn), lambda t: (t, 0)))
-        in_specs.append(plgpu.BlockSpec((gpt, bm), lambda t: (t, 0)))
-        gm += [b_gmem.at[:, pl.ds(n0, bn)], xsum_gmem.at[:, pl.ds(m0, bm)]]
-    init = tuple(_layout(jnp.zeros((bm, rn), jnp.float32), plgpu.Layout.WGMMA, plan.interpret)
-                 for _, rn in plan.parts)
-    pipeline = plgpu.emit_pipeline(step, grid=(plan.n_tiles,), in_specs=in_specs,
-                                   max_concurrent_steps=min(plan.stages, plan.n_tiles),
-                                   init_carry=init)
-    accs = pipeline(*gm)
-
-    # Epilogue: per-token and column scales, gate, residual; one rounding to out dtype.
-    plgpu.barrier_wait(epi_barrier)
+def _epilogue(accs, epi_smem, plan: _Plan) -> jax.Array:
+    """Per-token and column scales, the gate, the residual: f32[bm, bo]."""
+    xs_smem, cs_smem, *r_smem, barrier = epi_smem
+    plgpu.barrier_wait(barrier)
+    bm = plan.bm
     xs = lax.broadcast_in_dim(_row_vec(xs_smem, plan.interpret), (bm, plan.parts[0][1]), (0,))
     ys = []
     for acc, (r0, rn) in zip(accs, plan.parts):
@@ -267,12 +311,9 @@ def _kernel(*refs, plan: _Plan):
         y = gate / (1.0 + jnp.exp(-gate)) * up
     else:
         (y,) = ys
-    if plan.residual:
-        y = y + r_smem[...].astype(jnp.float32)
-    o_smem[...] = y.astype(o_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(m0, bm), pl.ds(o0, bo)])
-    plgpu.wait_smem_to_gmem(0)
+    if r_smem:
+        y = y + r_smem[0][...].astype(jnp.float32)
+    return y
 
 
 # -------------------------------------------------------------------------- wrapper
@@ -297,49 +338,65 @@ def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
     if not supports(w):
         raise ValueError(f"w4a8_matmul_hopper: needs tile_k = 128, group 32, 64 or 128 and "
                          f"N a multiple of 32, got {w!r}")
-    n = w.packed.shape[0]
-    n_out = w.out_features
-    cfg = config or default_hopper_config(m, w)
+    n, n_out = w.packed.shape[0], w.out_features
+    kt = 2 * w.packed.shape[1]
+    cfg = config or default_hopper_config(m, w, num_sms())
     bm, bn = cfg.block_m, cfg.block_n
     if w.gated and bn != w.tile_n:
         raise ValueError(f"a gated weight needs block_n = tile_n = {w.tile_n}, got {bn}")
     if n % bn:
         raise ValueError(f"block_n = {bn} does not divide N = {n}")
-    kt = 2 * w.packed.shape[1]
+    if (kt // w.tile_k) % cfg.split_k:
+        raise ValueError(f"split_k = {cfg.split_k} does not divide the {kt // w.tile_k} K tiles")
+    if residual is not None and residual.shape != (m, n_out):
+        raise ValueError(f"residual must be {(m, n_out)}, got {residual.shape}")
+    plan = _Plan(bm=bm, bn=bn, tile_k=w.tile_k, group=w.group, n_tiles=kt // w.tile_k,
+                 symmetric=w.symmetric, gated=w.gated, residual=residual is not None,
+                 interpret=interpret, stages=cfg.num_stages, split=cfg.split_k)
     mp = -(-m // bm) * bm
     xq = jnp.pad(xq, ((0, mp - m), (0, kt - k)))
     xs = jnp.pad(xs.reshape(-1).astype(jnp.float32), (0, mp - m))
-    inputs = [xq, xs, w.packed, w.scales.T]
+    inputs = [xq, w.packed, w.scales.T]
     if not w.symmetric:
         # Exact: at most 32 E4M3 values per group, within float32's 24-bit mantissa.
         xsum = xq.astype(jnp.float32).reshape(mp, kt // w.group, w.group).sum(-1)
         inputs += [w.offsets.T, xsum.T]
-    inputs.append(w.col_scale.astype(jnp.float32))
+    cs = w.col_scale.astype(jnp.float32)
+    if plan.split > 1:
+        partial_sums = _call(plan, inputs, mp, n, n_out, out_dtype, residual)
+        y = partial_sums.sum(0)[:m] * xs[:m, None] * cs[None, :]
+        return _epilogue_ref(y, w, residual, out_dtype)
+    inputs += [xs, cs]
     if residual is not None:
-        if residual.shape != (m, n_out):
-            raise ValueError(f"residual must be {(m, n_out)}, got {residual.shape}")
         inputs.append(jnp.pad(residual, ((0, mp - m), (0, 0))))
-    plan = _Plan(bm=bm, bn=bn, tile_k=w.tile_k, group=w.group, n_tiles=kt // w.tile_k,
-                 symmetric=w.symmetric, gated=w.gated, residual=residual is not None,
-                 interpret=interpret, stages=cfg.num_stages)
-    w_tile = (plan.n_seg, plan.seg, bn) if interpret else (plan.n_seg, bn, plan.seg)
-    w_tf = _smem_tiles(bn if interpret else plan.seg, 1)
-    if interpret:  # the interpreter ignores tiling; keep it legal for any block_n
-        w_tf = ()
-    bo = bn // 2 if w.gated else bn
-    out_tf = () if interpret else _smem_tiles(64, 2)  # [bm, bo] 16-bit: 128-byte swizzle
-    scratch = [plgpu.SMEM(w_tile, E4M3, transforms=w_tf),
-               plgpu.SMEM((bm,), jnp.float32), plgpu.SMEM((bn,), jnp.float32)]
-    if residual is not None:
-        scratch.append(plgpu.SMEM((bm, bo), residual.dtype, transforms=out_tf))
-    scratch += [plgpu.SMEM((bm, bo), out_dtype, transforms=out_tf),
-                plgpu.Barrier(num_arrivals=len(scratch) - 1)]
-    call = plgpu.kernel(
-        partial(_kernel, plan=plan),
-        out_type=jax.ShapeDtypeStruct((mp, n_out), out_dtype),
-        grid=(mp // bm, n // bn), grid_names=("m", "n"), scratch_types=scratch)
-    return call(*inputs)[:m]
+    return _call(plan, inputs, mp, n, n_out, out_dtype, residual)[:m]
 
 
-__all__ = ["HOPPER_KINDS", "HopperConfig", "default_hopper_config", "is_hopper", "supports",
-           "w4a8_matmul_hopper"]
+def _call(plan: _Plan, inputs, mp, n, n_out, out_dtype, residual):
+    """One ``plgpu.kernel`` launch over (M blocks, N blocks, K splits)."""
+    bm, bn = plan.bm, plan.bn
+    w_tile = (plan.n_seg, plan.seg, bn) if plan.interpret else (plan.n_seg, bn, plan.seg)
+    # The interpreter ignores tiling; the K-major tile shares the activations' swizzle.
+    w_tf = () if plan.interpret else _smem_tiles(plan.seg, 1)
+    scratch = [plgpu.SMEM(w_tile, E4M3, transforms=w_tf)]
+    if plan.split > 1:
+        out = jax.ShapeDtypeStruct((plan.split, mp, n), jnp.float32)
+        tf = () if plan.interpret else _smem_tiles(32, 4)  # f32 rows: 128-byte swizzle
+        scratch.append(plgpu.SMEM((bm, bn), jnp.float32, transforms=tf))
+    else:
+        out = jax.ShapeDtypeStruct((mp, n_out), out_dtype)
+        bo = bn // 2 if plan.gated else bn
+        tf = () if plan.interpret else _smem_tiles(min(bo, 64), 2)  # 16-bit rows
+        scratch += [plgpu.SMEM((bm, bo), out_dtype, transforms=tf),
+                    plgpu.SMEM((bm,), jnp.float32), plgpu.SMEM((bn,), jnp.float32)]
+        if residual is not None:
+            scratch.append(plgpu.SMEM((bm, bo), residual.dtype, transforms=tf))
+        scratch.append(plgpu.Barrier(num_arrivals=len(scratch) - 2))
+    call = plgpu.kernel(partial(_kernel, plan=plan), out_type=out,
+                        grid=(mp // bm, n // bn, plan.split), grid_names=("m", "n", "k"),
+                        scratch_types=scratch)
+    return call(*inputs)
+
+
+__all__ = ["HOPPER_KINDS", "HopperConfig", "default_hopper_config", "is_hopper", "num_sms",
+           "supports", "w4a8_matmul_hopper"]

@@ -46,28 +46,29 @@ def interpreted(*args, **kw) -> np.ndarray:
         return as_np(w4a8_matmul_hopper(*args, interpret=True, **kw))
 
 
-@pytest.mark.parametrize("fmt,m,residual", [("fireq", 1, False), ("fireq-g32", 17, True)])
-def test_exact_inputs_give_the_reference_bit_for_bit(fmt, m, residual):
-    # (Each interpreted launch takes seconds: one M and epilogue per format.)
+@pytest.mark.parametrize("fmt,m,split", [("fireq", 1, 1), ("fireq-g32", 17, 3)])
+def test_exact_inputs_give_the_reference_bit_for_bit(fmt, m, split):
+    # Each interpreted launch takes seconds: one M per format. Split K (3 blocks of one
+    # K tile each) adds the float32 partial sums in another order, still exactly.
     sym = FORMATS[fmt]["symmetric"]
     rng = np.random.default_rng(m)
     xq, xs, w = exact_case(rng, m, 256, 384, FORMATS[fmt]["group"], sym)
-    r = jnp.asarray(rng.integers(-8, 9, (m, 256)), jnp.bfloat16) if residual else None
-    got = interpreted(xq, xs, w, r)
+    r = jnp.asarray(rng.integers(-8, 9, (m, 256)), jnp.bfloat16) if split > 1 else None
+    got = interpreted(xq, xs, w, r, config=HopperConfig(split_k=split))
     want = as_np(w4a8_reference(xq, xs, w, r))
     assert got.shape == (m, 256) and np.count_nonzero(want) > want.size // 2
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_random_inputs_match_the_int4_reference(fmt):
+@pytest.mark.parametrize("fmt,split", [("fireq-g32", 2)])  # fireq: the gated test below
+def test_random_inputs_match_the_int4_reference(fmt, split):
     # K = 192: padded to 256; N = 128 in two 64-row blocks; two pipeline stages.
     rng = np.random.default_rng(11)
     wi = random_int4(rng, 128, 192, fmt)
     x = jnp.asarray(rng.standard_normal((17, 192)), jnp.bfloat16)
     q, s = quantize_activations(x)
     wk = W4A8Weight.from_int4(wi)
-    got = interpreted(q, s, wk, config=HopperConfig(block_m=64, block_n=64, num_stages=2))
+    got = interpreted(q, s, wk, config=HopperConfig(block_n=64, num_stages=2, split_k=split))
     want = as_np(reference_linear(x, wi))  # FP8 activations, dequantized weight, f32 dot
     assert rel_err_rows(got, want).max() < 1e-2  # BF16 output rounding
     ref = as_np(w4a8_reference(q, s, wk))  # the kernel's own f32 semantics
@@ -98,7 +99,8 @@ def _struct(a):
 
 
 @pytest.mark.parametrize("case", ["fireq", "fireq-g32", "fireq+residual", "fireq-g32+residual",
-                                  "fireq-gated", "fireq-g32-gated", "fireq-m128"])
+                                  "fireq-gated", "fireq-g32-gated+residual", "fireq-m128",
+                                  "fireq-split3", "fireq-g32-gated+residual-split3"])
 def test_kernel_lowers_for_cuda(case):
     """The K-major variant a Hopper GPU runs goes through the whole Mosaic GPU lowering."""
     fmt = "fireq-g32" if "g32" in case else "fireq"
@@ -109,6 +111,8 @@ def test_kernel_lowers_for_cuda(case):
         w = fuse_gate_up(w, w)
     r = jnp.zeros((m, w.out_features), jnp.bfloat16) if "residual" in case else None
     cfg = HopperConfig(block_m=128, block_n=128, num_stages=4) if "m128" in case else None
+    if "split" in case:
+        cfg = HopperConfig(split_k=3)
     text = lowers_for_cuda(lambda xq, xs, w, r: w4a8_matmul_hopper(xq, xs, w, r, config=cfg),
                            xq, xs, w, r)
     assert "mosaic_gpu" in text
@@ -126,8 +130,23 @@ def test_config_and_input_checks():
         w4a8_matmul_hopper(xq.astype(jnp.bfloat16), xs, w)
     with pytest.raises(ValueError, match="block_n = tile_n"):
         w4a8_matmul_hopper(xq, xs, fuse_gate_up(w, w), config=HopperConfig(block_n=64))
+    with pytest.raises(ValueError, match="split_k = 3"):
+        w4a8_matmul_hopper(xq, xs, w, config=HopperConfig(split_k=3))
     assert w4a8_hopper.default_hopper_config(1, w) == HopperConfig(64, 128)
     assert w4a8_hopper.default_hopper_config(4096, w) == HopperConfig(128, 128)
+
+
+@pytest.mark.parametrize("n,k,m,want", [(4096, 4096, 1, (64, 128, 4)),  # q/o: 32 x 4 blocks
+                                        (1024, 4096, 16, (64, 128, 8)),  # k/v: 8 x 8
+                                        (4096, 14336, 1, (64, 128, 4)),  # down: 112 K tiles
+                                        (4096, 4096, 256, (64, 128, 1)),  # 128 blocks
+                                        (4096, 4096, 64, (64, 128, 4)),  # 32 blocks
+                                        (4096, 4096, 8192, (128, 128, 1))])
+def test_default_config_splits_k_until_the_sms_are_covered(n, k, m, want):
+    w = W4A8Weight(jax.ShapeDtypeStruct((n, k // 2), jnp.uint8), None, None, None,
+                   group=128, k=k, symmetric=True, tile_k=128)
+    cfg = w4a8_hopper.default_hopper_config(m, w, num_sms=132)
+    assert (cfg.block_m, cfg.block_n, cfg.split_k) == want
 
 
 def test_linear_picks_the_mosaic_kernel_on_hopper(monkeypatch):
