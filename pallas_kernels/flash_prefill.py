@@ -46,15 +46,18 @@ Backends (``flash_prefill(..., backend=)``):
   (head, q tile of 64 rows, batch). K and V tiles arrive by TMA into ``num_stages``-deep
   SMEM rings with one barrier per slot. Both products are asynchronous FP8 wgmmas, and
   iteration ``i`` of the KV loop issues QK^T of tile ``i + 1`` and PV of tile ``i - 1``
-  before it runs the softmax of tile ``i``: the three stages overlap. P goes through SMEM
-  (double-buffered). FP8 wgmma needs K-major B operands: B = K^T is the K tile [bk, D]
+  before it runs the softmax of tile ``i``: the three stages overlap (the first and last
+  iterations are traced on their own, so every wgmma is issued unconditionally and no
+  in-flight accumulator crosses a branch). Each wgmma accumulates into a fresh
+  accumulator; O stays in registers and takes ``O * alpha + PV`` (the interpreter cannot
+  rescale an accumulator in place). P goes through SMEM (double-buffered). FP8 wgmma needs K-major B operands: B = K^T is the K tile [bk, D]
   viewed transposed, and B = V is the V^T tile [D, bk], so the wrapper passes V^T
   [B, Hkv, D, T]. The Mosaic GPU interpreter of JAX 0.10.2 cannot apply transposed SMEM
   views, so ``interpret=True`` feeds the same kernel B operands already laid out (K, N)
   (K^T [B, Hkv, D, T] and V [B, T, Hkv, D]), a layout the hardware rejects for FP8.
 * ``"reference"``: ``flash_prefill_reference``.
-* ``"auto"``: ``"mosaic"`` on a Hopper GPU, ``"pallas"`` on other GPUs, the reference
-  elsewhere.
+* ``"auto"``: ``pick_backend()``: "mosaic" on Hopper, "pallas" on other GPUs with FP8
+  tensor cores (sm89+), the reference elsewhere.
 
 Cost of one call (for throughput): with ``n_b = lengths[b]``, causal FLOPs are
 ``sum_b 4 * H * D * n_b * (n_b + 1) / 2`` (QK^T and PV, 2 FLOPs per multiply-add); the
@@ -506,54 +509,80 @@ def _mosaic_call(x: QuantizedPrefill, cfg: FlashPrefillConfig, interpret: bool) 
 
 
 # ------------------------------------------------------------------------- entry point
-def _is_hopper() -> bool:
+def _compute_capability() -> tuple[int, int]:
     dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    cc = str(getattr(dev, "compute_capability", "")) if dev.platform == "gpu" else ""
+    major, _, minor = cc.partition(".")
+    return (int(major), int(minor or 0)) if major.isdigit() else (0, 0)
+
+
+def pick_backend() -> str:
+    """"mosaic" on Hopper (sm90), "pallas" on other GPUs with FP8 tensor cores (sm89+),
+    "reference" elsewhere (CPU, older GPUs)."""
+    cc = _compute_capability()
+    return "mosaic" if cc[0] == 9 else "pallas" if cc >= (8, 9) else "reference"
+
+
+def _check_shapes(q_shape, k_shape, v_shape, lengths_shape) -> None:
+    if len(q_shape) != 4 or len(k_shape) != 4 or tuple(k_shape) != tuple(v_shape):
+        raise ValueError(f"flash_prefill: q [B, T, H, D], k, v [B, T, Hkv, D]; got "
+                         f"{q_shape}, {k_shape}, {v_shape}")
+    B, T, H, D = q_shape
+    if tuple(k_shape[:2]) != (B, T) or k_shape[3] != D or H % k_shape[2]:
+        raise ValueError(f"flash_prefill: k, v {k_shape} do not match q {q_shape} "
+                         "(same B, T, D; H a multiple of Hkv)")
+    if tuple(lengths_shape) != (B,):
+        raise ValueError(f"flash_prefill: lengths must be [B] = [{B}], got {lengths_shape}")
+
+
+def flash_prefill_quantized(x: QuantizedPrefill, *, backend: str = "pallas",
+                            interpret: bool | None = None,
+                            config: FlashPrefillConfig | None = None) -> jax.Array:
+    """The kernels on already quantized inputs (``quantize_inputs``) -> bf16[B, T, H, D].
+
+    ``backend``: "pallas", "mosaic" or "reference". ``interpret`` (default: not on a GPU)
+    runs the generic kernel in the Pallas interpreter; for "mosaic" it selects the Mosaic
+    GPU interpreter's operand layout (call it inside that interpreter)."""
+    _check_shapes(x.q8.shape, x.k8.shape, x.v8.shape, x.lengths.shape)
+    cfg = config or FlashPrefillConfig()
+    if backend == "reference":
+        return reference_from_quantized(x, cfg.block_kv)
+    if backend not in ("pallas", "mosaic"):
+        raise ValueError(f"flash_prefill: unknown backend {backend!r}")
+    interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
+    T = x.q8.shape[1]
+    blk = max(cfg.block_q, cfg.block_kv)
+    x = _pad_t(x, -(-T // blk) * blk)
+    call = _mosaic_call if backend == "mosaic" else _pallas_call
+    return call(x, cfg, interpret)[:, :T]
 
 
 def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                   backend: str = "auto", interpret: bool | None = None,
                   config: FlashPrefillConfig | None = None,
                   sm_scale: float | None = None) -> jax.Array:
-    """FP8 causal prefill attention: q [B, T, H, D], k, v [B, T, Hkv, D], lengths i32[B]
-    -> bf16[B, T, H, D] (module docstring).
+    """FP8 causal prefill attention: q [B, T, H, D], k, v [B, T, Hkv, D] (bf16 or f32),
+    lengths i32[B] -> bf16[B, T, H, D] (module docstring).
 
     ``backend``: "pallas" (generic kernel), "mosaic" (Hopper kernel), "reference", or
-    "auto". ``interpret`` (default: not on a GPU) runs the generic kernel in the Pallas
-    interpreter; for "mosaic" it selects the interpreter's operand layout (call it inside
-    the Mosaic GPU interpreter). ``sm_scale`` defaults to ``D ** -0.5``.
+    "auto" (``pick_backend``). ``interpret``: as in ``flash_prefill_quantized``.
+    ``sm_scale`` defaults to ``D ** -0.5``.
     """
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"flash_prefill: q [B, T, H, D], k, v [B, T, Hkv, D]; got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
-    B, T, H, D = q.shape
-    if k.shape[:2] != (B, T) or k.shape[3] != D or H % k.shape[2]:
-        raise ValueError(f"flash_prefill: k, v {k.shape} do not match q {q.shape} "
-                         "(same B, T, D; H a multiple of Hkv)")
-    if jnp.shape(lengths) != (B,):
-        raise ValueError(f"flash_prefill: lengths must be [B] = [{B}], got {jnp.shape(lengths)}")
-    if backend not in ("auto", "pallas", "mosaic", "reference"):
-        raise ValueError(f"flash_prefill: unknown backend {backend!r}")
-    cfg = config or FlashPrefillConfig()
-    on_gpu = jax.default_backend() == "gpu"
+    _check_shapes(q.shape, k.shape, v.shape, jnp.shape(lengths))
     if backend == "auto":
-        backend = ("mosaic" if _is_hopper() else "pallas") if on_gpu else "reference"
-    if backend == "reference":
-        return flash_prefill_reference(q, k, v, lengths, sm_scale=sm_scale,
-                                       block_kv=cfg.block_kv)
-    interpret = (not on_gpu) if interpret is None else interpret
+        backend = pick_backend()
+    if backend not in ("pallas", "mosaic", "reference"):
+        raise ValueError(f"flash_prefill: unknown backend {backend!r}")
     x = quantize_inputs(q, k, v, lengths, sm_scale)
-    blk = max(cfg.block_q, cfg.block_kv)
-    x = _pad_t(x, -(-T // blk) * blk)
-    out = _mosaic_call(x, cfg, interpret) if backend == "mosaic" else _pallas_call(
-        x, cfg, interpret)
-    return out[:, :T]
+    return flash_prefill_quantized(x, backend=backend, interpret=interpret, config=config)
 
 
 def flops_and_bytes(lengths, seq_len: int, num_heads: int, num_kv_heads: int,
                     head_dim: int) -> tuple[int, int]:
-    """(useful causal FLOPs, kernel HBM bytes) of one call: 4 * H * D * n (n + 1) / 2 FLOPs
-    per sequence of n valid tokens; FP8 q, k, v and f32 row scales read, bf16 out written."""
+    """(useful causal FLOPs, bytes) of one kernel call: 4 * H * D * n (n + 1) / 2 FLOPs per
+    sequence of n valid tokens; bytes count each tensor once (FP8 q, k, v and the two f32
+    row vectors read, bf16 out written); K/V tiles re-read per q tile and head come from L2
+    and are not counted."""
     lens = [int(n) for n in jnp.asarray(lengths).reshape(-1)]
     flops = sum(4 * num_heads * head_dim * n * (n + 1) // 2 for n in lens)
     b, t = len(lens), seq_len
@@ -561,5 +590,6 @@ def flops_and_bytes(lengths, seq_len: int, num_heads: int, num_kv_heads: int,
     return flops, read + 2 * b * t * num_heads * head_dim
 
 
-__all__ = ["FlashPrefillConfig", "QuantizedPrefill", "flash_prefill", "flash_prefill_reference",
-           "float_attention", "flops_and_bytes", "quantize_inputs", "reference_from_quantized"]
+__all__ = ["FlashPrefillConfig", "QuantizedPrefill", "flash_prefill", "flash_prefill_quantized",
+           "flash_prefill_reference", "float_attention", "flops_and_bytes", "pick_backend",
+           "quantize_inputs", "reference_from_quantized"]
