@@ -100,6 +100,38 @@ class PagedKVCache:
                                          self.sliding_window)
 
 
+    def attend_fp8_prefill(self, pool: jax.Array, layer, q, k, v, meta: PagedKVMeta,
+                           scale: float):
+        """FireQ's prefill attention, for models whose queries are FP8 (``fireq``): when
+        every row of the step starts at position 0 (whole prompts or their first chunks,
+        padding rows aside), each row attends only to this step's own K/V, so causal FP8
+        flash attention over the fresh q, k, v (``pallas_kernels.flash_prefill``) replaces
+        reading them back from the pool; a later chunk, with earlier context in blocks,
+        takes ``attend``. The choice is made on the device (``lax.cond``). GPU only:
+        elsewhere, and with a sliding window, this is ``attend`` (``FP8_PREFILL_MODE =
+        "interpret"`` runs the generic kernel in the interpreter on any backend)."""
+        mode = FP8_PREFILL_MODE
+        if self.sliding_window is not None or not (
+                mode == "interpret" or (mode is None and jax.default_backend() == "gpu")):
+            return self.attend(pool, layer, q, meta, scale)
+        from pallas_kernels.flash_prefill import flash_prefill
+
+        lengths = jnp.sum(meta.positions >= 0, axis=1).astype(jnp.int32)
+        fresh = jnp.all(meta.positions[:, 0] <= 0)  # every row from 0 (or a padding row)
+
+        def flash():
+            return flash_prefill(q, k, v, lengths, sm_scale=scale,
+                                 backend="pallas" if mode == "interpret" else "auto",
+                                 interpret=mode == "interpret").astype(q.dtype)
+
+        return jax.lax.cond(fresh, flash, lambda: self.attend(pool, layer, q, meta, scale))
+
+
+# ``PagedKVCache.attend_fp8_prefill``: None = FP8 flash prefill on GPU only; "interpret" = the
+# generic kernel in the Pallas interpreter on every backend (tests); "off" = never.
+FP8_PREFILL_MODE: str | None = None
+
+
 def paged_reference_attention(q, k, v, positions, seq_lens, scale: float,
                               sliding_window: int | None = None):
     """q (B, T, H, D) over gathered k, v (B, S, Hkv, D) where slot s holds position s.

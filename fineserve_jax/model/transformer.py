@@ -77,7 +77,10 @@ def attention_block(cfg: ModelConfig, lp: dict, x, cos, sin, kv: KVCacheOps, kv_
 
         q = fake_quant_per_token(q)
     kv_state = kv.update(kv_state, layer, k, v, kv_meta)
-    o = kv.attend(kv_state, layer, q, kv_meta, hd ** -0.5)  # (B, T, H, hd)
+    if query_fp8 and T > 1 and hasattr(kv, "attend_fp8_prefill"):  # FireQ's FP8 prefill
+        o = kv.attend_fp8_prefill(kv_state, layer, q, k, v, kv_meta, hd ** -0.5)
+    else:
+        o = kv.attend(kv_state, layer, q, kv_meta, hd ** -0.5)  # (B, T, H, hd)
     return _proj(o.reshape(B, T, cfg.num_heads * hd), lp, "wo", "bo", residual), kv_state
 
 
