@@ -371,10 +371,11 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
     plgpu.barrier_wait(bars.at[1])
     qs = cast(qs_smem[...], row)  # (bq,) base-2 logit scale per row
 
-    def softmax(i, s, m, l):
+    def softmax(i, s, m, l, masked: bool):
         """Tile i's scores -> (P_i rounded to E4M3, new max, alpha, new l)."""
         s = s * lax.broadcast_in_dim(qs, (bq, bk), [0])
-        s = jnp.where(iota(1) + i * bk <= iota(0) + q0, s, -jnp.inf)  # causal
+        if masked:  # causal
+            s = jnp.where(iota(1) + i * bk <= iota(0) + q0, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
@@ -399,7 +400,9 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
             if has_prev:  # P_{i-1} was stored by the previous iteration
                 plgpu.barrier_wait(v_bars.at[slot(i - 1)])
                 plgpu.wgmma(acc_o, p_smem.at[lax.rem(i + 1, 2)], v_op(slot(i - 1)))
-            p8, m_new, alpha, l_new = softmax(i, s, m, l)  # under both wgmmas
+            # Under both wgmmas. Only the last KV tile of a q tile meets the diagonal (64
+            # rows; KV tiles are multiples of 64 and start at multiples of them).
+            p8, m_new, alpha, l_new = softmax(i, s, m, l, masked=not has_next)
             p_smem.at[lax.rem(i, 2)][...] = p8
             plgpu.commit_smem()
             pv = acc_o[...] if has_prev else None  # waits for the wgmmas
