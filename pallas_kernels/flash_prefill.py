@@ -91,6 +91,8 @@ class FlashPrefillConfig:
     wgmma M). ``block_kv``: keys per KV tile (a multiple of 64 for the Mosaic kernel, so
     P's SMEM tile fits a 64-byte swizzle). ``num_warps`` / ``num_stages``: Triton's for the
     generic kernel; ``num_stages`` is also the depth of the Mosaic kernel's K and V rings.
+    The Mosaic kernel holds S_i, S_{i+1}, O and PV_{i-1} in registers: at D = 128 keep
+    ``block_kv = 64`` (about 200 f32 registers a thread by count; 128 would spill).
     """
 
     block_q: int = 64
@@ -145,7 +147,7 @@ def quantize_inputs(q, k, v, lengths, sm_scale: float | None = None) -> Quantize
     Hkv = k.shape[2]
     g = H // Hkv
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+    lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(B), 0, T)
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # (B, T)
     q8, sq = quantize_per_token(q, axis=-1)  # (B, T, H, D), (B, T, H, 1)
     sk = _head_scale(k, valid)  # (B, Hkv)
