@@ -84,9 +84,9 @@ class HopperConfig:
         if self.block_n not in (32, 64, 128, 256):
             raise ValueError(f"HopperConfig.block_n must be 32, 64, 128 or 256, "
                              f"got {self.block_n}")
-        if self.block_m * self.block_n > 64 * 256:
-            raise ValueError("block_m * block_n > 64 * 256: the float32 accumulator would "
-                             "not fit one warpgroup's registers")
+        if self.block_m * self.block_n > 64 * 128:
+            raise ValueError("block_m * block_n > 64 * 128: the float32 sums and one "
+                             "group's partial would not fit one warpgroup's registers")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"HopperConfig.num_stages must be in [1, 8], got {self.num_stages}")
         if self.split_k < 1:
@@ -94,8 +94,8 @@ class HopperConfig:
 
 
 def default_hopper_config(m: int, w: W4A8Weight, num_sms: int = 132) -> HopperConfig:
-    """128-row weight blocks (a gated weight's ``tile_n``); 64 tokens per block up to
-    M = 1024, then 128 x 128 tiles. Fewer blocks than half the SMs (decode) split K
+    """64 x 128 tiles (128 rows: a gated weight's ``tile_n``; the float32 sums and a
+    group's partial take 128 of a thread's registers). Fewer blocks than half the SMs (decode) split K
     up to ``num_sms // blocks`` ways, keeping at least 4 K tiles per block."""
     n = w.packed.shape[-2]
     if w.gated:
@@ -104,7 +104,7 @@ def default_hopper_config(m: int, w: W4A8Weight, num_sms: int = 132) -> HopperCo
         bn = next(b for b in (128, 64, 32) if n % b == 0) if n % 32 == 0 else 0
         if not bn:
             raise ValueError(f"w4a8_matmul_hopper: N = {n} is not a multiple of 32")
-    bm = 128 if m > 1024 and bn <= 128 else 64
+    bm = 64 if bn > 64 or m <= 64 else 128
     blocks = -(-m // bm) * (n // bn)
     n_tiles = w.packed.shape[-1] * 2 // w.tile_k
     want = num_sms // blocks if 2 * blocks <= num_sms else 1
@@ -257,6 +257,17 @@ def _step(_, *args, w_smem, plan: _Plan):
     p_refs = bufs[n_seg:n_seg + half]  # half x u8[bn, seg]
     s_ref = bufs[n_seg + half]  # [gpt, bn]
     b_ref, xsum_ref = (None, None) if plan.symmetric else bufs[n_seg + half + 1:]
+    # Every thread reads this stage's scales before the barrier in commit_smem: after the
+    # step the pipeline refills the stage by TMA, with no barrier of its own.
+    scales, offsets, xsums = [], [], []
+    for g in range(plan.gpt):
+        scales.append([_col_vec(s_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
+                       for r0, rn in plan.parts])
+        if not plan.symmetric:
+            offsets.append([_col_vec(b_ref.at[g, pl.ds(r0, rn)],
+                                     plan.interpret).astype(jnp.float32)
+                            for r0, rn in plan.parts])
+            xsums.append(_row_vec(xsum_ref.at[g], plan.interpret))  # f32[bm]
     # Byte tile j holds segment j (low nibbles) and segment half + j (high nibbles).
     for j, p_ref in enumerate(p_refs):
         p = p_ref[...]  # u8[bn, seg]
@@ -286,13 +297,10 @@ def _step(_, *args, w_smem, plan: _Plan):
                 return acc_ref[...]
 
             part = pl.run_scoped(mma, plgpu.ACC((bm, rn), jnp.float32))  # f32[bm, rn]
-            sc = _col_vec(s_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
-            y = part * lax.broadcast_in_dim(sc, (bm, rn), (1,))
+            y = part * lax.broadcast_in_dim(scales[g][p_i], (bm, rn), (1,))
             if not plan.symmetric:
-                b = _col_vec(b_ref.at[g, pl.ds(r0, rn)], plan.interpret).astype(jnp.float32)
-                xsum = _row_vec(xsum_ref.at[g], plan.interpret)  # f32[bm]
-                y = y + (lax.broadcast_in_dim(xsum, (bm, rn), (0,))
-                         * lax.broadcast_in_dim(b, (bm, rn), (1,)))
+                y = y + (lax.broadcast_in_dim(xsums[g], (bm, rn), (0,))
+                         * lax.broadcast_in_dim(offsets[g][p_i], (bm, rn), (1,)))
             accs[p_i] = accs[p_i] + y
     return tuple(accs)
 
@@ -357,11 +365,14 @@ def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
     mp = -(-m // bm) * bm
     xq = jnp.pad(xq, ((0, mp - m), (0, kt - k)))
     xs = jnp.pad(xs.reshape(-1).astype(jnp.float32), (0, mp - m))
-    inputs = [xq, w.packed, w.scales.T]
+    # A TMA copy moves a multiple of 128 bytes: narrow blocks of FP8 scales go as float32.
+    wide = plan.gpt * bn * jnp.dtype(w.scales.dtype).itemsize % 128 != 0
+    st = w.scales.T.astype(jnp.float32) if wide else w.scales.T
+    inputs = [xq, w.packed, st]
     if not w.symmetric:
         # Exact: at most 32 E4M3 values per group, within float32's 24-bit mantissa.
         xsum = xq.astype(jnp.float32).reshape(mp, kt // w.group, w.group).sum(-1)
-        inputs += [w.offsets.T, xsum.T]
+        inputs += [w.offsets.T.astype(st.dtype), xsum.T]
     cs = w.col_scale.astype(jnp.float32)
     if plan.split > 1:
         partial_sums = _call(plan, inputs, mp, n, n_out, out_dtype, residual)

@@ -110,7 +110,7 @@ def test_kernel_lowers_for_cuda(case):
     if "gated" in case:
         w = fuse_gate_up(w, w)
     r = jnp.zeros((m, w.out_features), jnp.bfloat16) if "residual" in case else None
-    cfg = HopperConfig(block_m=128, block_n=128, num_stages=4) if "m128" in case else None
+    cfg = HopperConfig(block_m=128, block_n=64, num_stages=4) if "m128" in case else None
     if "split" in case:
         cfg = HopperConfig(split_k=3)
     text = lowers_for_cuda(lambda xq, xs, w, r: w4a8_matmul_hopper(xq, xs, w, r, config=cfg),
@@ -122,7 +122,7 @@ def test_config_and_input_checks():
     with pytest.raises(ValueError, match="block_m"):
         HopperConfig(block_m=32)
     with pytest.raises(ValueError, match="registers"):
-        HopperConfig(block_m=128, block_n=256)
+        HopperConfig(block_m=128, block_n=128)
     xq, xs, w = exact_case(np.random.default_rng(3), 4, 128, 256)
     with pytest.raises(ValueError, match="K = 128"):
         w4a8_matmul_hopper(xq[:, :128], xs, w)
@@ -133,7 +133,7 @@ def test_config_and_input_checks():
     with pytest.raises(ValueError, match="split_k = 3"):
         w4a8_matmul_hopper(xq, xs, w, config=HopperConfig(split_k=3))
     assert w4a8_hopper.default_hopper_config(1, w) == HopperConfig(64, 128)
-    assert w4a8_hopper.default_hopper_config(4096, w) == HopperConfig(128, 128)
+    assert w4a8_hopper.default_hopper_config(4096, w) == HopperConfig(64, 128)
 
 
 @pytest.mark.parametrize("n,k,m,want", [(4096, 4096, 1, (64, 128, 4)),  # q/o: 32 x 4 blocks
@@ -141,7 +141,7 @@ def test_config_and_input_checks():
                                         (4096, 14336, 1, (64, 128, 4)),  # down: 112 K tiles
                                         (4096, 4096, 256, (64, 128, 1)),  # 128 blocks
                                         (4096, 4096, 64, (64, 128, 4)),  # 32 blocks
-                                        (4096, 4096, 8192, (128, 128, 1))])
+                                        (4096, 4096, 8192, (64, 128, 1))])
 def test_default_config_splits_k_until_the_sms_are_covered(n, k, m, want):
     w = W4A8Weight(jax.ShapeDtypeStruct((n, k // 2), jnp.uint8), None, None, None,
                    group=128, k=k, symmetric=True, tile_k=128)
