@@ -11,7 +11,8 @@ handle (``PagedKVCache._block_base``). The kernel reads only the bytes of the po
 it needs, through the page table, and decodes them with integer ops and same-width
 bitcasts: f32 from four bytes, bf16 from two (shifted into the top of a float32), FP8
 E4M3 from one byte, INT4 from a nibble, scales as bf16 byte pairs. The XLA reference
-(``PagedKVCache.attend``) gathers every block of the table first.
+(``PagedKVCache.gather`` then ``paged_reference_attention``) gathers every block of the
+table first.
 
 Grid ``(B, Hkv, query tiles, splits)``. One program takes one KV head and a tile of
 ``block_q`` query rows of it (rows are (token, head of the group) pairs, token-major), so
@@ -27,12 +28,12 @@ unnormalized output with its running max and sum, and ``merge_splits`` combines 
 Backends: ``paged_attention(..., interpret=True)`` runs the Pallas interpreter (CPU);
 on a GPU the kernel lowers through Triton. ``PagedKVCache.attend`` picks the kernel on
 GPU and the XLA reference elsewhere; ``KERNEL_MODE = "interpret"`` forces the kernel in
-the interpreter on any backend (tests).
+the interpreter on any backend (tests), ``"xla"`` the reference. ``kv_bytes_read`` gives
+the pool bytes a decode call reads (for bandwidth figures).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any

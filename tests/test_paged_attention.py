@@ -66,8 +66,8 @@ def _case(kv, heads, T, seed, qdtype):
     v = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
     k[:, :, :, 0] *= 4  # one larger channel so scales differ between heads and groups
     all_pos = np.where(np.arange(S)[None] < lens[:, None], np.arange(S)[None], -1)
-    pool = kv.update(pool, 1, jnp.asarray(k), jnp.asarray(v),
-                     PagedKVMeta(all_pos.astype(np.int32), lens, table))
+    write = jax.jit(lambda pool, k, v, meta: kv.update(pool, 1, k, v, meta))  # one compile
+    pool = write(pool, k, v, PagedKVMeta(all_pos.astype(np.int32), lens, table))
     pos = np.full((B, T), -1, np.int32)
     for b in range(B):
         n = min(T, int(lens[b])) - (1 if b == 3 and T > 1 else 0)
@@ -75,6 +75,14 @@ def _case(kv, heads, T, seed, qdtype):
     q = rng.standard_normal((B, T, heads, D)).astype(np.float32)
     return pool, jnp.asarray(q, qdtype), PagedKVMeta(jnp.asarray(pos), jnp.asarray(lens),
                                                      jnp.asarray(table))
+
+
+def _both(kv, pool, q, meta, scale, cfg):
+    """(kernel in interpret mode, XLA reference), each one jitted call on layer 1."""
+    got = jax.jit(lambda pool, q, meta: paged_attention(pool, jnp.int32(1), q, meta, kv, scale,
+                                                        config=cfg, interpret=True))
+    ref = jax.jit(lambda pool, q, meta: kv.attend(pool, jnp.int32(1), q, meta, scale))
+    return got(pool, q, meta), ref(pool, q, meta)
 
 
 def _check(out, ref, qdtype):
@@ -113,10 +121,8 @@ def test_kernel_equals_reference(case):
     fmt_name, heads, kv_heads, D, T, qdtype, splits = case
     kv = _cache(fmt_name, heads, kv_heads, D)
     pool, q, meta = _case(kv, heads, T, seed=heads * 10 + T, qdtype=qdtype)
-    ref = kv.attend(pool, jnp.int32(1), q, meta, D ** -0.5)
     cfg = AttentionConfig(block_q=16, block_kv=16, num_splits=splits)
-    out = paged_attention(pool, jnp.int32(1), q, meta, kv, D ** -0.5, config=cfg,
-                          interpret=True)
+    out, ref = _both(kv, pool, q, meta, D ** -0.5, cfg)
     assert out.dtype == q.dtype
     _check(out, ref, qdtype)
 
@@ -127,9 +133,7 @@ def test_sliding_window_and_default_config():
     skip none of it (a step of 16 tokens: 15 is the last of the first step)."""
     kv = _cache("bf16", 4, 2, 16, window=3)
     pool, q, meta = _case(kv, 4, 3, seed=7, qdtype=jnp.float32)
-    ref = kv.attend(pool, 1, q, meta, 0.25)
-    cfg = AttentionConfig(block_q=16, block_kv=16, num_splits=2)
-    out = paged_attention(pool, 1, q, meta, kv, 0.25, config=cfg, interpret=True)
+    out, ref = _both(kv, pool, q, meta, 0.25, AttentionConfig(block_kv=16, num_splits=2))
     _check(out, ref, jnp.float32)
     # default_config: no splits for a 20-token table, several for 4096 tokens and few rows
     assert default_config(6, 2, 3 * 2, P * BT, num_cores=132).num_splits == 1
