@@ -24,15 +24,22 @@ warpgroup per block runs a TMA pipeline over the K tiles (``tile_k`` = 128) with
 
 The epilogue applies ``xs[m] * cs[n]``, the gate (``silu(gate) * up``, gate and up rows
 interleaved per ``tile_n`` as ``fuse_gate_up`` lays them out) and the residual, and
-stores BF16. Scales and offsets are read transposed (``[groups, N]``) so that one group's
-row is a contiguous TMA box; the wrapper transposes them per call (an XLA transpose of
-1/64 of the code bytes for group 128 and 1/4 for group 32 with offsets).
+stores BF16 by TMA. With ``split_k > 1`` (decode: few output tiles) each output tile's K
+range is shared by ``split_k`` blocks that store float32 partial sums; the wrapper adds
+them and applies the same epilogue in XLA.
+
+Scales and offsets are read transposed (``[groups, N]``) so that one group's row is a
+contiguous TMA box; the wrapper transposes them per call, an XLA transpose of 1/64 of the
+code bytes for group 128 and 1/4 for group 32 with offsets (read and written once more
+per call: a pre-transposed weight layout would save that).
 
 ``interpret=True`` is the variant the Mosaic GPU interpreter runs: the unpacked weight
 tile is stored ``[seg, block_n]`` (N contiguous) and used as B directly, because the
 interpreter does not model ``transpose_ref`` on a wgmma operand, while a real FP8 wgmma
-rejects an N-major B. Everything else (TMA pipeline, unpacking, wgmma per group, scaling,
-epilogues) is the same code; the default variant is proved by lowering it for CUDA.
+rejects an N-major B; register layout casts (which the interpreter lacks) are skipped.
+Everything else (TMA pipeline, unpacking, wgmma per group, scaling, epilogues) is the
+same code; the default variant is checked by lowering it for CUDA, which runs the Mosaic
+GPU layout, transfer and wgmma operand checks (not ptxas: register use is unverified).
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ def is_hopper(device_kind: str) -> bool:
 def supports(w: W4A8Weight) -> bool:
     """Whether ``w4a8_matmul_hopper`` takes this weight (else use ``w4a8_matmul``)."""
     n = w.packed.shape[-2]
-    bn_ok = w.tile_n in (32, 64, 128, 256) if w.gated else n % 32 == 0
+    bn_ok = w.tile_n in (64, 128) if w.gated else n % 32 == 0
     return w.tile_k == 128 and w.group in (32, 64, 128) and bn_ok
 
 
@@ -81,9 +88,8 @@ class HopperConfig:
     def __post_init__(self):
         if self.block_m not in (64, 128):
             raise ValueError(f"HopperConfig.block_m must be 64 or 128, got {self.block_m}")
-        if self.block_n not in (32, 64, 128, 256):
-            raise ValueError(f"HopperConfig.block_n must be 32, 64, 128 or 256, "
-                             f"got {self.block_n}")
+        if self.block_n not in (32, 64, 128):
+            raise ValueError(f"HopperConfig.block_n must be 32, 64 or 128, got {self.block_n}")
         if self.block_m * self.block_n > 64 * 128:
             raise ValueError("block_m * block_n > 64 * 128: the float32 sums and one "
                              "group's partial would not fit one warpgroup's registers")
@@ -95,8 +101,8 @@ class HopperConfig:
 
 def default_hopper_config(m: int, w: W4A8Weight, num_sms: int = 132) -> HopperConfig:
     """64 x 128 tiles (128 rows: a gated weight's ``tile_n``; the float32 sums and a
-    group's partial take 128 of a thread's registers). Fewer blocks than half the SMs (decode) split K
-    up to ``num_sms // blocks`` ways, keeping at least 4 K tiles per block."""
+    group's partial take 128 of a thread's registers). Fewer blocks than half the SMs
+    (decode) split K up to ``num_sms // blocks`` ways, keeping 4 K tiles per block."""
     n = w.packed.shape[-2]
     if w.gated:
         bn = w.tile_n
