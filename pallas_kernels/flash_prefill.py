@@ -40,8 +40,9 @@ visible to every row, so ``m`` is finite after the first tile and ``l >= 256``.
 Backends (``flash_prefill(..., backend=)``):
 
 * ``"pallas"``: generic Pallas kernel, one program per (batch, q tile, head), a KV loop
-  up to the last tile the q tile can see (causal tile skipping, and no tile past the
-  sequence's length). Interpret mode on CPU, the Triton lowering on a GPU.
+  up to the last tile the q tile can see (causal tile skipping, no tile past the
+  sequence's length, none for a q tile of padding rows). Interpret mode on CPU, the
+  Triton lowering on a GPU.
 * ``"mosaic"``: Hopper kernel (Pallas Mosaic GPU, ``plgpu.kernel``), one warpgroup per
   (head, q tile of 64 rows, batch). K and V tiles arrive by TMA into ``num_stages``-deep
   SMEM rings with one barrier per slot. Both products are asynchronous FP8 wgmmas, and
@@ -246,7 +247,8 @@ def _pallas_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref, *, block
     bq, d = q_ref.shape
     q0 = pl.program_id(1) * bq
     n = len_ref[0]
-    n_kv = jnp.minimum(pl.cdiv(q0 + bq, block_kv), pl.cdiv(n, block_kv))
+    # causal tile skipping; a q tile of padding rows only (q0 >= n) runs no tile at all
+    n_kv = jnp.where(q0 < n, jnp.minimum(pl.cdiv(q0 + bq, block_kv), pl.cdiv(n, block_kv)), 0)
     q = q_ref[...]
     c = qs_ref[...][:, None]  # (bq, 1)
     rows = q0 + lax.broadcasted_iota(jnp.int32, (bq, block_kv), 0)
@@ -338,6 +340,7 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
     n = len_ref[b]
     n_kv = jnp.minimum(lax.div(q0 + (bq + bk - 1), jnp.int32(bk)),
                        lax.div(n + (bk - 1), jnp.int32(bk)))
+    n_kv = jnp.where(q0 < n, n_kv, 0)  # a q tile of padding rows only: no KV tile
     slot = lambda j: lax.rem(j, jnp.int32(S))
 
     n_tiles = q_ref.shape[1] // bk  # KV tiles in the (padded) sequence

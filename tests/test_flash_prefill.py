@@ -111,11 +111,11 @@ def test_pallas_interpret_matches_reference(D, H, Hkv, lens, dtype):
 
 
 def test_mosaic_interpret_matches_reference():
-    # Tiny, as the interpreter simulates every block (H x q tiles x B = 2 x 5 x 3). T = 300,
+    # Tiny, as the interpreter simulates every block (H x q tiles x B = 2 x 5 x 2). T = 300,
     # 5 tiles of 64: sequence 0's last q tile runs 5 KV tiles (ring refills inside the
-    # loop); sequence 1 (130 tokens) has padding rows and q tiles whose KV loop stops at
-    # the length; sequence 2 is empty (no KV tile at all).
-    q, k, v, lens = _inputs(5, 3, 300, 2, 1, 64, [300, 130, 0])
+    # loop); sequence 1 (130 tokens) has padding rows, and q tiles of padding rows only,
+    # which run no KV tile and write zeros.
+    q, k, v, lens = _inputs(5, 2, 300, 2, 1, 64, [300, 130])
     cfg = fp.FlashPrefillConfig(block_q=64, block_kv=64, num_stages=2)
     with mosaic_interpret(num_cores=2):
         out = fp.flash_prefill(q, k, v, lens, backend="mosaic", interpret=True, config=cfg)
