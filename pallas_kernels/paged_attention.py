@@ -345,6 +345,14 @@ def paged_attention(pool: jax.Array, layer, q: jax.Array, meta: Any, cache: Any,
                         f"{list(pool.shape)}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    if not interpret and 2 ** 31 <= pool.size <= 2 ** 32:
+        # The Triton lowering addresses a ref of at most 2**32 bytes with 32-bit offsets,
+        # which pointer arithmetic sign-extends: bytes past 2 GiB would be misaddressed.
+        from fineserve_jax.model.paged import paged_reference_attention
+
+        k, v = cache.gather(pool, layer, meta.page_table)
+        return paged_reference_attention(q, k, v, meta.positions, meta.seq_lens, scale,
+                                         cache.sliding_window)
     g = H // blk.kv_heads
     cfg = config or default_config(B, blk.kv_heads, T * g,
                                    meta.page_table.shape[1] * blk.block_tokens)

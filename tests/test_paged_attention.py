@@ -160,12 +160,17 @@ def test_bytes_read_per_decode_step():
     assert kv_bytes_read(kv, [1, 4, 0]) == 5 * 2 * (64 + 8)
 
 
-@pytest.mark.parametrize("fmt_name", ["f32", "bf16", "fp8", "int4", "int4-g32", "int4-asym"])
-def test_lowers_for_cuda(fmt_name):
+@pytest.mark.parametrize("fmt_name,window,pool_gib", [
+    ("f32", None, 0), ("bf16", None, 0), ("fp8", None, 0), ("int4", None, 0),
+    ("int4-g32", None, 0), ("int4-asym", 64, 6), ("bf16", None, 3)])
+def test_lowers_for_cuda(fmt_name, window, pool_gib):
     """The whole Triton lowering runs on CPU for every format (compiling needs a GPU):
-    bf16 queries at a realistic head size, split-K on, a prefill-sized query tile."""
-    D, heads, kv_heads, T, B, Pw, R = 128, 8, 2, 4, 3, 8, 6
-    kv = _cache(fmt_name, heads, kv_heads, D)
+    bf16 queries at a realistic head size, split-K on, a prefill-sized query tile; one
+    case with a sliding window and a 6 GiB pool (64-bit addressing). A 3 GiB pool, which
+    the lowering would address with 32-bit signed offsets, takes the XLA reference."""
+    D, heads, kv_heads, T, B, Pw = 128, 8, 2, 4, 3, 8
+    kv = _cache(fmt_name, heads, kv_heads, D, window)
+    R = max(6, (pool_gib << 30) // (BPR * kv.stride))
     s = jax.ShapeDtypeStruct
     meta = PagedKVMeta(s((B, T), jnp.int32), s((B,), jnp.int32), s((B, Pw), jnp.int32))
     cfg = AttentionConfig(block_q=16, block_kv=32, num_splits=2)
@@ -174,7 +179,8 @@ def test_lowers_for_cuda(fmt_name):
                                                      config=cfg, interpret=False),
         s((R, BPR * kv.stride), jnp.uint8), s((), jnp.int32), s((B, T, heads, D), jnp.bfloat16),
         meta)
-    assert "paged_attention" in text and "triton" in text
+    kernel = "paged_attention" in text and "xla.gpu.triton" in text
+    assert kernel == (pool_gib not in (2, 3, 4))
 
 
 def test_model_path_kernel_equals_reference(monkeypatch):
