@@ -288,6 +288,9 @@ def _pallas_call(x: QuantizedPrefill, cfg: FlashPrefillConfig, interpret: bool) 
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton
 
+        if cfg.block_kv < 32:  # P @ V contracts over block_kv: Triton's FP8 dot wants >= 32
+            raise ValueError(f"the Triton kernel needs block_kv >= 32, got {cfg.block_kv}")
+
         params["compiler_params"] = pl_triton.CompilerParams(num_warps=cfg.num_warps,
                                                              num_stages=cfg.num_stages)
     return pl.pallas_call(
