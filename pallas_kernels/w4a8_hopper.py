@@ -145,6 +145,7 @@ class _Plan:
     interpret: bool
     stages: int
     split: int  # blocks along K; > 1: the kernel writes float32 partial sums
+    rows: int  # output rows a block stores: bm, or M rounded up to 8 when M <= bm
 
     @property
     def seg(self) -> int:  # K elements per wgmma operand tile
@@ -197,8 +198,8 @@ def _kernel(*refs, plan: _Plan):
     xsum_gmem = None if plan.symmetric else next(it)  # f32[G, Mp] activation group sums
     epi_gmem = [] if plan.split > 1 else [next(it), next(it)]  # xs f32[Mp], cs f32[N]
     if plan.residual and plan.split == 1:
-        epi_gmem.append(next(it))  # residual [Mp, N_out]
-    o_gmem = next(it)  # [Mp, N_out]; split: f32[split, Mp, N]
+        epi_gmem.append(next(it))  # residual [Mo, N_out]
+    o_gmem = next(it)  # [Mo, N_out]; split: f32[split, Mo, N]; Mo: M padded (plan.rows)
     w_smem = next(it)  # e4m3[n_seg, bn, seg] unpacked codes ([n_seg, seg, bn] interpreted)
     o_smem = next(it)  # [bm, N_out / (N / bn)]; split: f32[bm, bn]
     epi_smem = list(it)  # xs f32[bm], cs f32[bn], (residual [bm, bo]), barrier
@@ -207,11 +208,13 @@ def _kernel(*refs, plan: _Plan):
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     m0, n0 = mi * bm, ni * bn
     bo = o_smem.shape[1]
-    o_slice = (pl.ds(m0, bm), pl.ds(ni * bo, bo))
+    # Only the rows holding tokens go to and from GMEM (decode: 8 of the 64).
+    o_rows, o_slice = pl.ds(0, plan.rows), (pl.ds(m0, plan.rows), pl.ds(ni * bo, bo))
     if plan.split == 1:  # the epilogue's inputs come in by TMA while the K loop runs
         srcs = [epi_gmem[0].at[pl.ds(m0, bm)], epi_gmem[1].at[pl.ds(n0, bn)]]
         srcs += [g.at[o_slice] for g in epi_gmem[2:]]
-        for src, dst in zip(srcs, epi_smem[:-1]):
+        dsts = epi_smem[:2] + [r.at[o_rows] for r in epi_smem[2:-1]]
+        for src, dst in zip(srcs, dsts):
             plgpu.copy_gmem_to_smem(src, dst, epi_smem[-1])
 
     # This block's K range: tiles [k_idx * tiles, (k_idx + 1) * tiles).
@@ -244,12 +247,12 @@ def _kernel(*refs, plan: _Plan):
     if plan.split > 1:  # float32 partial sums; the epilogue runs beside the kernel
         for acc, (r0, rn) in zip(accs, plan.parts):
             o_smem[:, pl.ds(r0, rn)] = acc
-        dst = o_gmem.at[k_idx, pl.ds(m0, bm), pl.ds(n0, bn)]
+        dst = o_gmem.at[k_idx, pl.ds(m0, plan.rows), pl.ds(n0, bn)]
     else:
         o_smem[...] = _epilogue(accs, epi_smem, plan).astype(o_smem.dtype)
         dst = o_gmem.at[o_slice]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, dst)
+    plgpu.copy_smem_to_gmem(o_smem.at[o_rows], dst)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -326,7 +329,7 @@ def _epilogue(accs, epi_smem, plan: _Plan) -> jax.Array:
         y = gate / (1.0 + jnp.exp(-gate)) * up
     else:
         (y,) = ys
-    if r_smem:
+    if r_smem:  # (rows past plan.rows hold stale data; they are not stored)
         y = y + r_smem[0][...].astype(jnp.float32)
     return y
 
@@ -365,10 +368,12 @@ def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
         raise ValueError(f"split_k = {cfg.split_k} does not divide the {kt // w.tile_k} K tiles")
     if residual is not None and residual.shape != (m, n_out):
         raise ValueError(f"residual must be {(m, n_out)}, got {residual.shape}")
+    mp = -(-m // bm) * bm
+    rows = bm if mp > bm else -(-m // 8) * 8
+    mo = mp if mp > bm else rows  # output rows (M padded)
     plan = _Plan(bm=bm, bn=bn, tile_k=w.tile_k, group=w.group, n_tiles=kt // w.tile_k,
                  symmetric=w.symmetric, gated=w.gated, residual=residual is not None,
-                 interpret=interpret, stages=cfg.num_stages, split=cfg.split_k)
-    mp = -(-m // bm) * bm
+                 interpret=interpret, stages=cfg.num_stages, split=cfg.split_k, rows=rows)
     xq = jnp.pad(xq, ((0, mp - m), (0, kt - k)))
     xs = jnp.pad(xs.reshape(-1).astype(jnp.float32), (0, mp - m))
     # A TMA copy moves a multiple of 128 bytes: narrow blocks of FP8 scales go as float32.
@@ -381,16 +386,16 @@ def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
         inputs += [w.offsets.T.astype(st.dtype), xsum.T]
     cs = w.col_scale.astype(jnp.float32)
     if plan.split > 1:
-        partial_sums = _call(plan, inputs, mp, n, n_out, out_dtype, residual)
+        partial_sums = _call(plan, inputs, mp, mo, n, n_out, out_dtype, residual)
         y = partial_sums.sum(0)[:m] * xs[:m, None] * cs[None, :]
         return _epilogue_ref(y, w, residual, out_dtype)
     inputs += [xs, cs]
     if residual is not None:
-        inputs.append(jnp.pad(residual, ((0, mp - m), (0, 0))))
-    return _call(plan, inputs, mp, n, n_out, out_dtype, residual)[:m]
+        inputs.append(jnp.pad(residual, ((0, mo - m), (0, 0))))
+    return _call(plan, inputs, mp, mo, n, n_out, out_dtype, residual)[:m]
 
 
-def _call(plan: _Plan, inputs, mp, n, n_out, out_dtype, residual):
+def _call(plan: _Plan, inputs, mp, mo, n, n_out, out_dtype, residual):
     """One ``plgpu.kernel`` launch over (M blocks, N blocks, K splits)."""
     bm, bn = plan.bm, plan.bn
     w_tile = (plan.n_seg, plan.seg, bn) if plan.interpret else (plan.n_seg, bn, plan.seg)
@@ -398,11 +403,11 @@ def _call(plan: _Plan, inputs, mp, n, n_out, out_dtype, residual):
     w_tf = () if plan.interpret else _smem_tiles(plan.seg, 1)
     scratch = [plgpu.SMEM(w_tile, E4M3, transforms=w_tf)]
     if plan.split > 1:
-        out = jax.ShapeDtypeStruct((plan.split, mp, n), jnp.float32)
+        out = jax.ShapeDtypeStruct((plan.split, mo, n), jnp.float32)
         tf = () if plan.interpret else _smem_tiles(32, 4)  # f32 rows: 128-byte swizzle
         scratch.append(plgpu.SMEM((bm, bn), jnp.float32, transforms=tf))
     else:
-        out = jax.ShapeDtypeStruct((mp, n_out), out_dtype)
+        out = jax.ShapeDtypeStruct((mo, n_out), out_dtype)
         bo = bn // 2 if plan.gated else bn
         tf = () if plan.interpret else _smem_tiles(min(bo, 64), 2)  # 16-bit rows
         scratch += [plgpu.SMEM((bm, bo), out_dtype, transforms=tf),
