@@ -99,7 +99,7 @@ class FlashPrefillConfig:
     block_q: int = 64
     block_kv: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self):
         for f in ("block_q", "block_kv"):

@@ -132,10 +132,10 @@ def test_pallas_lowers_for_cuda():
     assert "flash_prefill_fp8" in text
 
 
-@pytest.mark.parametrize("D,block_kv", [(64, 64), (128, 128)])
-def test_mosaic_lowers_for_cuda(D, block_kv):
+@pytest.mark.parametrize("D,block_kv,stages", [(64, 64, 2), (128, 64, 3), (128, 128, 2)])
+def test_mosaic_lowers_for_cuda(D, block_kv, stages):
     q, k, v, lens = _inputs(7, 2, 256, 8, 2, D, [256, 100], poison=False)
-    cfg = fp.FlashPrefillConfig(block_q=64, block_kv=block_kv, num_stages=2)
+    cfg = fp.FlashPrefillConfig(block_q=64, block_kv=block_kv, num_stages=stages)
     text = lowers_for_cuda(
         lambda *a: fp.flash_prefill(*a, backend="mosaic", interpret=False, config=cfg),
         q, k, v, lens)
