@@ -8,10 +8,11 @@ as NaN. Page tables are random permutations; unused table slots hold random hand
 some out of the pool's range. Lengths are 1, block - 1, block, block + 1 and the table's
 maximum, plus a padding row (length 0).
 
-Tolerances (per row: max |out - ref| / max |ref|): float32 queries 2e-5 for every KV
+Tolerances (per row: max |out - ref| / max |ref|): float32 queries 2e-6 for every KV
 format (the kernel decodes the same bytes as the reference, so only the summation order
 differs); bfloat16 queries 2e-2 (the kernel rounds unnormalized probabilities to bf16,
-the reference normalized ones). Rows with no visible key must be exactly 0 in both.
+the reference normalized ones); measured at most 2.5e-7 and 5.2e-3. Rows with no
+visible key must be exactly 0 in both.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ BT = 4  # tokens per block
 P = 5  # page-table width: the longest sequence has P * BT tokens
 BPR = 3  # blocks per pool row
 ROWS = 12  # pool rows
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2}
 
 
 def _cache(fmt_name, heads, kv_heads, head_dim, window=None):
