@@ -51,11 +51,13 @@ Backends (``flash_prefill(..., backend=)``):
   iterations are traced on their own, so every wgmma is issued unconditionally and no
   in-flight accumulator crosses a branch). Each wgmma accumulates into a fresh
   accumulator; O stays in registers and takes ``O * alpha + PV`` (the interpreter cannot
-  rescale an accumulator in place). P goes through SMEM (double-buffered). FP8 wgmma needs K-major B operands: B = K^T is the K tile [bk, D]
-  viewed transposed, and B = V is the V^T tile [D, bk], so the wrapper passes V^T
-  [B, Hkv, D, T]. The Mosaic GPU interpreter of JAX 0.10.2 cannot apply transposed SMEM
-  views, so ``interpret=True`` feeds the same kernel B operands already laid out (K, N)
-  (K^T [B, Hkv, D, T] and V [B, T, Hkv, D]), a layout the hardware rejects for FP8.
+  rescale an accumulator in place). P goes through SMEM (double-buffered). FP8 wgmma
+  needs K-major B operands: B = K^T is the K tile [bk, D] viewed transposed, and B = V is
+  the V^T tile [D, bk], so the wrapper passes V^T [B, Hkv, D, T]. The Mosaic GPU
+  interpreter of JAX 0.10.2 cannot apply transposed SMEM views, so ``interpret=True``
+  feeds the same kernel B operands already laid out (K, N) (K^T [B, Hkv, D, T] and V
+  [B, T, Hkv, D]; a layout the hardware rejects for FP8) and drops the register layout
+  hints (the interpreter has no rule for them).
 * ``"reference"``: ``flash_prefill_reference``.
 * ``"auto"``: ``pick_backend()``: "mosaic" on Hopper, "pallas" on other GPUs with FP8
   tensor cores (sm89+), the reference elsewhere.
@@ -372,7 +374,7 @@ def _mosaic_kernel(q_ref, k_ref, v_ref, qs_ref, os_ref, len_ref, o_ref,
     plgpu.copy_gmem_to_smem(os_ref.at[b, h, pl.ds(q0, bq)], os_smem, bars.at[2])
     for t in range(S):  # fill both rings
         @pl.when(t < n_kv)
-        def _():
+        def _(t=t):  # pl.when runs the body now; t is bound for clarity
             load_k(t)
             load_v(t)
     plgpu.barrier_wait(bars.at[0])

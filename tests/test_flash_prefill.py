@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import flash_prefill as fp
 from fineserve_jax.quant.fp8 import quantize_per_token
+from pallas_kernels import flash_prefill as fp
 from tests.mosaic_gpu import lowers_for_cuda, mosaic_interpret
 from tests.tiny_models import rel_err_rows
 
