@@ -27,7 +27,7 @@ def test_attention_bench_quick_record(tmp_path):
     pre = {r["impl"]: r for r in rec["prefill"]}
     assert set(pre) == {"fp8-flash", "xla-bf16"}
     assert pre["fp8-flash"]["max_row_rel_err"] < 1e-2  # against its FP8 oracle
-    assert pre["fp8-flash"]["max_row_err_vs_f32"] < 0.15  # FP8 Q, K, V, P against float32
+    assert pre["fp8-flash"]["max_row_err_vs_f32"] < 0.25  # FP8 Q, K, V, P vs float32
     assert [g["context"] for g in rec["goals"]["int4_vs_bf16_kv_at_8k_plus"]] == []
     with pytest.raises(SystemExit, match="GPU"):
         main(["kernels", "--op", "attention", "--out", str(out)])
