@@ -53,8 +53,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from fineserve_jax.linear import register_linear
 from fineserve_jax.quant.fp8 import E4M3
-from pallas_kernels.w4a8 import W4A8Weight, _epilogue_ref
+from pallas_kernels import w4a8
+from pallas_kernels.w4a8 import W4A8Weight, _epilogue_ref, quantize_activations
 
 HOPPER_KINDS = ("H100", "H200", "H800", "GH200")
 
@@ -64,7 +66,83 @@ def is_hopper(device_kind: str) -> bool:
     return any(k in device_kind for k in HOPPER_KINDS)
 
 
-def supports(w: W4A8Weight) -> bool:
+HOPPER_LAYOUT = w4a8.LAYOUT + "+groups-major-scales"
+
+
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["packed", "scales_t", "offsets_t", "col_scale"],
+         meta_fields=["group", "k", "symmetric", "tile_k", "gated", "tile_n", "act"])
+@dataclass(frozen=True, repr=False)
+class W4A8HopperWeight:
+    """A ``W4A8Weight`` with its group scales and offsets stored groups-major, made once
+    offline by ``from_w4a8``: the layout the Mosaic kernel reads by TMA, so that a call
+    does not transpose them. Codes, column scale and meta fields as in ``W4A8Weight``."""
+
+    packed: jax.Array  # u8[..., N, Kt/2], split halves per tile_k
+    scales_t: jax.Array  # [..., Kt/group, N]
+    offsets_t: jax.Array | None  # like scales_t (asymmetric), else None
+    col_scale: jax.Array  # f32[..., N]
+    group: int
+    k: int
+    symmetric: bool
+    tile_k: int
+    gated: bool = False
+    tile_n: int = 0
+    act: str | None = "fp8"
+
+    @classmethod
+    def from_w4a8(cls, w: W4A8Weight) -> W4A8HopperWeight:
+        t = None if w.offsets is None else jnp.swapaxes(w.offsets, -1, -2)
+        return cls(w.packed, jnp.swapaxes(w.scales, -1, -2), t, w.col_scale, w.group, w.k,
+                   w.symmetric, w.tile_k, w.gated, w.tile_n, w.act)
+
+    def to_w4a8(self) -> W4A8Weight:
+        t = None if self.offsets_t is None else jnp.swapaxes(self.offsets_t, -1, -2)
+        return W4A8Weight(self.packed, jnp.swapaxes(self.scales_t, -1, -2), t, self.col_scale,
+                          self.group, self.k, self.symmetric, self.tile_k, self.gated,
+                          self.tile_n, self.act)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """``[..., N, K]`` (so ``w4a8_reference`` takes this weight too)."""
+        return self.to_w4a8().dequantize(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.packed.shape[:-1]) + (self.k,)
+
+    @property
+    def out_features(self) -> int:
+        n = self.packed.shape[-2]
+        return n // 2 if self.gated else n
+
+    @property
+    def layout(self) -> str:
+        return HOPPER_LAYOUT
+
+    def __repr__(self) -> str:
+        if not hasattr(self.packed, "shape"):
+            return f"W4A8HopperWeight(group={self.group}, k={self.k})"
+        return f"W4A8HopperWeight(shape={self.shape}, group={self.group}, gated={self.gated})"
+
+
+def _hopper_linear(x: jax.Array, w: W4A8HopperWeight, residual: jax.Array | None) -> jax.Array:
+    """``linear`` on a ``W4A8HopperWeight``: the Mosaic kernel where ``linear`` would run
+    it for the ``W4A8Weight`` (a Hopper GPU), else that weight's path."""
+    if not (jax.default_backend() == "gpu" and w4a8.KERNEL_MODE != "interpret"
+            and w4a8.gpu_backend(w) == "mosaic"):
+        return w4a8._matmul(x, w.to_w4a8(), residual)
+    q, s = quantize_activations(x)
+    r = None if residual is None else residual.reshape(-1, w.out_features)
+    dtype = x.dtype if residual is None else residual.dtype
+    y = w4a8_matmul_hopper(q, s, w, r, out_dtype=dtype)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+register_linear(W4A8HopperWeight)(lambda x, w: _hopper_linear(x, w, None))
+register_linear(W4A8HopperWeight, residual=True)(_hopper_linear)
+
+
+def supports(w: W4A8Weight | W4A8HopperWeight) -> bool:
     """Whether ``w4a8_matmul_hopper`` takes this weight (else use ``w4a8_matmul``)."""
     n = w.packed.shape[-2]
     bn_ok = w.tile_n in (64, 128) if w.gated else n % 32 == 0
@@ -335,14 +413,15 @@ def _epilogue(accs, epi_smem, plan: _Plan) -> jax.Array:
 
 
 # -------------------------------------------------------------------------- wrapper
-def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
+def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight | W4A8HopperWeight,
                        residual: jax.Array | None = None, *,
                        config: HopperConfig | None = None, interpret: bool = False,
                        out_dtype=jnp.bfloat16) -> jax.Array:
     """``xq`` e4m3[M, K], ``xs`` f32[M] or [M, 1] -> ``[M, N]`` (``N / 2`` when gated),
     the Mosaic GPU (Hopper) kernel; same results as ``w4a8.w4a8_matmul``.
 
-    ``residual`` ``[M, N_out]`` is added before the rounding to ``out_dtype``.
+    ``residual`` ``[M, N_out]`` is added before the rounding to ``out_dtype``. A
+    ``W4A8HopperWeight`` saves the per-call transpose of the scales and offsets.
     ``interpret``: the variant for the Mosaic GPU interpreter (module docstring); on a
     GPU leave it False.
     """
@@ -377,13 +456,17 @@ def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight,
     xq = jnp.pad(xq, ((0, mp - m), (0, kt - k)))
     xs = jnp.pad(xs.reshape(-1).astype(jnp.float32), (0, mp - m))
     # A TMA copy moves a multiple of 128 bytes: narrow blocks of FP8 scales go as float32.
-    wide = plan.gpt * bn * jnp.dtype(w.scales.dtype).itemsize % 128 != 0
-    st = w.scales.T.astype(jnp.float32) if wide else w.scales.T
+    if isinstance(w, W4A8HopperWeight):
+        st, ot = w.scales_t, w.offsets_t
+    else:
+        st, ot = w.scales.T, None if w.offsets is None else w.offsets.T
+    if plan.gpt * bn * jnp.dtype(st.dtype).itemsize % 128:
+        st, ot = (None if a is None else a.astype(jnp.float32) for a in (st, ot))
     inputs = [xq, w.packed, st]
     if not w.symmetric:
         # Exact: at most 32 E4M3 values per group, within float32's 24-bit mantissa.
         xsum = xq.astype(jnp.float32).reshape(mp, kt // w.group, w.group).sum(-1)
-        inputs += [w.offsets.T.astype(st.dtype), xsum.T]
+        inputs += [ot, xsum.T]
     cs = w.col_scale.astype(jnp.float32)
     if plan.split > 1:
         partial_sums = _call(plan, inputs, mp, mo, n, n_out, out_dtype, residual)
@@ -421,5 +504,5 @@ def _call(plan: _Plan, inputs, mp, mo, n, n_out, out_dtype, residual):
     return call(*inputs)
 
 
-__all__ = ["HOPPER_KINDS", "HopperConfig", "default_hopper_config", "is_hopper", "num_sms",
-           "supports", "w4a8_matmul_hopper"]
+__all__ = ["HOPPER_KINDS", "HOPPER_LAYOUT", "HopperConfig", "W4A8HopperWeight",
+           "default_hopper_config", "is_hopper", "num_sms", "supports", "w4a8_matmul_hopper"]

@@ -19,7 +19,7 @@ from fineserve_jax.quant import quantize_int4, reference_linear
 from pallas_kernels import w4a8, w4a8_hopper
 from pallas_kernels.w4a8 import (W4A8Weight, exact_case, fuse_gate_up, quantize_activations,
                                  w4a8_reference)
-from pallas_kernels.w4a8_hopper import HopperConfig, w4a8_matmul_hopper
+from pallas_kernels.w4a8_hopper import HopperConfig, W4A8HopperWeight, w4a8_matmul_hopper
 from tests.mosaic_gpu import lowers_for_cuda, mosaic_interpret
 from tests.tiny_models import rel_err_rows
 
@@ -68,7 +68,8 @@ def test_random_inputs_match_the_int4_reference(fmt, split):
     x = jnp.asarray(rng.standard_normal((17, 192)), jnp.bfloat16)
     q, s = quantize_activations(x)
     wk = W4A8Weight.from_int4(wi)
-    got = interpreted(q, s, wk, config=HopperConfig(block_n=64, num_stages=2, split_k=split))
+    wh = W4A8HopperWeight.from_w4a8(wk)  # scales and offsets pre-transposed
+    got = interpreted(q, s, wh, config=HopperConfig(block_n=64, num_stages=2, split_k=split))
     want = as_np(reference_linear(x, wi))  # FP8 activations, dequantized weight, f32 dot
     assert rel_err_rows(got, want).max() < 1e-2  # BF16 output rounding
     ref = as_np(w4a8_reference(q, s, wk))  # the kernel's own f32 semantics
@@ -100,7 +101,8 @@ def _struct(a):
 
 @pytest.mark.parametrize("case", ["fireq", "fireq-g32", "fireq+residual", "fireq-g32+residual",
                                   "fireq-gated", "fireq-g32-gated+residual", "fireq-m128",
-                                  "fireq-split3", "fireq-g32-gated+residual-split3"])
+                                  "fireq-split3", "fireq-g32-gated+residual-split3",
+                                  "fireq-g32-hopper-layout"])
 def test_kernel_lowers_for_cuda(case):
     """The K-major variant a Hopper GPU runs goes through the whole Mosaic GPU lowering."""
     fmt = "fireq-g32" if "g32" in case else "fireq"
@@ -109,6 +111,8 @@ def test_kernel_lowers_for_cuda(case):
                            FORMATS[fmt]["symmetric"])
     if "gated" in case:
         w = fuse_gate_up(w, w)
+    if "hopper-layout" in case:
+        w = W4A8HopperWeight.from_w4a8(w)
     r = jnp.zeros((m, w.out_features), jnp.bfloat16) if "residual" in case else None
     cfg = HopperConfig(block_m=128, block_n=64, num_stages=4) if "m128" in case else None
     if "split" in case:
@@ -158,3 +162,39 @@ def test_linear_picks_the_mosaic_kernel_on_hopper(monkeypatch):
     assert w4a8.gpu_backend(w) == "mosaic"
     monkeypatch.setattr(w4a8, "GPU_BACKEND", "triton")
     assert w4a8.gpu_backend(w) == "triton"
+
+
+def test_hopper_layout_round_trips_and_serves_linear():
+    """``W4A8HopperWeight``: scales and offsets groups-major, stacked layers kept; off a
+    Hopper GPU ``linear`` on it is the ``W4A8Weight`` path."""
+    from fineserve_jax.linear import linear, linear_residual
+
+    rng = np.random.default_rng(5)
+    w = random_weight(rng, 128, 256, "fireq-g32")
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w)
+    h = W4A8HopperWeight.from_w4a8(stacked)
+    assert h.scales_t.shape == (2, 8, 128) and h.offsets_t.shape == (2, 8, 128)
+    assert h.layout.startswith(w4a8.LAYOUT) and h.shape == (2, 128, 256)
+    back = h.to_w4a8()
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(as_np(a), as_np(b))
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    h0 = W4A8HopperWeight.from_w4a8(w)
+    np.testing.assert_array_equal(as_np(linear(x, h0)), as_np(linear(x, w)))
+    np.testing.assert_array_equal(as_np(linear_residual(x, h0, x[:, :128])),
+                                  as_np(linear_residual(x, w, x[:, :128])))
+
+
+def test_bench_kernels_mosaic_rows_lower_for_cuda(monkeypatch):
+    """``bench kernels`` adds the Mosaic rows on a Hopper GPU (faked here) on the Hopper
+    layout of the same weights as the Triton rows; each lowers for CUDA."""
+    from fineserve_jax.bench import kernels
+
+    monkeypatch.setattr(w4a8_hopper, "is_hopper", lambda kind: True)
+    impls = kernels.make_impls(256, 384, 17, jax.random.PRNGKey(0), quick=False)
+    for name, triton in zip(kernels.MOSAIC_IMPLS, ("w4a8-fireq", "w4a8-fireq-g32")):
+        fn, args, nbytes = impls[name]
+        assert isinstance(args[2], W4A8HopperWeight) and nbytes == impls[triton][2]
+        np.testing.assert_array_equal(as_np(args[2].dequantize()),
+                                      as_np(impls[triton][1][2].dequantize()))
+        assert "mosaic_gpu" in lowers_for_cuda(fn, *args)

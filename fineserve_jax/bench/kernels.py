@@ -9,7 +9,8 @@ step), one run times, on the same device and inputs:
 * ``w4a8-fireq`` and ``w4a8-fireq-g32``: ``pallas_kernels.w4a8.w4a8_matmul`` on
   pre-quantized FP8 activations, for both weight formats;
 * ``w4a8-fireq-mosaic`` and ``w4a8-g32-mosaic`` (Hopper only): the same through
-  ``pallas_kernels.w4a8_hopper.w4a8_matmul_hopper`` (Mosaic GPU, TMA + FP8 wgmma).
+  ``pallas_kernels.w4a8_hopper.w4a8_matmul_hopper`` (Mosaic GPU, TMA + FP8 wgmma) on the
+  weight in its Hopper layout (``W4A8HopperWeight``: scales pre-transposed).
 
 Each figure is the median over ``--reps`` timed runs of ``--inner`` back-to-back calls
 (after ``--warmup`` untimed ones), divided by ``--inner``. Against measured peaks, also in
@@ -141,12 +142,13 @@ def make_impls(n: int, k: int, m: int, key, quick: bool) -> dict:
         wk = W4A8Weight.from_int4(quantize_int4(w, act="fp8", **kwargs))
         fn = jax.jit(lambda q, s, wk: w4a8_matmul(q, s, wk, interpret=quick))
         out[f"w4a8-{fmt}"] = (fn, (q, s, wk), wk.nbytes + m * k + 2 * m * n)
-    from pallas_kernels.w4a8_hopper import is_hopper, w4a8_matmul_hopper
+    from pallas_kernels.w4a8_hopper import W4A8HopperWeight, is_hopper, w4a8_matmul_hopper
 
     if not quick and is_hopper(jax.devices()[0].device_kind):
         for name, fmt in zip(MOSAIC_IMPLS, ("fireq", "fireq-g32")):
             fn = jax.jit(lambda q, s, wk: w4a8_matmul_hopper(q, s, wk))
-            out[name] = (fn, *out[f"w4a8-{fmt}"][1:])
+            _, (q_, s_, wk), nbytes = out[f"w4a8-{fmt}"]
+            out[name] = (fn, (q_, s_, W4A8HopperWeight.from_w4a8(wk)), nbytes)
     return out
 
 
