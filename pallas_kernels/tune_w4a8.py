@@ -6,6 +6,10 @@ one gated weight), both weight formats, one M per bucket of ``w4a8.M_BUCKETS``. 
 is keyed by device kind, so one file holds several GPUs; ``w4a8_matmul`` reads it through
 ``pick_config`` and falls back to ``default_config``. A config that fails to compile or
 disagrees with the reference is skipped and reported.
+
+``--backend mosaic`` tunes the Hopper kernel (``w4a8_hopper``: block_n, pipeline stages,
+split K) on weights in its layout and writes ``pallas_kernels/w4a8_hopper_tuned.json``,
+which ``w4a8_matmul_hopper`` reads through ``pick_hopper_config``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,24 @@ def candidates(n: int, gated: bool, tile_n: int, m: int) -> list[BlockConfig]:
         if gated and bn != tile_n or n % bn or bm > max(16, 2 * m):
             continue
         out.append(BlockConfig(bm, bn, warps, stages))
+    return out
+
+
+def hopper_candidates(w, m: int, sms: int):
+    """Mosaic configs for one problem: block_n, stages, and split K up to two blocks
+    per SM."""
+    from pallas_kernels.w4a8_hopper import HopperConfig
+
+    n, n_tiles = w.packed.shape[-2], w.packed.shape[-1] * 2 // w.tile_k
+    out = []
+    for bn, stages in itertools.product((32, 64, 128), (2, 4)):
+        if (w.gated and bn != w.tile_n) or n % bn:
+            continue
+        bm = 128 if m > 64 and bn <= 64 else 64
+        blocks = -(-m // bm) * (n // bn)
+        for split in range(1, min(n_tiles, 16) + 1):
+            if n_tiles % split == 0 and (split == 1 or blocks * split <= 2 * sms):
+                out.append(HopperConfig(bm, bn, stages, split))
     return out
 
 
@@ -70,8 +92,15 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--m", type=int, nargs="+", default=list(M_BUCKETS))
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    p.add_argument("--out", default=str(TUNED_PATH))
+    p.add_argument("--backend", choices=["triton", "mosaic"], default="triton")
+    p.add_argument("--out", default=None, help="default: the backend's table next to it")
     args = p.parse_args(argv)
+    mosaic = args.backend == "mosaic"
+    if mosaic:
+        from pallas_kernels import w4a8_hopper
+
+        args.out = args.out or str(w4a8_hopper.HOPPER_TUNED_PATH)
+    args.out = args.out or str(TUNED_PATH)
     if jax.default_backend() != "gpu":
         raise SystemExit("tune_w4a8 times GPU kernels; no GPU here")
     kind = jax.devices()[0].device_kind
@@ -95,10 +124,16 @@ def main(argv=None) -> int:
             q, s = quantize_activations(jax.random.normal(key, (m, k), jnp.bfloat16))
             want = np.asarray(w4a8_reference(q, s, w), np.float32)
             best = None
-            for cfg in candidates(n, gated, w.tile_n, m):
-                fn = jax.jit(lambda q, s, w, cfg=cfg: w4a8_matmul(q, s, w, config=cfg))
+            if mosaic:
+                wk = w4a8_hopper.W4A8HopperWeight.from_w4a8(w)
+                cands = hopper_candidates(w, m, w4a8_hopper.num_sms())
+                kernel = w4a8_hopper.w4a8_matmul_hopper
+            else:
+                wk, cands, kernel = w, candidates(n, gated, w.tile_n, m), w4a8_matmul
+            for cfg in cands:
+                fn = jax.jit(lambda q, s, w, cfg=cfg, kernel=kernel: kernel(q, s, w, config=cfg))
                 try:
-                    got = np.asarray(fn(q, s, w), np.float32)
+                    got = np.asarray(fn(q, s, wk), np.float32)
                 except Exception as e:  # a config the compiler rejects (shared memory, ...)
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
                     continue
@@ -106,7 +141,7 @@ def main(argv=None) -> int:
                 if not err < 1e-2:
                     print(f"  skip {cfg}: relative error {err:.3g}", file=sys.stderr)
                     continue
-                t = bench(lambda: fn(q, s, w))
+                t = bench(lambda: fn(q, s, wk))
                 if best is None or t < best[0]:
                     best = (t, cfg)
             if best is None:

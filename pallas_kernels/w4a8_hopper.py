@@ -44,8 +44,11 @@ GPU layout, transfer and wgmma operand checks (not ptxas: register use is unveri
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +198,26 @@ def default_hopper_config(m: int, w: W4A8Weight, num_sms: int = 132) -> HopperCo
     split = max(d for d in range(1, n_tiles + 1)
                 if n_tiles % d == 0 and d <= want and (n_tiles // d >= 4 or d == 1))
     return HopperConfig(block_m=bm, block_n=bn, split_k=split)
+
+
+HOPPER_TUNED_PATH = Path(__file__).with_name("w4a8_hopper_tuned.json")
+
+
+@functools.cache
+def _tuned(device_kind: str) -> dict[str, HopperConfig]:
+    if not HOPPER_TUNED_PATH.exists():
+        return {}
+    table = json.loads(HOPPER_TUNED_PATH.read_text()).get(device_kind, {})
+    fields = ("block_m", "block_n", "num_stages", "split_k")
+    return {key: HopperConfig(**{f: cfg[f] for f in fields}) for key, cfg in table.items()}
+
+
+def pick_hopper_config(m: int, w: W4A8Weight | W4A8HopperWeight) -> HopperConfig:
+    """The tuned config for this device and problem (``python -m pallas_kernels.tune_w4a8
+    --backend mosaic`` writes the table, keyed like ``w4a8``'s), else the default."""
+    n = w.packed.shape[-2]
+    key = w4a8.tuning_key(m, n, w.k, "fireq" if w.symmetric else "fireq-g32", w.gated)
+    return _tuned(jax.devices()[0].device_kind).get(key) or default_hopper_config(m, w, num_sms())
 
 
 def num_sms() -> int:
@@ -437,7 +460,7 @@ def w4a8_matmul_hopper(xq: jax.Array, xs: jax.Array, w: W4A8Weight | W4A8HopperW
                          f"N a multiple of 32, got {w!r}")
     n, n_out = w.packed.shape[0], w.out_features
     kt = 2 * w.packed.shape[1]
-    cfg = config or default_hopper_config(m, w, num_sms())
+    cfg = config or pick_hopper_config(m, w)
     bm, bn = cfg.block_m, cfg.block_n
     if w.gated and bn != w.tile_n:
         raise ValueError(f"a gated weight needs block_n = tile_n = {w.tile_n}, got {bn}")
@@ -504,5 +527,6 @@ def _call(plan: _Plan, inputs, mp, mo, n, n_out, out_dtype, residual):
     return call(*inputs)
 
 
-__all__ = ["HOPPER_KINDS", "HOPPER_LAYOUT", "HopperConfig", "W4A8HopperWeight",
-           "default_hopper_config", "is_hopper", "num_sms", "supports", "w4a8_matmul_hopper"]
+__all__ = ["HOPPER_KINDS", "HOPPER_LAYOUT", "HOPPER_TUNED_PATH", "HopperConfig",
+           "W4A8HopperWeight", "default_hopper_config", "is_hopper", "num_sms",
+           "pick_hopper_config", "supports", "w4a8_matmul_hopper"]

@@ -198,3 +198,28 @@ def test_bench_kernels_mosaic_rows_lower_for_cuda(monkeypatch):
         np.testing.assert_array_equal(as_np(args[2].dequantize()),
                                       as_np(impls[triton][1][2].dequantize()))
         assert "mosaic_gpu" in lowers_for_cuda(fn, *args)
+
+
+def test_tuned_hopper_table_is_used_for_its_device(tmp_path, monkeypatch):
+    import json
+
+    from pallas_kernels.tune_w4a8 import hopper_candidates
+
+    _, _, w = exact_case(np.random.default_rng(2), 5, 256, 384)
+    key = w4a8.tuning_key(5, 256, 384, "fireq", False)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({jax.devices()[0].device_kind: {key: {
+        "block_m": 64, "block_n": 64, "num_stages": 2, "split_k": 3, "seconds": 1e-5}}}))
+    monkeypatch.setattr(w4a8_hopper, "HOPPER_TUNED_PATH", path)
+    w4a8_hopper._tuned.cache_clear()
+    try:
+        assert w4a8_hopper.pick_hopper_config(5, w) == HopperConfig(64, 64, 2, 3)
+        assert (w4a8_hopper.pick_hopper_config(100, w)
+                == w4a8_hopper.default_hopper_config(100, w, w4a8_hopper.num_sms()))
+    finally:
+        w4a8_hopper._tuned.cache_clear()
+    # the tuner's search space: valid configs only, split K up to two blocks per SM
+    cands = hopper_candidates(w, 1, 132)
+    assert HopperConfig(64, 128, 2, 3) in cands and HopperConfig(64, 32, 4, 1) in cands
+    assert all(256 % c.block_n == 0 and 3 % c.split_k == 0 for c in cands)
+    assert max(c.split_k for c in hopper_candidates(w, 1, 2)) == 1
