@@ -176,7 +176,7 @@ def test_bench_kernels_quick_record(tmp_path):
         assert r["seconds"] > 0 and r["flops"] == 2 * r["m"] * r["n"] * r["k"]
         if r["impl"] == "w4a8-fireq-g32":
             assert r["max_row_rel_err"] < 1e-2 and r["speedup_vs_bf16"] > 0
-    assert [f["m"] for f in rec["ffn"]] == [3, 17] and rec["e2e"] is None
+    assert [f["m"] for f in rec["ffn"]] == [3] and rec["e2e"] is None
     with pytest.raises(SystemExit, match="GPU"):
         main(["kernels", "--out", str(out)])
 

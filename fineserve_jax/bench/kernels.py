@@ -347,8 +347,7 @@ def _run(args, shapes) -> int:
     ffn = []
     for model in args.models:
         d, f, _ = shapes[model]
-        for m in sorted({min(args.m), 16 if not args.quick else 17,
-                         16384 if not args.quick else max(args.m)}):
+        for m in ([min(args.m)] if args.quick else sorted({min(args.m), 16, 16384})):
             case = ffn_case(d, f, m, key, args.quick)
             t = {name: timed(fn, a, args.reps, args.inner, args.warmup)
                  for name, (fn, a) in case.items()}
