@@ -34,18 +34,36 @@ def backend_weights(params, dtype, backend: str | None = None):
     arrays carrying the same bf16 values; activations stay bf16 and the dot accumulated in
     f32 as before, so results are unchanged and decode is several times faster.
     On GPU, INT4 weights with FP8 activations go to the INT4 x FP8 kernel's layout
-    (``pallas_kernels.w4a8.kernel_layout``).
+    (``pallas_kernels.w4a8.kernel_layout``; a checkpoint may already store it), and on
+    Hopper to the Mosaic GPU kernel's scale layout (``hopper_weights``).
     """
     backend = backend or jax.default_backend()
-    if backend == "gpu" and _has_fp8_int4(params):
-        # INT4 x FP8 weights in the Pallas kernel's layout, gate and up fused.
-        from pallas_kernels.w4a8 import kernel_layout
+    if backend == "gpu":
+        if _has_fp8_int4(params):
+            # INT4 x FP8 weights in the Pallas kernel's layout, gate and up fused.
+            from pallas_kernels.w4a8 import kernel_layout
 
-        return kernel_layout(params)
+            params = kernel_layout(params)
+        return hopper_weights(params)
     if backend == "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
         return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a,
                             params)
     return params
+
+
+def hopper_weights(params, device_kind: str | None = None):
+    """On a Hopper GPU, kernel-layout weights the Mosaic GPU kernel takes get their group
+    scales stored groups-major (``W4A8HopperWeight``), once, so no call transposes them;
+    elsewhere (or with ``w4a8.GPU_BACKEND = "triton"``) params are returned as they are."""
+    from pallas_kernels import w4a8, w4a8_hopper
+
+    kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
+    if w4a8.GPU_BACKEND == "triton" or not w4a8_hopper.is_hopper(kind):
+        return params
+    layers = params.get("layers", {}) if isinstance(params, dict) else {}
+    new = {name: w4a8_hopper.W4A8HopperWeight.from_w4a8(w) for name, w in layers.items()
+           if isinstance(w, w4a8.W4A8Weight) and w4a8_hopper.supports(w)}
+    return {**params, "layers": {**layers, **new}} if new else params
 
 
 def _has_fp8_int4(params) -> bool:

@@ -223,3 +223,29 @@ def test_tuned_hopper_table_is_used_for_its_device(tmp_path, monkeypatch):
     assert HopperConfig(64, 128, 2, 3) in cands and HopperConfig(64, 32, 4, 1) in cands
     assert all(256 % c.block_n == 0 and 3 % c.split_k == 0 for c in cands)
     assert max(c.split_k for c in hopper_candidates(w, 1, 2)) == 1
+
+
+def test_hopper_weights_in_the_model_path(monkeypatch):
+    """``runner.hopper_weights``: on a Hopper device kind every kernel-layout weight the
+    Mosaic kernel takes gets groups-major scales once; the model computes the same."""
+    from fineserve_jax.config import ModelConfig
+    from fineserve_jax.model import init_params
+    from fineserve_jax.precisions import get_precision
+    from fineserve_jax.quant.model import quantize_linears
+    from fineserve_jax.runner import DenseRunner, hopper_weights
+    from pallas_kernels.w4a8 import kernel_layout
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=64)
+    params = kernel_layout(quantize_linears(init_params(cfg, jax.random.key(0)),
+                                            get_precision("fireq")))
+    hop = hopper_weights(params, "NVIDIA H100 80GB HBM3")
+    assert all(isinstance(hop["layers"][n], W4A8HopperWeight)
+               for n in ("wq", "wo", "w_gate_up", "w_down"))
+    assert hopper_weights(params, "NVIDIA A100-SXM4-80GB") is params
+    monkeypatch.setattr(w4a8, "GPU_BACKEND", "triton")
+    assert hopper_weights(params, "NVIDIA H100 80GB HBM3") is params
+    ids = np.arange(6, dtype=np.int32)[None]
+    a = DenseRunner(cfg, params, jnp.float32, query_fp8=True).logits(ids)
+    b = DenseRunner(cfg, hop, jnp.float32, query_fp8=True).logits(ids)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
