@@ -95,7 +95,7 @@ def plot_pool_timeline(samples: Sequence[tuple[float, object]], ax=None, *,
     ax.set_ylabel(f"rows of {s.row_bytes / 2**20:.2f} MiB")
     ax.set_ylim(0, max(int(s.rows_total.max()), 1) * 1.08)
     ax.set_xlim(0, max(float(s.t[-1]), 1e-3))
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     if title:
         ax.set_title(title)
     return ax
