@@ -113,11 +113,26 @@ def default_config(m: int, n: int, gated: bool = False, tile_n: int = 128) -> Bl
 
 
 # --------------------------------------------------------------------------- weight
+class PackedShape:
+    """Shape of a kernel-layout weight from its ``packed`` codes and logical ``k``
+    (``W4A8Weight`` and the Hopper layout share it)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical ``[..., N, K]`` (N counts gate and up rows when gated)."""
+        return tuple(self.packed.shape[:-1]) + (self.k,)
+
+    @property
+    def out_features(self) -> int:
+        n = self.packed.shape[-2]
+        return n // 2 if self.gated else n
+
+
 @partial(jax.tree_util.register_dataclass,
          data_fields=["packed", "scales", "offsets", "col_scale"],
          meta_fields=["group", "k", "symmetric", "tile_k", "gated", "tile_n", "act"])
 @dataclass(frozen=True, repr=False)
-class W4A8Weight:
+class W4A8Weight(PackedShape):
     """An INT4 weight ``[..., N, K]`` in the kernel's layout (leading axes: stacked layers).
 
     ``gated``: rows are gate and up interleaved per ``tile_n`` (``fuse_gate_up``) and
@@ -135,16 +150,6 @@ class W4A8Weight:
     gated: bool = False
     tile_n: int = 0  # rows per gate/up tile when gated
     act: str | None = "fp8"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Logical ``[..., N, K]`` (N counts gate and up rows when gated)."""
-        return tuple(self.packed.shape[:-1]) + (self.k,)
-
-    @property
-    def out_features(self) -> int:
-        n = self.packed.shape[-2]
-        return n // 2 if self.gated else n
 
     @property
     def nbytes(self) -> int:

@@ -76,7 +76,7 @@ HOPPER_LAYOUT = w4a8.LAYOUT + "+groups-major-scales"
          data_fields=["packed", "scales_t", "offsets_t", "col_scale"],
          meta_fields=["group", "k", "symmetric", "tile_k", "gated", "tile_n", "act"])
 @dataclass(frozen=True, repr=False)
-class W4A8HopperWeight:
+class W4A8HopperWeight(w4a8.PackedShape):
     """A ``W4A8Weight`` with its group scales and offsets stored groups-major, made once
     offline by ``from_w4a8``: the layout the Mosaic kernel reads by TMA, so that a call
     does not transpose them. Codes, column scale and meta fields as in ``W4A8Weight``."""
@@ -108,15 +108,6 @@ class W4A8HopperWeight:
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """``[..., N, K]`` (so ``w4a8_reference`` takes this weight too)."""
         return self.to_w4a8().dequantize(dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.packed.shape[:-1]) + (self.k,)
-
-    @property
-    def out_features(self) -> int:
-        n = self.packed.shape[-2]
-        return n // 2 if self.gated else n
 
     @property
     def layout(self) -> str:
