@@ -33,6 +33,7 @@ the plain-jnp semantics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -82,12 +83,18 @@ def tuning_key(m: int, n: int, k: int, fmt: str, gated: bool) -> str:
 
 
 @functools.cache
-def _tuned(device_kind: str) -> dict[str, BlockConfig]:
-    if not TUNED_PATH.exists():
+def read_tuned(path: Path, device_kind: str, config_cls) -> dict:
+    """``{tuning key: config_cls}`` of one device kind from a tuning table (JSON keyed by
+    device kind, then by ``tuning_key``); {} when the file is absent. Read once."""
+    if not path.exists():
         return {}
-    table = json.loads(TUNED_PATH.read_text()).get(device_kind, {})
-    fields = ("block_m", "block_n", "num_warps", "num_stages")
-    return {key: BlockConfig(**{f: cfg[f] for f in fields}) for key, cfg in table.items()}
+    table = json.loads(path.read_text()).get(device_kind, {})
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    return {key: config_cls(**{f: cfg[f] for f in names}) for key, cfg in table.items()}
+
+
+def _tuned(device_kind: str) -> dict[str, BlockConfig]:
+    return read_tuned(TUNED_PATH, device_kind, BlockConfig)
 
 
 def pick_config(m: int, w: W4A8Weight) -> BlockConfig:

@@ -44,8 +44,6 @@ GPU layout, transfer and wgmma operand checks (not ptxas: register use is unveri
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -194,13 +192,8 @@ def default_hopper_config(m: int, w: W4A8Weight, num_sms: int = 132) -> HopperCo
 HOPPER_TUNED_PATH = Path(__file__).with_name("w4a8_hopper_tuned.json")
 
 
-@functools.cache
 def _tuned(device_kind: str) -> dict[str, HopperConfig]:
-    if not HOPPER_TUNED_PATH.exists():
-        return {}
-    table = json.loads(HOPPER_TUNED_PATH.read_text()).get(device_kind, {})
-    fields = ("block_m", "block_n", "num_stages", "split_k")
-    return {key: HopperConfig(**{f: cfg[f] for f in fields}) for key, cfg in table.items()}
+    return w4a8.read_tuned(HOPPER_TUNED_PATH, device_kind, HopperConfig)
 
 
 def pick_hopper_config(m: int, w: W4A8Weight | W4A8HopperWeight) -> HopperConfig:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.model import forward, init_params, lm_head

@@ -193,9 +193,9 @@ def test_tuned_table_is_used_for_its_device(tmp_path, monkeypatch):
                                              "num_stages": 2, "seconds": 1e-5}},
                                 "other-gpu": {}}))
     monkeypatch.setattr(w4a8, "TUNED_PATH", path)
-    w4a8._tuned.cache_clear()
+    w4a8.read_tuned.cache_clear()
     try:
         assert w4a8.pick_config(5, w) == BlockConfig(32, 64, 8, 2)
         assert w4a8.pick_config(100, w) == w4a8.default_config(100, 256)  # no entry
     finally:
-        w4a8._tuned.cache_clear()
+        w4a8.read_tuned.cache_clear()

@@ -211,13 +211,13 @@ def test_tuned_hopper_table_is_used_for_its_device(tmp_path, monkeypatch):
     path.write_text(json.dumps({jax.devices()[0].device_kind: {key: {
         "block_m": 64, "block_n": 64, "num_stages": 2, "split_k": 3, "seconds": 1e-5}}}))
     monkeypatch.setattr(w4a8_hopper, "HOPPER_TUNED_PATH", path)
-    w4a8_hopper._tuned.cache_clear()
+    w4a8.read_tuned.cache_clear()
     try:
         assert w4a8_hopper.pick_hopper_config(5, w) == HopperConfig(64, 64, 2, 3)
         assert (w4a8_hopper.pick_hopper_config(100, w)
                 == w4a8_hopper.default_hopper_config(100, w, w4a8_hopper.num_sms()))
     finally:
-        w4a8_hopper._tuned.cache_clear()
+        w4a8.read_tuned.cache_clear()
     # the tuner's search space: valid configs only, split K up to two blocks per SM
     cands = hopper_candidates(w, 1, 132)
     assert HopperConfig(64, 128, 2, 3) in cands and HopperConfig(64, 32, 4, 1) in cands

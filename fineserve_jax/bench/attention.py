@@ -104,7 +104,6 @@ def decode_case(fmt_name: str, batch: int, context: int, key, heads: int, kv_hea
 
 def decode_rows(args, pk: dict, timed) -> tuple[list, list]:
     import jax
-    import jax.numpy as jnp
 
     from pallas_kernels.paged_attention import kv_bytes_read, paged_attention
 

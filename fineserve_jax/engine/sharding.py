@@ -71,8 +71,10 @@ def _linear_specs(w, name: str, tp: int):
     """PartitionSpec pytree (same structure as ``w``) for one stacked linear weight."""
     from fineserve_jax.quant import Fp8Weight, Int4Weight
 
+    from pallas_kernels.w4a8 import W4A8Weight
+
     column = name in COLUMN
-    if type(w).__name__ == "W4A8Weight":
+    if isinstance(w, W4A8Weight):
         return _w4a8_specs(w, column, tp)
     if isinstance(w, Int4Weight):
         groups = w.scales.shape[-1]
