@@ -450,8 +450,9 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
             dec = await move
             long_ok = await long
             b_before = sum(r[0] == "b" and not r[3] for r in results)
-            n = len(results)
-            while sum(r[0] == "b" for r in results[n:]) < 4:  # and on device 1 after
+            # and on device 1 after: requests routed there (some already in flight
+            # when the move finished were routed to device 0 and do not count)
+            while sum(r[0] == "b" and r[3] for r in results) < 4:
                 await asyncio.sleep(0.05)
             stop.set()
             await asyncio.gather(*load)
