@@ -2,7 +2,7 @@
 
 One server for the module: SmolLM2-135M in bf16 and in fireq-g32 sharing one KV pool,
 with an API key and a separate admin key (every request here carries the key; the auth
-test checks what happens without). The quantized checkpoint is calibrated on 2,048
+test checks what happens without). The quantized checkpoint is calibrated on 512
 tokens instead of the recipe's 20,480 to keep the start short; everything else is the
 default path: checkpoint cache, warm-up, uvicorn.
 
@@ -56,7 +56,7 @@ def server(tmp_path_factory):
            "--kv-budget", str(64 * 2**20), "--log-level", "warning",
            "--batch-invariant",
            "--model", f"{BF16}=smollm2-135m,precision=bf16",
-           "--model", f"{FIREQ}=smollm2-135m,precision=fireq-g32,calib-tokens=2048"]
+           "--model", f"{FIREQ}=smollm2-135m,precision=fireq-g32,calib-tokens=512"]
     log = open(cache / "server.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -106,20 +106,48 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Ar
     Linear weights may be any registered weight type (``linear``); ``query_fp8`` rounds
     the attention queries to FP8 per token and head.
     """
+    x, kv_state, _ = _layers(cfg, params, tokens, positions, kv, kv_state, kv_meta,
+                             compute_dtype, query_fp8, collect=False)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), kv_state
+
+
+def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, kv: KVCacheOps, kv_state, layer,
+                  kv_meta, query_fp8: bool = False):
+    """One layer on the residual stream ``x``: (stream after attention, stream after the
+    MLP, kv_state)."""
+    eps = cfg.rms_norm_eps
+    mid, kv_state = attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin,
+                                    kv, kv_state, layer, kv_meta, query_fp8, residual=x)
+    return mid, mlp_block(lp, rms_norm(mid, lp["mlp_norm"], eps), residual=mid), kv_state
+
+
+def _layers(cfg, params, tokens, positions, kv, kv_state, kv_meta, compute_dtype, query_fp8,
+            collect: bool):
     x = params["embed"][tokens]  # (B, T, D)
     x = x.astype(compute_dtype or x.dtype)
+    x0 = x
     cos, sin = rope_tables(cfg, positions)
-    eps = cfg.rms_norm_eps
 
     def layer_fn(carry, lp):
         x, kv_state, layer = carry
-        x, kv_state = attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin,
-                                      kv, kv_state, layer, kv_meta, query_fp8, residual=x)
-        x = mlp_block(lp, rms_norm(x, lp["mlp_norm"], eps), residual=x)
-        return (x, kv_state, layer + 1), None
+        mid, x, kv_state = decoder_layer(cfg, lp, x, cos, sin, kv, kv_state, layer, kv_meta,
+                                         query_fp8)
+        return (x, kv_state, layer + 1), ((mid, x) if collect else None)
 
-    (x, kv_state, _), _ = jax.lax.scan(layer_fn, (x, kv_state, jnp.int32(0)), params["layers"])
-    return rms_norm(x, params["final_norm"], eps), kv_state
+    (x, kv_state, _), ys = jax.lax.scan(layer_fn, (x, kv_state, jnp.int32(0)),
+                                        params["layers"])
+    return x, kv_state, (x0, *ys) if collect else None
+
+
+def residual_stream(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
+                    kv: KVCacheOps, kv_state: Any, kv_meta: Any, compute_dtype=None,
+                    query_fp8: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The residual stream of ``forward``'s pass: (embeddings [B, T, D], after each
+    layer's attention [L, B, T, D], after each layer [L, B, T, D]), for looking inside a
+    model (``quant.analysis``)."""
+    _, _, stream = _layers(cfg, params, tokens, positions, kv, kv_state, kv_meta,
+                           compute_dtype, query_fp8, collect=True)
+    return stream
 
 
 def lm_head(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
