@@ -1,4 +1,5 @@
-"""Plots for notebooks: the KV pool over time, and SLO attainment of a ``bench serve`` run.
+"""Plots for notebooks: the KV pool over time, SLO attainment of a ``bench serve`` run, and
+quantization error per layer (``quant.analysis``).
 
 matplotlib is imported when a plot is drawn, not when this module is imported, so the
 package does not depend on it. Sampling needs no matplotlib at all.
@@ -6,6 +7,7 @@ package does not depend on it. Sampling needs no matplotlib at all.
     samples = sample_pool(engine, handles)          # [(t, PoolStats), ...] while a burst runs
     plot_pool_timeline(samples)                    # rows held by each model, stacked
     plot_attainment("benchmarks/results/serve_systems_cpu.json")
+    plot_layer_errors(layer_errors(cfg, params, tokens, tokenizer=tok), "keys")
 """
 
 from __future__ import annotations
@@ -139,6 +141,31 @@ def plot_attainment(record: dict | str | Path, ax=None, *, target: float | None 
     ax.legend(loc="lower left", fontsize="small")
     ax.set_title(title if title is not None else
                  f"SLO attainment vs rate ({rec.get('device', '?')})")
+    return ax
+
+
+def plot_layer_errors(errors, kind: str = "stream", ax=None, *, log: bool = True,
+                      title: str | None = None):
+    """Relative error per layer, one line per quantization step.
+
+    ``errors``: a ``quant.analysis.LayerErrors``. ``kind``: "stream" (the residual stream
+    after each layer, whole model quantized), "keys" (attention logits with quantized keys
+    and queries), "linears" (mean over the seven linear layers) or one linear's name
+    ("wq", ..., "w_down"). Returns the matplotlib ``Axes``.
+    """
+    data = errors.series(kind)
+    ax = _axes(ax, (7, 3.5))
+    layers = np.arange(data.shape[1])
+    for name, row in zip(errors.steps, data):
+        ax.plot(layers, row, marker=".", label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative error")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    what = {"stream": "residual stream after each layer", "keys": "attention logits q.k",
+            "linears": "linear layers (mean of seven)"}.get(kind, f"linear {kind}")
+    ax.set_title(title if title is not None else f"Quantization error: {what}")
     return ax
 
 

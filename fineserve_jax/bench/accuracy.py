@@ -21,7 +21,6 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import platform
 import sys
@@ -36,19 +35,12 @@ HELP = "perplexity of every precision, the FireQ ablation and the KV options (Sm
 
 
 def variants() -> dict[str, Precision]:
+    from fineserve_jax.quant.analysis import fireq_ablation
+
     fq = PRECISIONS["fireq"]
-    sm = fq.smoothing
-    no_keys = dataclasses.replace(sm, pre_rope=False, post_rope=False)
-    nopow2 = dataclasses.replace(fq.weights, pow2=False)
     out = {name: PRECISIONS[name] for name in ("bf16", "fp8", "w4a16", "fireq-g32", "fireq")}
+    out.update({k: v for k, v in fireq_ablation().items() if k != "fireq"})
     out.update({
-        "fireq: no smoothing, no pow2": fq.replace(name="fireq-ablation-0", weights=nopow2,
-                                                   smoothing=None),
-        "fireq: + channel-wise": fq.replace(name="fireq-ablation-1", weights=nopow2,
-                                            smoothing=no_keys),
-        "fireq: + pow2 per-tensor": fq.replace(name="fireq-ablation-2", smoothing=no_keys),
-        "fireq: + pre-RoPE": fq.replace(name="fireq-ablation-3",
-                                        smoothing=dataclasses.replace(sm, post_rope=False)),
         "fireq: KV bf16": fq.replace(name="fireq-kv-bf16", kv_format="bf16"),
         "fireq: KV fp8": fq.replace(name="fireq-kv-fp8", kv_format="fp8"),
         "fireq: KV int4-g32": fq.replace(name="fireq-kv-int4-g32", kv_format="int4-g32"),

@@ -102,8 +102,8 @@ class LayerErrors:
         lin = self.series("linears")
         rows = [[s, f"{self.stream[i, -1]:.4f}", f"{lin[i].mean():.4f}",
                  f"{self.keys[i].mean():.4f}"] for i, s in enumerate(self.steps)]
-        foot = [f"relative errors, {self.num_layers} layers, {self.tokens} tokens; key "
-                f"statistics from {self.calibration_tokens} calibration tokens"]
+        foot = [(f"relative errors, {self.num_layers} layers, {self.tokens} tokens; key "
+                 f"statistics from {self.calibration_tokens} calibration tokens")]
         return format_table(header, rows, foot)
 
     def __repr__(self) -> str:
@@ -135,7 +135,12 @@ def _per_layer(cfg: ModelConfig, fp: dict, qp: dict, inputs, mids, positions, kv
     the float and quantized params of one smoothed model; ``inputs``/``mids`` [L, B, T, D]
     the float residual stream entering each layer and after its attention."""
     from fineserve_jax.linear import linear
-    from fineserve_jax.model.transformer import apply_k_post, apply_rope, rms_norm, rope_tables
+    from fineserve_jax.model.transformer import (
+        apply_k_post,
+        apply_rope,
+        rms_norm,
+        rope_tables,
+    )
     from fineserve_jax.quant.fp8 import fake_quant_per_token
 
     eps, D = cfg.rms_norm_eps, cfg.head_dim
@@ -152,8 +157,8 @@ def _per_layer(cfg: ModelConfig, fp: dict, qp: dict, inputs, mids, positions, kv
         out = {}
         xa = rms_norm(h, flp["attn_norm"], eps)
         ref = {n: dot(xa, flp[n]) for n in ("wq", "wk", "wv")}
-        for n in ref:
-            out[n] = _sq(linear(xa, qlp[n]), ref[n])
+        for n, r in ref.items():
+            out[n] = _sq(linear(xa, qlp[n]), r)
         q = apply_rope(ref["wq"].reshape(B, T, H, D), cos, sin)
         k = apply_rope(ref["wk"].reshape(B, T, Hkv, D), cos, sin)
         v = ref["wv"].reshape(B, T, Hkv, D)
