@@ -8,14 +8,13 @@ is this script's output, committed with its outputs so it reads on GitHub withou
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import notebook_tools  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "quickstart.ipynb"
+OUT = notebook_tools.HERE / "quickstart.ipynb"
 
 CELLS = [
     ("md", """\
@@ -130,34 +129,12 @@ print(f"notebook ran in {time.perf_counter() - t_start:.0f} s")"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-                             for kind, src in CELLS])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> nbformat.NotebookNode:
-    from nbclient import NotebookClient
-
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(HERE)}}).execute()
-    return nb
+def build():
+    return notebook_tools.build(CELLS)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--execute", action="store_true", help="run it and save the outputs")
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args(argv)
-    nb = build()
-    if args.execute:
-        execute(nb)
-    nbformat.write(nb, args.out)
-    print(f"wrote {args.out}")
-    return 0
+    return notebook_tools.main(CELLS, OUT, __doc__, argv)
 
 
 if __name__ == "__main__":
