@@ -20,7 +20,7 @@ from checkpoints.sources import DTYPES, load_model, quantize_loaded, save_model
 from fineserve_jax.precisions import PRECISIONS
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m checkpoints.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="a .gguf file, an HF directory, or an alias (smollm2-135m)")
@@ -33,7 +33,11 @@ def main(argv=None) -> int:
                     help="calibration tokens (default: the precision's recipe); recorded")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
         prec = with_calibration(PRECISIONS[args.precision], args.calib_tokens)

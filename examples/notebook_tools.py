@@ -35,11 +35,15 @@ def execute(nb: nbformat.NotebookNode, timeout: int = 600, cwd: Path = HERE
     return nb
 
 
-def main(cells: list[tuple[str, str]], out: Path, doc: str, argv=None) -> int:
+def build_parser(out: Path, doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--execute", action="store_true", help="run it and save the outputs")
     ap.add_argument("--out", type=Path, default=out)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(cells: list[tuple[str, str]], out: Path, doc: str, argv=None) -> int:
+    args = build_parser(out, doc).parse_args(argv)
     nb = build(cells)
     if args.execute:
         execute(nb)

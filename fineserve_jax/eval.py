@@ -44,7 +44,7 @@ def corpus_slice(tokenizer, start: int, n: int) -> np.ndarray:
     return np.asarray(toks[start:start + n], np.int32)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fineserve_jax.eval")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ppl", help="perplexity on the packaged Wikipedia corpus")
@@ -57,7 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=0, help="token offset into the corpus")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from fineserve_jax.llm import LLM
 

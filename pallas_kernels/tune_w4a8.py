@@ -84,9 +84,8 @@ def bench(fn, reps: int = 5, inner: int = 10) -> float:
     return float(np.median(times))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from fineserve_jax.bench.kernels import SHAPES
-    from fineserve_jax.quant import quantize_int4
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -94,7 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--backend", choices=["triton", "mosaic"], default="triton")
     p.add_argument("--out", default=None, help="default: the backend's table next to it")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from fineserve_jax.quant import quantize_int4
+
+    args = build_parser().parse_args(argv)
     mosaic = args.backend == "mosaic"
     if mosaic:
         from pallas_kernels import w4a8_hopper

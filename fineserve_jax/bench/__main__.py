@@ -23,7 +23,7 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fineserve_jax.bench",
                                      description="fineserve-jax benchmark programs")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args._command = "python -m fineserve_jax.bench " + " ".join(argv)  # for records
     return int(args._run(args) or 0)
 
