@@ -247,43 +247,22 @@ def make_engine(cfg, device_ids: list[int] | None, devices: list):
 
 def load_models(args, specs: list[dict]) -> dict:
     """name -> (LoadedModel, Precision); quantized ones through the checkpoint cache."""
-    from checkpoints import load_in_precision, source_kind
-    from checkpoints.cache import cached_checkpoint, with_calibration
-    from fineserve_jax.precisions import PRECISIONS
+    from checkpoints.cache import load_served
 
     out = {}
     for s in specs:
-        t0 = time.perf_counter()
-        src, prec_name = s["source"], s["precision"]
-        if prec_name is not None and prec_name not in PRECISIONS:
-            raise SystemExit(f"error: model {s['name']}: precision {prec_name!r} is not "
-                             f"available; choose from {sorted(PRECISIONS)}")
         try:
-            prec = PRECISIONS.get(prec_name or "bf16")
-            if source_kind(src) != "orbax" and (prec.quantized or prec.smoothing is not None):
-                prec = with_calibration(prec, s["calib_tokens"])
-                path, made = cached_checkpoint(src, prec, s["dtype"], cache_dir=args.cache_dir)
-                log.info("model %s: %s checkpoint %s %s", s["name"], prec.name, path,
-                         "written" if made else "from the cache")
-                src = str(path)
-            loaded, prec = load_in_precision(src, prec_name, s["dtype"], progress=True)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot load model {s['name']} from {s['source']}: "
-                             f"{e}") from None
-        log.info("model %s: %s, precision %s, dtype %s, loaded in %.1fs", s["name"],
-                 s["source"], prec.name, s["dtype"], time.perf_counter() - t0)
-        out[s["name"]] = (loaded, prec)
+            out[s["name"]] = load_served(s, args.cache_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     return out
 
 
 def model_slo(spec: dict):
     """The model's SLO (seconds) from its spec's milliseconds; None without targets."""
-    from schedulers.batching import SLO
-    ttft, tpot = spec.get("ttft_slo_ms"), spec.get("tpot_slo_ms")
-    if ttft is None and tpot is None:
-        return None
-    return SLO(ttft_s=None if ttft is None else ttft / 1e3,
-               tpot_s=None if tpot is None else tpot / 1e3)
+    from schedulers.batching import slo_from_ms
+
+    return slo_from_ms(spec.get("ttft_slo_ms"), spec.get("tpot_slo_ms"))
 
 
 def stored_cost(costs, name: str, precision: str, device):

@@ -82,3 +82,35 @@ def cached_checkpoint(src: str, precision, dtype: str = "bfloat16", *,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, True
+
+
+def load_served(spec: dict, cache_dir: str | Path | None = None, progress: bool = True):
+    """(LoadedModel, Precision) of one served model ``spec`` (``serve.py``'s model keys:
+    name, source, precision, dtype, calib_tokens); a quantized one through the checkpoint
+    cache. Raises ValueError naming the model when it cannot be loaded."""
+    import time
+
+    from checkpoints import load_in_precision, source_kind
+    from fineserve_jax.precisions import PRECISIONS
+
+    t0 = time.perf_counter()
+    name, src, prec_name = spec["name"], spec["source"], spec.get("precision")
+    if prec_name is not None and prec_name not in PRECISIONS:
+        raise ValueError(f"model {name}: precision {prec_name!r} is not available; choose "
+                         f"from {sorted(PRECISIONS)}")
+    dtype = spec.get("dtype") or "bfloat16"
+    try:
+        prec = PRECISIONS.get(prec_name or "bf16")
+        if source_kind(src) != "orbax" and (prec.quantized or prec.smoothing is not None):
+            prec = with_calibration(prec, spec.get("calib_tokens"))
+            path, made = cached_checkpoint(src, prec, dtype, cache_dir=cache_dir,
+                                           progress=progress)
+            log.info("model %s: %s checkpoint %s %s", name, prec.name, path,
+                     "written" if made else "from the cache")
+            src = str(path)
+        loaded, prec = load_in_precision(src, prec_name, dtype, progress=progress)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {name} from {spec['source']}: {e}") from None
+    log.info("model %s: %s, precision %s, dtype %s, loaded in %.1fs", name, spec["source"],
+             prec.name, dtype, time.perf_counter() - t0)
+    return loaded, prec

@@ -134,6 +134,15 @@ class SLO:
         return True
 
 
+def slo_from_ms(ttft_ms: float | None, tpot_ms: float | None) -> SLO | None:
+    """An ``SLO`` from millisecond targets (a model spec's ``ttft_slo_ms``,
+    ``tpot_slo_ms``); None when neither is set."""
+    if ttft_ms is None and tpot_ms is None:
+        return None
+    return SLO(ttft_s=None if ttft_ms is None else ttft_ms / 1e3,
+               tpot_s=None if tpot_ms is None else tpot_ms / 1e3)
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     max_seqs: int  # running sequences (the largest decode batch)

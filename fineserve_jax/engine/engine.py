@@ -66,6 +66,26 @@ class RequestRejected(ValueError):
         self.param = param
 
 
+def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int, max_len: int,
+                 block_tokens: int | None, max_blocks: int | None) -> None:
+    """Raises ``RequestRejected`` for a prompt an engine cannot take: empty, token ids out
+    of the vocabulary, no room left in the context, or (with ``block_tokens``) more KV
+    blocks for prompt + ``max_tokens`` than one sequence may hold."""
+    if not ids:
+        raise RequestRejected("the prompt is empty", "prompt")
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise RequestRejected(f"token ids must be in [0, {vocab_size})", "prompt")
+    if len(ids) >= max_len:
+        raise RequestRejected(f"prompt has {len(ids)} tokens; the context is {max_len}",
+                              "prompt")
+    if block_tokens:
+        worst = min(len(ids) + params.max_tokens, max_len)
+        need = -(-worst // block_tokens)
+        if need > max_blocks:
+            raise RequestRejected(f"{worst} tokens need {need} KV blocks; the model can hold "
+                                  f"at most {max_blocks}", "max_tokens")
+
+
 class ModelRetiring(RequestRejected):
     """``submit`` to a model this engine is retiring (``retire_model``): it is served
     elsewhere now or going away; route the request again."""
@@ -419,22 +439,9 @@ class Engine(LiveModels):
         self._wake.set()
 
     def _check_prompt(self, m: _Model, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise RequestRejected("the prompt is empty", "prompt")
-        V = m.config.vocab_size
-        if any(not 0 <= i < V for i in ids):
-            raise RequestRejected(f"token ids must be in [0, {V})", "prompt")
         max_len = m.max_len or min(self.config.max_model_len, m.config.max_position_embeddings)
-        if len(ids) >= max_len:
-            raise RequestRejected(f"prompt has {len(ids)} tokens; the context is {max_len}",
-                                  "prompt")
-        if self.started:
-            worst = min(len(ids) + params.max_tokens, max_len)
-            blk = m.runner.kv.block
-            if blk.blocks_for(worst) > m.max_blocks:
-                raise RequestRejected(f"{worst} tokens need {blk.blocks_for(worst)} KV blocks; "
-                                      f"model {m.name!r} can hold at most {m.max_blocks}",
-                                      "max_tokens")
+        check_prompt(ids, params, m.config.vocab_size, max_len,
+                     m.runner.kv.block.block_tokens if self.started else None, m.max_blocks)
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:

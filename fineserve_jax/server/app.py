@@ -38,6 +38,8 @@ from starlette.routing import Route
 
 from fineserve_jax.engine import Engine, RequestHandle, RequestRejected, StreamDelta
 from fineserve_jax.engine.engine import ModelRetiring
+
+LOST = "worker_lost"  # finish reason of a request whose (remote) engine died under it
 from fineserve_jax.server.auth import AuthMiddleware, BodyLimitMiddleware
 from fineserve_jax.server.metrics import ServerMetrics
 from fineserve_jax.server.protocol import (
@@ -68,6 +70,7 @@ class Server:
         self._open: dict[str, str] = {}  # handle id -> model, engine requests not released
         self.created = int(time.time())
         self.rebalancer = None  # server.rebalance.Rebalancer, which moves routes
+        self.supervisor = None  # raycluster.supervisor.Supervisor, which replaces workers
 
     # ------------------------------------------------------------------ parsing
     def _route(self, body: dict) -> tuple[str, Engine]:
@@ -231,6 +234,9 @@ class Server:
             if last.finish_reason == "dropped":
                 self.metrics.request_dropped(req.model, "slo")
                 return _error(_dropped(req.model, last.error))
+            if last.finish_reason == LOST:
+                self.metrics.request_dropped(req.model, "worker_lost")
+                return _error(_lost(req.model, last.error))
             if last.error:
                 log.error("request %s failed: %s", h.id, last.error)
                 e = APIError(500, "generation failed inside the server; the request was not "
@@ -317,6 +323,12 @@ class Server:
                     yield _event(_dropped(req.model, d.error).body())
                     yield "data: [DONE]\n\n"
                     return
+                if d.finish_reason == LOST:
+                    self.metrics.request_dropped(req.model, "worker_lost")
+                    ended = True
+                    yield _event(_lost(req.model, d.error).body())
+                    yield "data: [DONE]\n\n"
+                    return
                 if d.error:
                     log.error("request %s failed: %s", handles[i].id, d.error)
                     ended = True
@@ -372,6 +384,8 @@ class Server:
     async def admin_placement(self, request: HTTPRequest):
         if self.rebalancer is not None:
             return JSONResponse(self.rebalancer.status())
+        if self.supervisor is not None:
+            return JSONResponse(self.supervisor.status())
         return JSONResponse({"routes": {m: e.device for m, e in sorted(self.routes.items())},
                              "rebalancer": None})
 
@@ -397,20 +411,28 @@ def _dropped(model: str, reason: str | None) -> APIError:
                     headers={"Retry-After": "1"})
 
 
+def _lost(model: str, reason: str | None) -> APIError:
+    return APIError(503, f"model {model!r}: {reason or 'the worker serving it was lost'}; "
+                         f"retry", type_="server_overloaded", code="worker_lost",
+                    headers={"Retry-After": "1"})
+
+
 def _event(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def build_app(engines: Engine | list[Engine], *, limits: Limits | None = None,
               api_key: str | None = None, admin_key: str | None = None,
-              model_extra: dict | None = None, rebalancer=None) -> Starlette:
+              model_extra: dict | None = None, rebalancer=None, supervisor=None) -> Starlette:
     """The ASGI app over started engines; every model of every engine is served by name.
 
     ``api_key`` guards every endpoint but ``/health``; ``admin_key`` (when given) guards
     ``/admin/*`` and ``/metrics`` instead. ``model_extra``: name -> fields added to the
     model's ``/v1/models`` entry. ``rebalancer`` (``server.rebalance.Rebalancer`` over
     these engines): fed every accepted request, it moves models between the engines;
-    its checks run while the app runs (ASGI lifespan)."""
+    its checks run while the app runs (ASGI lifespan). ``supervisor``
+    (``raycluster.supervisor.Supervisor`` over remote engines): places the models of a
+    worker that died on the others, while the app runs."""
     engines = [engines] if isinstance(engines, Engine) else list(engines)
     routes: dict[str, Engine] = {}
     for e in engines:
@@ -423,16 +445,20 @@ def build_app(engines: Engine | list[Engine], *, limits: Limits | None = None,
     if rebalancer is not None:
         rebalancer.use_routes(s.routes)
         s.rebalancer = rebalancer
+    if supervisor is not None:
+        supervisor.use_server(s)
+        s.supervisor = supervisor
+    background = [b for b in (rebalancer, supervisor) if b is not None]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if rebalancer is not None:
-            rebalancer.start()
+        for b in background:
+            b.start()
         try:
             yield
         finally:
-            if rebalancer is not None:
-                await rebalancer.stop()
+            for b in background:
+                await b.stop()
 
     async def http_error(request, exc: HTTPException):
         if exc.status_code == 404:

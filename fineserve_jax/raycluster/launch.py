@@ -1,0 +1,67 @@
+"""Worker actors from a placement file: one actor per device group, on the group's node.
+
+A placement group may name its node (``"node": "10.0.0.5"`` or a custom resource the node
+was started with, ``ray start --resources '{"gpu-node-1": 1}'``); its actor is then
+scheduled there. ``device`` / ``devices`` give how many devices the actor owns (Ray picks
+which free GPUs of the node; on CPU nodes the actor uses the default device).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from fineserve_jax.raycluster.remote import RemoteEngine
+from fineserve_jax.raycluster.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+def node_resource(node: str) -> str:
+    """The Ray resource that pins an actor to ``node``: ``node:<ip>`` for an address,
+    else the custom resource of that name."""
+    try:
+        ipaddress.ip_address(node)
+    except ValueError:
+        return node
+    return f"node:{node}"
+
+
+def group_device_count(g: dict) -> int:
+    return len(g["devices"]) if "devices" in g else 1
+
+
+def start_workers(groups: list[dict], specs: dict[str, dict], engine_config: dict, *,
+                  use_gpus: bool = False, cache_dir: str | None = None,
+                  log_level: str = "info", runtime_env: dict | None = None,
+                  num_cpus: float = 1.0, ready_timeout_s: float = 1800.0
+                  ) -> list[RemoteEngine]:
+    """One ``EngineWorker`` actor per placement group (its models loaded and warmed up),
+    returned as ``RemoteEngine``s once all are ready. ``specs``: model name -> serve.py
+    model spec; ``engine_config``: ``EngineConfig`` fields (the group's
+    ``kv_budget_bytes`` overrides that one)."""
+    import ray
+
+    actor_cls = ray.remote(EngineWorker)
+    actors = []
+    for i, g in enumerate(groups):
+        node = g.get("node")
+        n_dev = group_device_count(g)
+        opts = dict(name=None, num_cpus=num_cpus, num_gpus=n_dev if use_gpus else 0,
+                    max_restarts=0, max_concurrency=1000)
+        if node:
+            opts["resources"] = {node_resource(str(node)): 0.001}
+        if runtime_env:
+            opts["runtime_env"] = runtime_env
+        cfg = dict(engine_config, kv_budget_bytes=g.get("kv_budget_bytes",
+                                                        engine_config.get("kv_budget_bytes")))
+        name = f"worker-{i}" + (f"@{node}" if node else "")
+        actors.append(actor_cls.options(**opts).remote(
+            name, cfg, [specs[m] for m in g["models"]], cache_dir=cache_dir,
+            device_count=n_dev if use_gpus else None, log_level=log_level))
+    descs = ray.get([a.describe.remote() for a in actors], timeout=ready_timeout_s)
+    engines = [RemoteEngine(a, d) for a, d in zip(actors, descs)]
+    for e in engines:
+        log.info("worker %s on node %s: %s on %s", e.worker, e.node[:12], list(e.models),
+                 e.device)
+    return engines

@@ -1,0 +1,240 @@
+"""The front end's stand-in for a worker actor: the interface the server uses of an Engine.
+
+``RemoteEngine.submit`` returns an ordinary ``RequestHandle`` at once; a task on the
+server's event loop consumes the actor's streaming generator and pushes its deltas into
+the handle, so the server streams remote requests exactly as local ones. Aborting the
+handle (a client that left) cancels that task and tells the worker to free the request.
+
+When the worker dies, every request in flight on it ends with finish reason
+``worker_lost`` and a message saying to retry (the server answers 503 with
+``Retry-After``), ``running`` turns False and ``on_lost`` callbacks run (the supervisor
+places its models again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fineserve_jax.engine.engine import ModelRetiring, check_prompt
+from fineserve_jax.engine.handle import RequestHandle, StreamDelta
+
+log = logging.getLogger(__name__)
+LOST = "worker_lost"  # the server's finish reason for it (server.app.LOST)
+_ids = itertools.count()
+
+
+class WorkerLost(ModelRetiring):
+    """``submit`` to a worker that died: the server routes the request again (to where
+    the supervisor placed the model since) or answers 503, retry."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "model")
+
+
+def _current_task():
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop (a stats() call from another thread)
+        return None
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError,
+            rex.NodeDiedError, rex.ObjectLostError)
+
+
+class RemoteEngine:
+    """A worker actor (``worker.EngineWorker``) seen as an ``Engine`` by the server."""
+
+    def __init__(self, actor, description: dict, *, stats_interval_s: float = 0.5):
+        self.actor = actor
+        self._describe(description)
+        self._alive = True
+        self._tasks: dict[str, asyncio.Task] = {}  # request id -> its pump
+        self._handles: dict[str, RequestHandle] = {}
+        self._stats = None
+        self._stats_at = 0.0
+        self._stats_interval = stats_interval_s
+        self.on_lost: list[Callable[[RemoteEngine], Any]] = []
+        self.lost_reason: str | None = None
+
+    def _describe(self, d: dict) -> None:
+        self.worker = d["worker"]
+        self.node = d["node"]
+        self.config = d["config"]
+        self._device = d["device"]
+        self._infos = d["models"]
+        self.specs = d["specs"]
+
+    def __repr__(self):
+        state = "serving" if self._alive else f"lost ({self.lost_reason})"
+        return (f"RemoteEngine({self.worker} on node {self.node[:8]}, {self._device}, "
+                f"models {list(self._infos)}, {state})")
+
+    # --------------------------------------------------------- Engine interface
+    @property
+    def device(self) -> str:
+        return f"{self.worker}/{self._device}"
+
+    @property
+    def running(self) -> bool:
+        return self._alive
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._infos)
+
+    def model_info(self, name: str) -> dict:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"model {name!r} is not on worker {self.worker}") from None
+
+    def model_state(self, name: str) -> str | None:
+        return "serving" if name in self._infos and self._alive else None
+
+    def submit(self, model: str, prompt_ids, params, *, request_id: str | None = None
+               ) -> RequestHandle:
+        """Queue ``prompt_ids`` on the worker; returns the handle at once (call from the
+        event loop the handle is consumed on)."""
+        if not self._alive:
+            raise WorkerLost(f"worker {self.worker} was lost: {self.lost_reason}")
+        if model not in self._infos:
+            raise ModelRetiring(f"model {model!r} is not on worker {self.worker}", "model")
+        info, cfg = self._infos[model], self._infos[model]["config"]
+        ids = [int(t) for t in prompt_ids]
+        max_len = info["max_model_len"] or min(self.config.max_model_len,
+                                               cfg.max_position_embeddings)
+        check_prompt(ids, params, cfg.vocab_size, max_len, self.config.block_tokens,
+                     info["max_blocks_per_seq"])
+        rid = request_id or f"{self.worker}-{next(_ids)}"
+        loop = asyncio.get_running_loop()
+        h = RequestHandle(rid, model, None, ids, self._abort, loop)
+        self._tasks[rid] = loop.create_task(self._pump(h, model, ids, params))
+        self._handles[rid] = h
+        return h
+
+    def stats(self):
+        """The worker's ``EngineStats``, refreshed at most every ``stats_interval_s`` (the
+        last one known once the worker is lost)."""
+        import ray
+
+        now = time.monotonic()
+        if self._alive and (self._stats is None or now - self._stats_at > self._stats_interval):
+            try:
+                self._stats = ray.get(self.actor.stats.remote(), timeout=30)
+                self._stats_at = now
+            except _actor_errors() as e:
+                self._lost(f"stats failed: {e.__class__.__name__}")
+        return self._stats
+
+    def shutdown(self, wait: bool = True) -> None:
+        import ray
+
+        for t in list(self._tasks.values()):
+            t.cancel()
+        if self._alive:
+            try:
+                ray.get(self.actor.shutdown.remote(), timeout=60)
+            except _actor_errors():
+                pass
+        self._alive = False
+
+    # ------------------------------------------------------------- re-placement
+    async def attach(self, spec: dict, timeout_s: float = 600.0) -> None:
+        """Loads ``spec``'s model on this worker and serves it here from now on."""
+        d = await self.actor.attach.remote(spec, timeout_s)
+        self._describe(d)
+
+    async def retire(self, model: str, timeout_s: float = 600.0) -> bool:
+        """Stops ``model`` here once its requests in flight have finished."""
+        self._infos.pop(model, None)
+        return await self.actor.retire.remote(model, timeout_s)
+
+    async def check(self, timeout_s: float = 10.0) -> bool:
+        """Ping the worker; a dead one is marked lost. True when alive."""
+        if not self._alive:
+            return False
+        try:
+            await asyncio.wait_for(self.actor.ping.remote(), timeout_s)
+        except _actor_errors() as e:
+            self._lost(f"{e.__class__.__name__}")
+        except asyncio.TimeoutError:
+            pass  # busy, not dead: Ray reports death as an error
+        return self._alive
+
+    # ---------------------------------------------------------------- internals
+    def _abort(self, request_id: str) -> None:
+        self._handles.pop(request_id, None)
+        t = self._tasks.pop(request_id, None)
+        if t is not None and not t.done():
+            t.cancel()
+            if self._alive:
+                self.actor.abort.remote(request_id)
+
+    async def _pump(self, h: RequestHandle, model: str, ids: list[int], params) -> None:
+        gen = None
+        try:
+            gen = self.actor.generate.options(num_returns="streaming").remote(
+                h.id, model, ids, params)
+            first = True
+            async for ref in gen:
+                item = await ref
+                if first:
+                    first = False
+                    if item is not None:  # the worker's engine refused it
+                        h.push(StreamDelta("", [], finish_reason="error",
+                                           error=f"{type(item).__name__}: {item}"))
+                        return
+                    continue
+                h.push(item)
+                if item.finish_reason is not None:
+                    return
+            if not h.finished:  # the stream ended without a last delta
+                h.push(StreamDelta("", [], finish_reason="error",
+                                   error="the worker's stream ended early"))
+        except asyncio.CancelledError:
+            if gen is not None:
+                import ray
+
+                try:
+                    ray.cancel(gen)
+                except Exception:  # noqa: BLE001 - best effort; abort() was sent too
+                    pass
+            raise
+        except _actor_errors() as e:
+            self._lost(f"{e.__class__.__name__} during a request")
+        except Exception as e:  # noqa: BLE001 - anything else fails this request only
+            log.exception("request %s on %s failed", h.id, self.worker)
+            h.push(StreamDelta("", [], finish_reason="error", error=repr(e)))
+        finally:
+            self._tasks.pop(h.id, None)
+            self._handles.pop(h.id, None)
+
+    def _lost(self, reason: str) -> None:
+        if not self._alive:
+            return
+        self._alive = False
+        self.lost_reason = reason
+        log.error("worker %s (%s) lost: %s", self.worker, self.device, reason)
+        # every request in flight there ends now, whether or not its stream noticed
+        for rid, h in list(self._handles.items()):
+            t = self._tasks.pop(rid, None)
+            if t is not None and t is not _current_task():
+                t.cancel()
+            if not h.finished:
+                h.push(StreamDelta("", [], finish_reason=LOST,
+                                   error=f"the worker serving it ({self.worker}) was lost"))
+        self._handles.clear()
+        for cb in list(self.on_lost):
+            try:
+                cb(self)
+            except Exception:  # noqa: BLE001
+                log.exception("on_lost callback failed")
