@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rebalance-threshold", type=float, default=0.5,
                     help="relative change of a model's request rate that triggers a "
                          "re-placement (0.5 = 50%%)")
+    ap.add_argument("--ray", metavar="ADDRESS", default=None,
+                    help="serve on a Ray cluster (an address, or 'auto'): one worker actor "
+                         "per placement group, on the node the group names")
     ap.add_argument("--log-level", default="info",
                     choices=("debug", "info", "warning", "error"))
     return ap
@@ -183,6 +186,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = args.models or [parse_model_spec(s) for s in DEFAULT_MODELS]
     if args.rebalance_interval < 0 or args.rebalance_threshold < 0:
         ap.error("--rebalance-interval and --rebalance-threshold must be >= 0")
+    if args.ray and args.rebalance_interval > 0:
+        ap.error("--rebalance-interval is not available with --ray; there the supervisor "
+                 "moves a lost worker's models to the others")
     if args.rebalance_interval > 0 and not args.placement:
         ap.error("--rebalance-interval moves models between the devices of a --placement "
                  "file; give one")
@@ -204,16 +210,19 @@ def read_placement(path: str, names: list[str], kv_budget: int) -> list[dict]:
             if not devs or int(g.get("tp", len(devs))) != len(devs):
                 raise ValueError(f"group {g}: tp must equal the number of devices")
             where = {"device": devs[0]} if len(devs) == 1 else {"devices": devs}
+            if "node" in g:  # a Ray node (serve.py --ray)
+                where["node"] = str(g["node"])
             out.append({**where, "models": list(g["models"]),
                         "kv_budget_bytes": int(g.get("kv_budget_bytes", kv_budget))})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: --placement {path}: {type(e).__name__}: {e} (expected "
                          f'{{"devices": [{{"device": 0, "models": [...]}}, '
                          f'{{"devices": [1, 2], "tp": 2, "models": [...]}}]}})') from None
-    used = [i for g in out for i in group_devices(g)]
+    used = [(g.get("node", ""), i) for g in out for i in group_devices(g)]
     if len(used) != len(set(used)):
+        twice = sorted(i for n, i in set(used) if used.count((n, i)) > 1)
         raise SystemExit(f"error: --placement {path}: a device is in two groups (one KV pool "
-                         f"per device): {sorted(i for i in set(used) if used.count(i) > 1)}")
+                         f"per device): {twice}")
     placed = [n for g in out for n in g["models"]]
     missing, unknown = set(names) - set(placed), set(placed) - set(names)
     twice = sorted(n for n in set(placed) if placed.count(n) > 1)
@@ -346,6 +355,11 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     groups = (read_placement(args.placement, list(specs), args.kv_budget) if args.placement
               else [{"device": None, "models": list(specs), "kv_budget_bytes": args.kv_budget}])
+    extra = {n: {k: s[k] for k in ("ttft_slo_ms", "tpot_slo_ms") if s[k] is not None}
+             for n, s in specs.items()}
+    if args.ray:
+        return serve_on_ray(args, specs, groups, dict(limits=limits, api_key=api_key,
+                                                      admin_key=admin_key, model_extra=extra))
     devices = jax.local_devices()
     for g in groups:
         bad = [i for i in group_devices(g) or () if not 0 <= i < len(devices)]
@@ -364,12 +378,7 @@ def main(argv=None) -> int:
     engines = []
     for g in groups:
         try:
-            cfg = EngineConfig(kv_budget_bytes=g["kv_budget_bytes"], max_seqs=args.max_seqs,
-                               max_model_len=args.max_model_len,
-                               prefill_token_budget=args.max_prefill_tokens,
-                               batch_invariant=args.batch_invariant,
-                               scheduler=args.scheduler, on_slo_miss=args.on_slo_miss,
-                               profile_reps=args.profile_reps)
+            cfg = EngineConfig(**engine_fields(args, g["kv_budget_bytes"]))
         except ValueError as e:
             log.error("%s", e)
             return 2
@@ -394,8 +403,6 @@ def main(argv=None) -> int:
                      p["block_tokens"], p["block_bytes"], p["reserve_tokens"],
                      p["reserve_blocks"] * p["block_bytes"] / 2**20, p["max_tokens"])
         engines.append(engine)
-    extra = {n: {k: s[k] for k in ("ttft_slo_ms", "tpot_slo_ms") if s[k] is not None}
-             for n, s in specs.items()}
     rebalancer = None
     if args.rebalance_interval > 0:
         try:
@@ -413,6 +420,48 @@ def main(argv=None) -> int:
     finally:
         for e in engines:
             e.shutdown()
+    return 0
+
+
+def engine_fields(args, kv_budget: int) -> dict:
+    """``EngineConfig`` fields from the options, for one device's engine."""
+    return dict(kv_budget_bytes=kv_budget, max_seqs=args.max_seqs,
+                max_model_len=args.max_model_len, prefill_token_budget=args.max_prefill_tokens,
+                batch_invariant=args.batch_invariant, scheduler=args.scheduler,
+                on_slo_miss=args.on_slo_miss, profile_reps=args.profile_reps)
+
+
+def serve_on_ray(args, specs: dict, groups: list[dict], app_kw: dict) -> int:
+    """``--ray``: a worker actor per placement group, the HTTP front end here."""
+    import ray
+    import uvicorn
+
+    from fineserve_jax.engine import EngineConfig
+    from fineserve_jax.raycluster.launch import start_workers
+    from fineserve_jax.raycluster.supervisor import Supervisor
+    from fineserve_jax.server import build_app
+
+    try:
+        EngineConfig(**engine_fields(args, args.kv_budget))  # bad options fail here
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    ray.init(address=args.ray, logging_level=args.log_level.upper())
+    use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    engines = []
+    try:
+        engines = start_workers(groups, specs, engine_fields(args, args.kv_budget),
+                                use_gpus=use_gpus, cache_dir=args.cache_dir,
+                                log_level=args.log_level)
+        app = build_app(engines, supervisor=Supervisor(engines), **app_kw)
+        where = ", ".join(f"{n} on {e.device}" for e in engines for n in e.models)
+        log.info("serving %s (Ray cluster %s) at http://%s:%d/v1", where, args.ray,
+                 args.host, args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        for e in engines:
+            e.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -182,6 +182,54 @@ def test_a_model_moves_between_workers_under_load(cluster, served):
     assert a.models == ("a",) and b.models == ("b",)
 
 
+def test_serve_py_on_the_cluster(cluster, served, tmp_path):
+    """``python serve.py --ray ADDRESS --placement FILE`` as a user starts it: a driver of
+    its own, a worker actor on the node the placement names, the HTTP front end."""
+    import socket
+    import subprocess
+    import sys
+
+    src = cluster[0].specs["a"]["source"]
+    (tmp_path / "p.json").write_text(json.dumps(
+        {"devices": [{"node": "node-b", "device": 0, "models": ["c"],
+                      "kv_budget_bytes": 8 * 2**20}]}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "serve.py", "--ray", ray.get_runtime_context().gcs_address,
+         "--placement", str(tmp_path / "p.json"), "--port", str(port),
+         "--model", f"c={src},precision=bf16,dtype=float32", "--max-model-len", "64",
+         "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (log.seek(0), log.read()[-3000:])
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve.py --ray did not come up"
+            time.sleep(0.5)
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "c", "prompt": "hello there", "max_tokens": 12, "temperature": 0})
+        placement = httpx.get(f"{url}/admin/placement", timeout=30).json()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 12
+    (worker,) = placement["workers"]
+    assert worker["node"] == cluster[1].node and worker["models"] == ["c"]
+    same = httpx.post(f"{served['url']}/v1/completions", timeout=120, json={
+        "model": "a", "prompt": "hello there", "max_tokens": 12, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]  # same weights
+
+
 def test_a_dead_worker_fails_its_requests_retryably_and_its_model_moves(cluster, served):
     a, b = cluster
     sup = served["sup"]

@@ -145,3 +145,16 @@ def test_engine_runs_on_the_device_it_is_given():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["ok", "cpu:1"]
+
+
+def test_ray_is_optional_and_imported_only_for_a_cluster():
+    code = ("import sys; sys.path.insert(0, '.'); import serve, fineserve_jax.server.app, "
+            "fineserve_jax.engine, fineserve_jax.raycluster; "
+            "a = serve.parse_args(['--ray', 'auto']); print(a.ray, 'ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["auto", "False"]
+    with pytest.raises(SystemExit):  # the rebalancer moves local engines only
+        serve.parse_args(["--ray", "auto", "--placement", "p.json",
+                          "--rebalance-interval", "30"])

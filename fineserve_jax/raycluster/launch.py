@@ -34,7 +34,7 @@ def group_device_count(g: dict) -> int:
 def start_workers(groups: list[dict], specs: dict[str, dict], engine_config: dict, *,
                   use_gpus: bool = False, cache_dir: str | None = None,
                   log_level: str = "info", runtime_env: dict | None = None,
-                  num_cpus: float = 1.0, ready_timeout_s: float = 1800.0
+                  num_cpus: float = 0.0, ready_timeout_s: float = 1800.0
                   ) -> list[RemoteEngine]:
     """One ``EngineWorker`` actor per placement group (its models loaded and warmed up),
     returned as ``RemoteEngine``s once all are ready. ``specs``: model name -> serve.py
