@@ -38,6 +38,8 @@ EXERCISED = {
     "examples/make_quickstart.py": ["test_notebooks.py::test_notebook_runs_and_draws_its_plots"],
     "examples/make_quantization.py": ["test_notebooks.py::test_notebook_runs_and_draws_its_plots"],
     "pytest": ["CI: .ci/run"],
+    # Ray's own CLI; the test cluster's nodes carry custom resources the same way
+    "ray": ["test_ray_cluster.py::test_serve_py_on_the_cluster"],
     # the same requests over raw HTTP (httpx)
     "curl": ["test_live_server.py::test_200_concurrent_streams_match_sequential_and_free_every_slab",
              "test_live_server.py::test_metrics_count_requests_and_report_the_pool"],
@@ -72,6 +74,8 @@ def program(cmd: str) -> tuple[str, list[str]]:
         return "bash", words[1:]
     if words[0] == "pip":
         return "pip", words
+    if words[0] == "ray":
+        return "ray", words[1:]
     assert words[0] == "python", cmd
     if words[1] == "-m":
         mod, args = words[2], words[3:]
@@ -148,6 +152,10 @@ def test_command_parses_and_is_exercised(doc, cmd, tmp_path, monkeypatch):
         routes = set(re.findall(r'Route\("(/[^"]*)"', app))
         url = next(a for a in args if a.startswith("http"))
         assert re.sub(r"^https?://[^/]+", "", url) in routes, (url, routes)
+    elif key == "ray":
+        cli = pytest.importorskip("ray.scripts.scripts").cli
+        sub = cli.commands[args[0]]
+        sub.make_context(args[0], list(args[1:]))  # raises on an unknown option
     elif key != "pytest":
         if key == "serve.py" and "--config" in args:  # the docs' config file, as written
             (tmp_path / args[args.index("--config") + 1]).write_text(_doc_toml())
