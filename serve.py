@@ -186,9 +186,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = args.models or [parse_model_spec(s) for s in DEFAULT_MODELS]
     if args.rebalance_interval < 0 or args.rebalance_threshold < 0:
         ap.error("--rebalance-interval and --rebalance-threshold must be >= 0")
-    if args.ray and args.rebalance_interval > 0:
-        ap.error("--rebalance-interval is not available with --ray; there the supervisor "
-                 "moves a lost worker's models to the others")
     if args.rebalance_interval > 0 and not args.placement:
         ap.error("--rebalance-interval moves models between the devices of a --placement "
                  "file; give one")
@@ -453,7 +450,16 @@ def serve_on_ray(args, specs: dict, groups: list[dict], app_kw: dict) -> int:
         engines = start_workers(groups, specs, engine_fields(args, args.kv_budget),
                                 use_gpus=use_gpus, cache_dir=args.cache_dir,
                                 log_level=args.log_level)
-        app = build_app(engines, supervisor=Supervisor(engines), **app_kw)
+        rebalancer = None
+        if args.rebalance_interval > 0:
+            from fineserve_jax.raycluster.launch import make_rebalancer
+            from fineserve_jax.server.rebalance import RebalanceConfig
+
+            rebalancer = make_rebalancer(engines, RebalanceConfig(
+                interval_s=args.rebalance_interval, threshold=args.rebalance_threshold,
+                window_s=max(args.rebalance_interval, 60.0)))
+        app = build_app(engines, supervisor=Supervisor(engines), rebalancer=rebalancer,
+                        **app_kw)
         where = ", ".join(f"{n} on {e.device}" for e in engines for n in e.models)
         log.info("serving %s (Ray cluster %s) at http://%s:%d/v1", where, args.ray,
                  args.host, args.port)

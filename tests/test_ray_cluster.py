@@ -230,6 +230,55 @@ def test_serve_py_on_the_cluster(cluster, served, tmp_path):
     assert r.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]  # same weights
 
 
+def test_the_global_scheduler_re_places_models_across_nodes(cluster, tmp_path):
+    """The rate-driven ``Rebalancer`` over workers of two nodes: two busy models share
+    node a, so the new plan splits them, and the moves run through the workers."""
+    from fineserve_jax.raycluster.launch import make_rebalancer, start_workers
+    from fineserve_jax.sampling import SamplingParams
+    from fineserve_jax.server.rebalance import RebalanceConfig
+    from schedulers.placement import PlacementConfig
+
+    make_hf_model(tmp_path / "small", seed=1)  # small KV per token: room for the plan
+    specs = {m: {"name": m, "source": str(tmp_path / "small"), "precision": "bf16",
+                 "dtype": "float32"} for m in ("x", "y", "z")}
+    engines = start_workers([{"node": "node-a", "device": 0, "models": ["x", "z"]},
+                             {"node": "node-b", "device": 0, "models": ["y"]}], specs, ENGINE)
+    try:
+        now = [0.0]
+        rb = make_rebalancer(engines, RebalanceConfig(
+            interval_s=3600, threshold=0.5, window_s=600,
+            placement=PlacementConfig(reserve_fraction=0.0)),
+            planned_rates={m: 0.01 for m in specs}, clock=lambda: now[0],
+            memory_bytes=64 * 2**20)
+        for i in range(4000):  # x and z got busy: 400 and 300 req/s over 10 s
+            now[0] = i / 400
+            rb.observe("x")
+            if i % 4:
+                rb.observe("z")
+        now[0] = 10.0
+
+        async def go():
+            dec = await rb.rebalance_once()
+            outs = {}
+            for m, e in rb.routes.items():  # each model answers where it is now
+                h = e.submit(m, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+                outs[m] = [t for d in [d async for d in h] for t in d.token_ids]
+            return dec, outs
+
+        dec, outs = asyncio.run(go())
+        assert dec.action == "replanned" and dec.moves, dec.reason
+        assert all("moved" in o for o in dec.done), dec.done
+        placed = {m: i for i, e in enumerate(engines) for m in e.models}
+        assert placed["x"] != placed["z"]  # the busy pair split across the nodes
+        for m, i in placed.items():
+            assert rb.routes[m] is engines[i]
+            assert set(ray.get(engines[i].actor.describe.remote())["models"]) >= {m}
+        assert all(len(v) == 4 for v in outs.values()) and len(outs) == 3
+    finally:
+        for e in engines:
+            e.shutdown()
+
+
 def test_a_dead_worker_fails_its_requests_retryably_and_its_model_moves(cluster, served):
     a, b = cluster
     sup = served["sup"]

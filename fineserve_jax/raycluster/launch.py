@@ -65,3 +65,29 @@ def start_workers(groups: list[dict], specs: dict[str, dict], engine_config: dic
         log.info("worker %s on node %s: %s on %s", e.worker, e.node[:12], list(e.models),
                  e.device)
     return engines
+
+
+def make_rebalancer(engines: list[RemoteEngine], config, *, planned_rates=None,
+                    clock=None, memory_bytes: float | None = None):
+    """``server.rebalance.Rebalancer`` over the workers, worker i as device i: the global
+    scheduler re-places models across nodes from observed rates, moving them through the
+    workers (load on the destination's node, drain the source). A worker's memory is its
+    device's limit, else (CPU workers) its KV pool plus every served model's weights
+    (``memory_bytes`` overrides both)."""
+    import time
+
+    from fineserve_jax.server.rebalance import Rebalancer
+    from schedulers.placement import Placement
+    from schedulers.roofline import DeviceSpec
+
+    placement = Placement.from_dict({"algorithm": "file", "devices": [
+        {"device": i, "models": list(e.models), "kv_budget_bytes": e.config.kv_budget_bytes}
+        for i, e in enumerate(engines)]})
+    weights = sum(sum(e.description["weight_bytes"].values()) for e in engines)
+    specs = {}
+    for i, e in enumerate(engines):
+        d = e.description
+        memory = memory_bytes or d["memory_bytes"] or (d["pool_bytes"] + weights)
+        specs[i] = DeviceSpec(d["device_kind"], float(memory), 0.0, 0.0, 0.0)
+    return Rebalancer(dict(enumerate(engines)), specs, placement, config,
+                      planned_rates=planned_rates, clock=clock or time.monotonic)

@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fineserve_jax.engine.engine import ModelRetiring, check_prompt
@@ -50,6 +51,52 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
             rex.NodeDiedError, rex.ObjectLostError)
 
 
+@dataclass(frozen=True)
+class _BlockShape:
+    block_bytes: int
+    block_tokens: int
+
+
+@dataclass(frozen=True)
+class RemoteModelSpec:
+    """What the rebalancer reads of a model on a worker (``live.ModelSpec``'s fields it
+    uses); ``kwargs()`` is what another worker's ``attach_model`` takes."""
+
+    precision: str
+    slo: object
+    cost: object
+    weight_bytes: float
+    spec: dict
+
+    def kwargs(self) -> dict:
+        return {"spec": self.spec}
+
+
+class RefTransition:
+    """A worker call in progress, awaited like an ``engine.live.Transition``."""
+
+    def __init__(self, ref, on_done: Callable[[Any], Any] | None = None):
+        self.ref = ref
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        self._on_done = on_done
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        async def result():
+            return await self.ref
+
+        try:
+            out = await asyncio.wait_for(result(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        except Exception as e:  # noqa: BLE001 - the worker refused or died
+            raise RuntimeError(f"{type(e).__name__}: {e}") from e
+        self.seconds = time.perf_counter() - self.started
+        if self._on_done is not None:
+            self._on_done(out)
+        return True
+
+
 class RemoteEngine:
     """A worker actor (``worker.EngineWorker``) seen as an ``Engine`` by the server."""
 
@@ -72,6 +119,7 @@ class RemoteEngine:
         self._device = d["device"]
         self._infos = d["models"]
         self.specs = d["specs"]
+        self.description = d
 
     def __repr__(self):
         state = "serving" if self._alive else f"lost ({self.lost_reason})"
@@ -157,6 +205,33 @@ class RemoteEngine:
         """Stops ``model`` here once its requests in flight have finished."""
         self._infos.pop(model, None)
         return await self.actor.retire.remote(model, timeout_s)
+
+    # The interface ``server.rebalance.Rebalancer`` moves models through.
+    @property
+    def alloc(self):
+        return self
+
+    def fmt(self, name: str):
+        """The KV block format of ``name`` (block_bytes, block_tokens)."""
+        p = self.description["kv_plan"][name]
+        return _BlockShape(p["block_bytes"], p["block_tokens"])
+
+    def model_spec(self, name: str) -> RemoteModelSpec:
+        from schedulers.batching import slo_from_ms
+
+        spec = self.specs[name]
+        return RemoteModelSpec(self._infos[name]["precision"],
+                               slo_from_ms(spec.get("ttft_slo_ms"), spec.get("tpot_slo_ms")),
+                               None, float(self.description["weight_bytes"][name]), spec)
+
+    def attach_model(self, name: str, *, precompile=None, spec: dict, **_) -> RefTransition:
+        """Starts loading ``spec``'s model on the worker (returns at once)."""
+        return RefTransition(self.actor.attach.remote(spec), on_done=self._describe)
+
+    def retire_model(self, name: str) -> RefTransition:
+        """Stops routing ``name`` here; the worker drains and releases it."""
+        self._infos.pop(name, None)
+        return RefTransition(self.actor.retire.remote(name))
 
     async def check(self, timeout_s: float = 10.0) -> bool:
         """Ping the worker; a dead one is marked lost. True when alive."""

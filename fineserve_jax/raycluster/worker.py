@@ -31,6 +31,7 @@ class EngineWorker:
         self.name = name
         self.cache_dir = cache_dir
         self.specs: dict[str, dict] = {}
+        self.weight_bytes: dict[str, int] = {}
         cfg = EngineConfig(**engine_config)
         devs = jax.local_devices()[:device_count] if device_count else []
         if len(devs) > 1:  # a tensor-parallel group: one engine over a mesh of them
@@ -53,9 +54,13 @@ class EngineWorker:
         loaded, prec = load_served(spec, self.cache_dir, progress=False)
         kw = dict(dtype=spec.get("dtype") or "bfloat16", precision=prec,
                   slo=slo_from_ms(spec.get("ttft_slo_ms"), spec.get("tpot_slo_ms")))
+        import jax
+
         add = self.engine.attach_model if attach else self.engine.add_model
         out = add(spec["name"], loaded.config, loaded.params, loaded.tokenizer, **kw)
         self.specs[spec["name"]] = dict(spec)
+        self.weight_bytes[spec["name"]] = int(sum(x.nbytes
+                                                  for x in jax.tree.leaves(loaded.params)))
         return out
 
     # ------------------------------------------------------------------ queries
@@ -64,11 +69,18 @@ class EngineWorker:
         import ray
 
         e = self.engine
+        serving = [m for m in e.models if e.model_state(m) == "serving"]
+        plan = e.kv_plan()
+        dev = next(iter(e.pool.devices()))
+        limit = (dev.memory_stats() or {}).get("bytes_limit")
         return {"worker": self.name, "device": e.device, "config": e.config,
                 "node": ray.get_runtime_context().get_node_id(),
-                "models": {m: e.model_info(m) for m in e.models
-                           if e.model_state(m) == "serving"},
-                "specs": self.specs}
+                "device_kind": dev.device_kind,
+                "memory_bytes": limit, "pool_bytes": e.stats().pool.pool_bytes,
+                "models": {m: e.model_info(m) for m in serving},
+                "kv_plan": {m: plan[m] for m in serving if m in plan},
+                "weight_bytes": {m: self.weight_bytes.get(m, 0) for m in serving},
+                "specs": {m: self.specs[m] for m in serving if m in self.specs}}
 
     def stats(self):
         return self.engine.stats()

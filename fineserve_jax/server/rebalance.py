@@ -170,7 +170,9 @@ class Rebalancer:
     # --------------------------------------------------------------- planning
     def _weights(self, name: str, spec) -> float:
         if name not in self._weight_bytes:
-            self._weight_bytes[name] = float(sum(x.nbytes for x in jax.tree.leaves(spec.params)))
+            known = getattr(spec, "weight_bytes", None)  # a remote engine's spec says it
+            self._weight_bytes[name] = (float(known) if known is not None else
+                                        float(sum(x.nbytes for x in jax.tree.leaves(spec.params))))
         return self._weight_bytes[name]
 
     def demand(self, name: str, rate: float) -> ModelDemand:
