@@ -60,13 +60,13 @@ for delta in bf16.stream("Once upon a time", SamplingParams(max_tokens=20, seed=
 
 fireq-g32 quantizes the weights to INT4 in groups of 32, the activations and queries to
 FP8 and the KV cache to INT4, after smoothing calibrated on sample text. The recipe
-calibrates on 20,480 tokens; 2,048 keep this quick. The quantized checkpoint is cached
+calibrates on 20,480 tokens; 512 keep this quick. The quantized checkpoint is cached
 under `~/.cache/fineserve-jax`, so only the first run pays for quantization."""),
     ("code", """\
 from checkpoints.cache import cached_checkpoint, with_calibration
 from fineserve_jax.precisions import get_precision
 
-recipe = with_calibration(get_precision("fireq-g32"), 2048)
+recipe = with_calibration(get_precision("fireq-g32"), 512)
 path, made = cached_checkpoint("smollm2-135m", recipe, "bfloat16", progress=False)
 print("quantized now" if made else "from the cache:", path.name)
 fireq = LLM(path, dtype="bfloat16", progress=False, kv_budget_bytes=16 * 2**20)

@@ -35,8 +35,9 @@ EXERCISED = {
                                     "test_bench_attention.py::test_attention_bench_quick_record"],
     "schedulers.place": ["test_placement.py::test_cli_places_the_example"],
     "schedulers.profile": ["test_docs.py::test_profile_command_writes_a_cost_model"],
-    "examples/make_quickstart.py": ["test_notebooks.py::test_notebook_runs_and_draws_its_plots"],
-    "examples/make_quantization.py": ["test_notebooks.py::test_notebook_runs_and_draws_its_plots"],
+    "examples/make_quickstart.py": ["test_notebooks.py::test_quickstart_runs_and_draws_its_plots"],
+    "examples/make_quantization.py": [
+        "test_notebooks_quantization.py::test_quantization_notebook_runs_and_draws_its_plots"],
     "pytest": ["CI: .ci/run"],
     # Ray's own CLI; the test cluster's nodes carry custom resources the same way
     "ray": ["test_ray_cluster.py::test_serve_py_on_the_cluster"],

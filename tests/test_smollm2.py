@@ -82,18 +82,18 @@ def test_logits_match_transformers_gguf_loader(smollm2_f32, hf_smollm2):
 
 @pytest.mark.slow
 def test_perplexity_command_matches_transformers(capsys, smollm2_tokenizer, hf_smollm2):
-    """``eval ppl`` in float32 on the corpus' first two windows of 1,024 tokens equals the
+    """``eval ppl`` in float32 on the corpus' first two windows of 512 tokens equals the
     perplexity transformers gives the same windows. (The full reference, 10.906 over the
     first 16,384 tokens, is a recorded benchmark: docs/benchmarks.md, "Perplexity".)"""
     import torch
 
     from fineserve_jax.eval import corpus_slice, main
 
-    assert main(["ppl", "--model", "smollm2-135m", "--dtype", "float32", "--tokens", "2048",
-                 "--window", "1024", "--quiet"]) == 0
+    assert main(["ppl", "--model", "smollm2-135m", "--dtype", "float32", "--tokens", "1024",
+                 "--window", "512", "--quiet"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     ppl = float(last.split("ppl=")[1].split()[0])
-    windows = torch.tensor(corpus_slice(smollm2_tokenizer, 0, 2048).reshape(2, 1024),
+    windows = torch.tensor(corpus_slice(smollm2_tokenizer, 0, 1024).reshape(2, 512),
                            dtype=torch.long)
     with torch.no_grad():
         logp = torch.log_softmax(hf_smollm2(windows).logits[:, :-1].double(), dim=-1)
