@@ -1,12 +1,11 @@
 """Every command in README.md and docs/*.md parses with its program's own parser, and every
-program named there is run by a test (listed in EXERCISED and checked to exist) or by CI,
-or has a committed benchmark record made by that command."""
+program named there is run by a test (listed in EXERCISED and checked to exist) or by CI
+(a line of .ci/run runs it, parsed the same way)."""
 
 from __future__ import annotations
 
 import ast
 import importlib
-import json
 import re
 import shlex
 import sys
@@ -18,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# program -> tests that run it (file::function); a program missing here must have a
-# committed record under benchmarks/results/ whose "command" starts with it
+# program -> tests that run it (file::function); a program missing here must be run by a
+# line of .ci/run
 EXERCISED = {
     "serve.py": ["test_live_server.py::test_models_list_precision_and_device",
                  "test_serve_config.py::test_config_file_sets_models_and_options_and_flags_win"],
@@ -113,12 +112,14 @@ def _test_functions() -> set[str]:
     return names
 
 
-def _recorded_commands() -> list[str]:
-    out = []
-    for f in (ROOT / "benchmarks" / "results").glob("*.json"):
-        rec = json.loads(f.read_text())
-        if isinstance(rec, dict) and isinstance(rec.get("command"), str):
-            out.append(rec["command"])
+def _ci_programs() -> set[str]:
+    """Programs .ci/run runs (their commands must parse too)."""
+    out = set()
+    for line in (ROOT / ".ci" / "run").read_text().splitlines():
+        if line.startswith("python -m fineserve_jax.bench "):
+            key, args = program(line)
+            parser_for(key).parse_args(args)
+            out.add(key)
     return out
 
 
@@ -169,8 +170,8 @@ def test_command_parses_and_is_exercised(doc, cmd, tmp_path, monkeypatch):
             parser_for(key).parse_args(args)
     tests = EXERCISED.get(key)
     if tests is None:
-        assert any(c.startswith(f"python -m {key}") for c in _recorded_commands()), \
-            f"{doc}: nothing runs {key!r} (add a test to EXERCISED or commit its record)"
+        assert key in _ci_programs(), \
+            f"{doc}: nothing runs {key!r} (add a test to EXERCISED or a line to .ci/run)"
         return
     known = _test_functions()
     for t in tests:
