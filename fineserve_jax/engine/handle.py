@@ -31,13 +31,16 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
+LOST = "worker_lost"  # finish reason: the (remote) engine running the request died
+
+
 @dataclass
 class StreamDelta:
     """Text and token ids produced by one engine step for one request."""
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "dropped" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "dropped" | "error" | LOST
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, this delta included
     error: str | None = None

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fineserve_jax.engine.engine import ModelRetiring, check_prompt
-from fineserve_jax.engine.handle import RequestHandle, StreamDelta
+from fineserve_jax.engine.handle import LOST, RequestHandle, StreamDelta
 
 log = logging.getLogger(__name__)
-LOST = "worker_lost"  # the server's finish reason for it (server.app.LOST)
 _ids = itertools.count()
 
 

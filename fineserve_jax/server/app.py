@@ -38,8 +38,7 @@ from starlette.routing import Route
 
 from fineserve_jax.engine import Engine, RequestHandle, RequestRejected, StreamDelta
 from fineserve_jax.engine.engine import ModelRetiring
-
-LOST = "worker_lost"  # finish reason of a request whose (remote) engine died under it
+from fineserve_jax.engine.handle import LOST
 from fineserve_jax.server.auth import AuthMiddleware, BodyLimitMiddleware
 from fineserve_jax.server.metrics import ServerMetrics
 from fineserve_jax.server.protocol import (
