@@ -291,9 +291,9 @@ def test_a_dead_worker_fails_its_requests_retryably_and_its_model_moves(cluster,
         other = asyncio.create_task(_stream(c, "a", "keep going", 200))
         doomed_res = await _stream(c, "b", "doomed", 200, kill)
         other_res = await other
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while sup.routes["b"] is b:  # the supervisor places b on node a
-            assert time.monotonic() < deadline, sup.status()
+            assert time.monotonic() < deadline, json.dumps(sup.status(), default=str)
             await asyncio.sleep(0.1)
         again = await _stream(c, "b", "hello", 8)
         return (doomed_res, other_res, again, (await c.get("/health")).json(),
@@ -306,5 +306,6 @@ def test_a_dead_worker_fails_its_requests_retryably_and_its_model_moves(cluster,
     assert not b.running and sup.routes["b"] is a and set(a.models) == {"a", "b"}
     assert health["status"] == "ok"
     kinds = [e["kind"] for e in placement["events"]]
-    assert kinds[-2:] == ["worker_lost", "replaced"]
+    assert "worker_lost" in kinds and kinds[-1] == "replaced", placement["events"]
+    assert placement["pending"] == []
     assert placement["routes"]["b"] == a.device

@@ -182,6 +182,21 @@ class RemoteEngine:
                 self._lost(f"stats failed: {e.__class__.__name__}")
         return self._stats
 
+    async def free_kv_bytes(self, timeout_s: float = 10.0) -> int:
+        """Free KV memory of the worker's pool, asked without blocking the event loop
+        (-1 when the worker does not answer in time)."""
+        if not self._alive:
+            return -1
+        try:
+            st = await asyncio.wait_for(self.actor.stats.remote(), timeout_s)
+        except _actor_errors() as e:
+            self._lost(f"stats failed: {e.__class__.__name__}")
+            return -1
+        except asyncio.TimeoutError:
+            return -1
+        self._stats, self._stats_at = st, time.monotonic()
+        return st.pool.rows_free * st.pool.row_bytes
+
     def shutdown(self, wait: bool = True) -> None:
         import ray
 

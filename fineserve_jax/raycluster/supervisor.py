@@ -3,9 +3,10 @@
 The supervisor watches the ``RemoteEngine``s behind a server (a ping every
 ``interval_s``, and at once when a request finds its worker dead). When a worker is
 lost it is taken out of the server's engines (``/health`` stays green for the rest), and
-each of its models is loaded again on the live worker with the most free KV memory;
-until that worker serves it, requests for the model are answered 503 with
-``Retry-After``. ``move`` re-places a model between workers (of any nodes) while it is
+each of its models is loaded again on the live worker with the most free KV memory
+(the next one when a worker refuses it; models no live worker took are tried again at
+every ping until one does). Until a worker serves it, requests for the model are
+answered 503 with ``Retry-After``. ``move`` re-places a model between workers (of any nodes) while it is
 serving: load on the destination, route new requests there, drain the source.
 """
 
@@ -31,6 +32,8 @@ class Supervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._recovering: set[asyncio.Task] = set()
+        self.pending: dict[str, dict] = {}  # model -> spec: lost and not placed yet
+        self._placing: asyncio.Lock | None = None
         for e in self.engines:
             e.on_lost.append(self._on_lost)
 
@@ -45,6 +48,7 @@ class Supervisor:
     # ----------------------------------------------------------------- running
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._placing = asyncio.Lock()
         self._task = self._loop.create_task(self._watch())
 
     async def stop(self) -> None:
@@ -61,6 +65,8 @@ class Supervisor:
         while True:
             await asyncio.sleep(self.interval_s)
             await asyncio.gather(*(e.check() for e in self.engines if e.running))
+            if self.pending:
+                await self.place_pending()
 
     def _on_lost(self, engine: RemoteEngine) -> None:
         if self._loop is None or self._loop.is_closed():
@@ -75,6 +81,7 @@ class Supervisor:
     # ---------------------------------------------------------------- recovery
     def status(self) -> dict:
         return {"routes": {m: e.device for m, e in sorted(self.routes.items())},
+                "pending": sorted(self.pending),
                 "workers": [{"worker": e.worker, "node": e.node, "device": e.device,
                              "alive": e.running, "models": list(e.models)}
                             for e in self.engines],
@@ -85,38 +92,48 @@ class Supervisor:
         self.events.append(kw)
         log.info("supervisor: %s", kw)
 
-    def _free_bytes(self, e: RemoteEngine) -> int:
-        st = e.stats()
-        return 0 if st is None else st.pool.rows_free * st.pool.row_bytes
-
     async def recover(self, dead: RemoteEngine) -> dict[str, str]:
         """Takes ``dead`` out of service and places its models again; returns model ->
-        where it went (or why not)."""
+        where it went (or why not yet: it stays pending and is tried again)."""
         if self.server is not None:
             for lst in (self.server.engines, self.server.metrics.engines):
                 if dead in lst:
                     lst.remove(dead)
         self._event(kind="worker_lost", worker=dead.worker, reason=dead.lost_reason,
                     models=list(dead.models))
-        out = {}
-        for name in list(dead.models):
-            if self.routes.get(name) is not dead:
-                continue  # another replica serves it already
-            spec = dead.specs.get(name)
-            live = sorted((e for e in self.engines if e.running),
-                          key=self._free_bytes, reverse=True)
-            out[name] = "not placed: no live worker"
-            for e in live:
-                try:
-                    await e.attach(spec, self.attach_timeout_s)
-                except Exception as ex:  # noqa: BLE001 - try the next worker
-                    out[name] = f"not placed: {e.worker} refused it ({ex})"
-                    continue
-                self.routes[name] = e
-                out[name] = e.device
-                break
-            self._event(kind="replaced", model=name, to=out[name])
-        return out
+        for name in dead.models:
+            if self.routes.get(name) is dead:  # else another replica serves it already
+                self.pending[name] = dead.specs.get(name)
+        return await self.place_pending()
+
+    async def place_pending(self) -> dict[str, str]:
+        """Tries each live worker, most free KV first, for every pending model."""
+        async with self._placing:
+            out = {}
+            for name, spec in list(self.pending.items()):
+                live = [e for e in self.engines if e.running]
+                free = await asyncio.gather(*(e.free_kv_bytes() for e in live))
+                out[name] = "not placed: no live worker"
+                for i in sorted(range(len(live)), key=free.__getitem__, reverse=True):
+                    e = live[i]
+                    try:
+                        await asyncio.wait_for(e.attach(spec, self.attach_timeout_s),
+                                               self.attach_timeout_s + 30)
+                    except Exception as ex:  # noqa: BLE001 - try the next worker
+                        out[name] = (f"not placed: {e.worker} refused it "
+                                     f"({type(ex).__name__}: {ex})")
+                        continue
+                    self.routes[name] = e
+                    if self.server is not None:
+                        for lst in (self.server.engines, self.server.metrics.engines):
+                            if e not in lst:
+                                lst.append(e)
+                    del self.pending[name]
+                    out[name] = e.device
+                    break
+                self._event(kind="replaced" if name not in self.pending else "not_placed",
+                            model=name, to=out[name])
+            return out
 
     async def move(self, model: str, dst: RemoteEngine) -> str:
         """Re-place ``model`` onto ``dst`` while serving: load there, route new requests
