@@ -6,12 +6,18 @@ under ``<cache>/checkpoints/<source>-<precision>-<key>``, where the key hashes t
 source's identity (resolved path, size, modification time), the whole precision recipe
 and the dtype: changing any of them makes a new entry instead of serving a stale one. An
 entry is written to a temporary directory and renamed into place, so an interrupted
-conversion never leaves a half-written checkpoint behind.
+conversion never leaves a half-written checkpoint behind, and processes that need the
+same entry at once (two servers, Ray workers of one node) take turns on a lock file: the
+first converts, the others load what it wrote.
+
+The cache lives in ``$FINESERVE_JAX_CACHE`` when that is set, else ``~/.cache/fineserve-jax``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -31,9 +37,24 @@ from checkpoints.sources import (
 log = logging.getLogger(__name__)
 
 
+CACHE_ENV = "FINESERVE_JAX_CACHE"
+
+
 def default_cache_dir() -> Path:
-    """``~/.cache/fineserve-jax``."""
-    return Path.home() / ".cache" / "fineserve-jax"
+    """``$FINESERVE_JAX_CACHE``, else ``~/.cache/fineserve-jax``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fineserve-jax"
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Holds an advisory lock on ``lock`` (created if missing) for the block."""
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def with_calibration(precision, tokens: int | None):
@@ -68,19 +89,19 @@ def cached_checkpoint(src: str, precision, dtype: str = "bfloat16", *,
     if out.is_dir() and orbax_io.is_orbax_checkpoint(out):
         return out, False
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("quantizing %s to %s (once; cached as %s)", src, precision.name, out)
-    model = quantize_loaded(load_model(src, "float32", progress=progress), precision, dtype,
-                            progress=progress)
-    try:
-        save_model(model, tmp)
-        os.replace(tmp, out)
-    except OSError:
-        if not (out.is_dir() and orbax_io.is_orbax_checkpoint(out)):  # not a lost race
-            raise
-    finally:
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        if out.is_dir() and orbax_io.is_orbax_checkpoint(out):  # another process made it
+            return out, False
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        log.info("quantizing %s to %s (once; cached as %s)", src, precision.name, out)
+        model = quantize_loaded(load_model(src, "float32", progress=progress), precision,
+                                dtype, progress=progress)
+        try:
+            save_model(model, tmp)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out, True
 
 

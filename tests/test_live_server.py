@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import io
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+    cache = Path(os.environ["FINESERVE_JAX_CACHE"])  # the run's cache (conftest)
+    logs = tmp_path_factory.mktemp("server")
     port = _free_port()
     cmd = [sys.executable, "serve.py", "--port", str(port), "--cache-dir", str(cache),
            "--api-key", KEY, "--admin-key", ADMIN, "--max-model-len", str(CONTEXT),
@@ -57,7 +59,7 @@ def server(tmp_path_factory):
            "--batch-invariant",
            "--model", f"{BF16}=smollm2-135m,precision=bf16",
            "--model", f"{FIREQ}=smollm2-135m,precision=fireq-g32,calib-tokens=512"]
-    log = open(cache / "server.log", "w+")
+    log = open(logs / "server.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
