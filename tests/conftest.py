@@ -53,3 +53,14 @@ def smollm2_bf16():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_f32):
     return smollm2_f32.tokenizer
+
+
+# The longest files (measured with --durations on 2 cores) run first, so that the two
+# xdist workers (--dist loadfile hands out files in collection order) finish together.
+LONGEST_FIRST = ("test_live_server.py", "test_ray_cluster.py", "test_notebooks.py",
+                 "test_notebooks_quantization.py", "test_quant_model.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: order kept within

@@ -37,7 +37,8 @@ def cluster(tmp_path_factory):
     src = tmp_path_factory.mktemp("hf") / "tiny"
     # big enough that 200 tokens take a while on a CPU (the kill lands mid-stream)
     make_hf_model(src, seed=0, hidden_size=512, intermediate_size=1536, num_hidden_layers=8)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    c = Cluster(initialize_head=True,  # no dashboard: nothing here reads it
+                head_node_args={"num_cpus": 0, "include_dashboard": False})
     for node in ("node-a", "node-b"):
         c.add_node(num_cpus=1, resources={node: 1})
     ray.init(address=c.address, logging_level="warning", runtime_env={
