@@ -9,8 +9,6 @@ entry is written to a temporary directory and renamed into place, so an interrup
 conversion never leaves a half-written checkpoint behind, and processes that need the
 same entry at once (two servers, Ray workers of one node) take turns on a lock file: the
 first converts, the others load what it wrote.
-
-The cache lives in ``$FINESERVE_JAX_CACHE`` when that is set, else ``~/.cache/fineserve-jax``.
 """
 
 from __future__ import annotations
@@ -37,13 +35,9 @@ from checkpoints.sources import (
 log = logging.getLogger(__name__)
 
 
-CACHE_ENV = "FINESERVE_JAX_CACHE"
-
-
 def default_cache_dir() -> Path:
-    """``$FINESERVE_JAX_CACHE``, else ``~/.cache/fineserve-jax``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fineserve-jax"
+    """``~/.cache/fineserve-jax``."""
+    return Path.home() / ".cache" / "fineserve-jax"
 
 
 @contextlib.contextmanager
@@ -75,17 +69,23 @@ def _identity(src: str) -> list:
                                     for p in files]
 
 
+def checkpoint_path(src: str, precision, dtype: str = "bfloat16",
+                    cache_dir: str | Path | None = None) -> Path:
+    """Where ``cached_checkpoint`` keeps ``src`` in ``precision`` (made or not)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(json.dumps([_identity(str(src)), precision.to_dict(), dtype],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    stem = Path(str(src)).name.removesuffix(".gguf") or "model"
+    return root / "checkpoints" / f"{stem}-{precision.name}-{key}"
+
+
 def cached_checkpoint(src: str, precision, dtype: str = "bfloat16", *,
                       cache_dir: str | Path | None = None, progress: bool = True
                       ) -> tuple[Path, bool]:
     """(path of an Orbax checkpoint of ``src`` quantized to ``precision``, made now?).
 
     ``precision`` is a ``Precision`` (``with_calibration`` to change its calibration)."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha256(json.dumps([_identity(str(src)), precision.to_dict(), dtype],
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    stem = Path(str(src)).name.removesuffix(".gguf") or "model"
-    out = root / "checkpoints" / f"{stem}-{precision.name}-{key}"
+    out = checkpoint_path(src, precision, dtype, cache_dir)
     if out.is_dir() and orbax_io.is_orbax_checkpoint(out):
         return out, False
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,12 @@ What a ``WorkloadSpec`` draws (every figure fixed by ``seed``):
   mean ``1 / rate_i`` and coefficient of variation ``cv`` (shape ``1 / cv**2``); ``cv = 1``
   is exactly the exponential, i.e. Poisson arrivals; ``cv > 1`` is burstier. The first
   arrival comes one gap after 0.
+* **Drift** (``shift_s``, off by default): popularity is not fixed. Every ``shift_s``
+  seconds the ranking moves on by one model: in phase ``k`` (arrivals in
+  ``[k * shift_s, (k + 1) * shift_s)``) model ``k mod n`` has the top rate, the next model
+  the second, and so on round the list. Each model's arrivals are a renewal process per
+  phase at that phase's rate. ``mean_rates()`` gives each model's average over the whole
+  duration: what a plan made from a day's totals sees.
 * **Lengths**: prompt and output tokens are lognormal, rounded and clipped to
   ``[lo, hi]`` (``LengthDist``). ShareGPT-like defaults (``SHAREGPT_PROMPT``,
   ``SHAREGPT_OUTPUT``): means 161 prompt and 338 output tokens, the means the vLLM paper
@@ -167,6 +173,7 @@ class WorkloadSpec:
     prompt: LengthDist = field(default=SHAREGPT_PROMPT)
     output: LengthDist = field(default=SHAREGPT_OUTPUT)
     seed: int = 0
+    shift_s: float | None = None  # popularity drift: the ranking moves on every shift_s
 
     def __post_init__(self):
         models = tuple(self.models)
@@ -178,18 +185,46 @@ class WorkloadSpec:
         if not self.cv > 0:
             raise ValueError(f"cv must be > 0, got {self.cv!r}")
         power_law_rates(len(models), self.total_rate, self.alpha)  # validates
+        if self.shift_s is not None and not (self.shift_s > 0 and math.isfinite(self.shift_s)):
+            raise ValueError(f"shift_s must be a finite number > 0 or None, got "
+                             f"{self.shift_s!r}")
 
     def rates(self) -> dict[str, float]:
-        """Requests/s per model."""
+        """Requests/s per model (with drift: in the first phase)."""
         return dict(zip(self.models, power_law_rates(len(self.models), self.total_rate,
                                                      self.alpha)))
+
+    def phases(self) -> list[tuple[float, float, list[float]]]:
+        """(start, end, rate of each model in ``models`` order) of each phase."""
+        ranked = power_law_rates(len(self.models), self.total_rate, self.alpha)
+        if self.shift_s is None:
+            return [(0.0, self.duration_s, ranked)]
+        n, out = len(self.models), []
+        for k in range(math.ceil(self.duration_s / self.shift_s)):
+            t0, t1 = k * self.shift_s, min((k + 1) * self.shift_s, self.duration_s)
+            out.append((t0, t1, [ranked[(i - k) % n] for i in range(n)]))
+        return out
+
+    def mean_rates(self) -> dict[str, float]:
+        """Each model's requests/s averaged over the whole duration."""
+        if self.shift_s is None:
+            return self.rates()
+        tot = [0.0] * len(self.models)
+        for t0, t1, rates in self.phases():
+            for i, r in enumerate(rates):
+                tot[i] += r * (t1 - t0)
+        return {m: x / self.duration_s for m, x in zip(self.models, tot)}
+
+    def _arrivals(self, i: int) -> np.ndarray:
+        rng = _rng(self.seed, _ARRIVALS, i)
+        return np.concatenate([t0 + renewal_arrivals(rng, rates[i], self.cv, t1 - t0)
+                               for t0, t1, rates in self.phases()])
 
     def generate(self) -> list[Request]:
         """Every request of the stream, sorted by (arrival, model order)."""
         rows: list[tuple[float, int, int, int]] = []
-        for i, rate in enumerate(self.rates().values()):
-            times = renewal_arrivals(_rng(self.seed, _ARRIVALS, i), rate, self.cv,
-                                     self.duration_s)
+        for i in range(len(self.models)):
+            times = self._arrivals(i)
             n = len(times)
             p = self.prompt.sample(_rng(self.seed, _PROMPTS, i), n)
             o = self.output.sample(_rng(self.seed, _OUTPUTS, i), n)
@@ -201,7 +236,8 @@ class WorkloadSpec:
         """JSON-ready parameters, with the derived rates and length medians."""
         return {"models": list(self.models), "total_rate": self.total_rate,
                 "duration_s": self.duration_s, "alpha": self.alpha, "cv": self.cv,
-                "seed": self.seed, "rates": self.rates(),
+                "seed": self.seed, "rates": self.rates(), "shift_s": self.shift_s,
+                "mean_rates": self.mean_rates(),
                 "prompt": {**vars(self.prompt), "median": self.prompt.median},
                 "output": {**vars(self.output), "median": self.output.median}}
 

@@ -1,10 +1,4 @@
-"""Shared fixtures: the real packaged model (loaded once) and tiny HF checkpoints.
-
-The run gets a checkpoint cache of its own (``$FINESERVE_JAX_CACHE``), empty at the start
-and shared by the xdist workers and the programs tests start (``serve.py``, notebooks), so
-a quantized checkpoint several tests serve is made once per run, never read from the
-user's cache. A ``FINESERVE_JAX_CACHE`` set by the caller is used as it is.
-"""
+"""Shared fixtures: the real packaged model (loaded once) and tiny HF checkpoints."""
 
 from __future__ import annotations
 
@@ -15,25 +9,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-
-
-def pytest_configure(config):
-    if hasattr(config, "workerinput"):  # an xdist worker: its controller chose the cache
-        return
-    if not os.environ.get("FINESERVE_JAX_CACHE"):
-        import tempfile
-
-        config._fineserve_cache = tempfile.mkdtemp(prefix="fineserve-test-cache-")
-        os.environ["FINESERVE_JAX_CACHE"] = config._fineserve_cache
-
-
-def pytest_unconfigure(config):
-    made = getattr(config, "_fineserve_cache", None)
-    if made is not None:
-        import shutil
-
-        shutil.rmtree(made, ignore_errors=True)
-        os.environ.pop("FINESERVE_JAX_CACHE", None)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The quantized-checkpoint cache: where it lives, and processes that need one entry at once."""
+"""The quantized-checkpoint cache: processes that need one entry at once."""
 
 from __future__ import annotations
 
@@ -6,15 +6,6 @@ import multiprocessing as mp
 from pathlib import Path
 
 from tiny_models import make_hf_model
-
-
-def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
-    from checkpoints.cache import CACHE_ENV, default_cache_dir
-
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv(CACHE_ENV)
-    assert default_cache_dir() == Path.home() / ".cache" / "fineserve-jax"
 
 
 def _convert(src: str, cache: str, out):
@@ -42,7 +33,11 @@ def test_two_processes_asking_at_once_convert_once(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    assert got[0][0] == got[1][0]  # one entry
+    from checkpoints.cache import checkpoint_path
+    from fineserve_jax.precisions import get_precision
+
+    assert got[0][0] == got[1][0] == str(checkpoint_path(
+        str(src), get_precision("w4a16"), "float32", tmp_path / "cache"))  # one entry
     assert sorted(m for _, m in got) == [False, True]  # converted once, loaded once
     entries = [p.name for p in (tmp_path / "cache" / "checkpoints").iterdir()
                if not p.name.startswith(".")]

@@ -4,7 +4,8 @@ One server for the module: SmolLM2-135M in bf16 and in fireq-g32 sharing one KV 
 with an API key and a separate admin key (every request here carries the key; the auth
 test checks what happens without). The quantized checkpoint is calibrated on 512
 tokens instead of the recipe's 20,480 to keep the start short; everything else is the
-default path: checkpoint cache, warm-up, uvicorn.
+default path: the checkpoint cache (the user's, shared with the quickstart notebook, so
+one of the two quantizes and the other loads), warm-up, uvicorn.
 
 The server runs with ``--batch-invariant`` (one compiled shape per step kind), which is
 what makes batched greedy output equal one-at-a-time output token for token: with
@@ -20,7 +21,6 @@ import concurrent.futures as cf
 import io
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -33,6 +33,9 @@ import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
+
+from checkpoints.cache import checkpoint_path, default_cache_dir, with_calibration  # noqa: E402
+from fineserve_jax.precisions import get_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY, ADMIN = "test-key-1234", "admin-key-5678"
@@ -49,7 +52,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cache = Path(os.environ["FINESERVE_JAX_CACHE"])  # the run's cache (conftest)
+    cache = default_cache_dir()  # shared with the quickstart notebook: quantized once
     logs = tmp_path_factory.mktemp("server")
     port = _free_port()
     cmd = [sys.executable, "serve.py", "--port", str(port), "--cache-dir", str(cache),
@@ -204,7 +207,8 @@ def test_echo_logprobs_perplexity_equals_eval(server, client, model, smollm2_tok
     if model == BF16:
         src = "smollm2-135m"
     else:  # the very checkpoint the server made and cached
-        (src,) = (server["cache"] / "checkpoints").glob("smollm2-135m-fireq-g32-*")
+        src = checkpoint_path("smollm2-135m", with_calibration(get_precision("fireq-g32"), 512),
+                              "bfloat16", server["cache"])
     ref = _eval_ppl(str(src), window * n_win, window, start)
     assert served == pytest.approx(ref, rel=2e-3), (served, ref)
 

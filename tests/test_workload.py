@@ -124,3 +124,33 @@ def test_spec_validation():
         WorkloadSpec(("a",), 0.0, 1.0)
     with pytest.raises(ValueError, match="cv"):
         WorkloadSpec(("a",), 1.0, 1.0, cv=0.0)
+
+
+def test_drift_moves_the_top_rate_round_the_models_each_phase():
+    spec = WorkloadSpec(MODELS, total_rate=60.0, duration_s=400.0, alpha=1.0, seed=5,
+                        shift_s=100.0)
+    ranked = power_law_rates(4, 60.0, 1.0)
+    phases = spec.phases()
+    assert [(a, b) for a, b, _ in phases] == [(0, 100), (100, 200), (200, 300), (300, 400)]
+    for k, (_, _, rates) in enumerate(phases):
+        assert rates[k] == ranked[0] and rates[(k + 1) % 4] == ranked[1]
+        assert sorted(rates) == sorted(ranked)
+    # four phases: every model is top once, so the averages are equal
+    assert list(spec.mean_rates().values()) == pytest.approx([15.0] * 4)
+    reqs = spec.generate()
+    for k, (t0, t1, rates) in enumerate(phases):
+        for i, m in enumerate(MODELS):
+            n = sum(r.model == m and t0 <= r.arrival_s < t1 for r in reqs)
+            want = rates[i] * (t1 - t0)
+            assert abs(n - want) < 4 * want ** 0.5 + 1, (k, m, n, want)
+    assert [r.arrival_s for r in reqs] == sorted(r.arrival_s for r in reqs)
+    # a part phase at the end, and the averages weight phases by their length
+    short = WorkloadSpec(MODELS, 60.0, 150.0, alpha=1.0, shift_s=100.0)
+    assert [(a, b) for a, b, _ in short.phases()] == [(0, 100), (100, 150)]
+    assert short.mean_rates()["m0"] == pytest.approx((ranked[0] * 100 + ranked[3] * 50) / 150)
+    # without drift: one phase, the plain rates, the same stream as before
+    flat = WorkloadSpec(MODELS, 60.0, 150.0, alpha=1.0, seed=5)
+    assert flat.mean_rates() == flat.rates() and len(flat.phases()) == 1
+    assert spec.describe()["shift_s"] == 100.0
+    with pytest.raises(ValueError, match="shift_s"):
+        WorkloadSpec(MODELS, 1.0, 1.0, shift_s=0.0)

@@ -30,8 +30,10 @@ rates (``--alpha``) over ``MODELS``' order, ShareGPT-like lengths (lognormal, me
 338 tokens) with prompts and outputs clipped to 1,024 tokens each, as vLLM's ShareGPT
 benchmark prunes prompts over 1,024 and sequences over 2,048 tokens. ``--prompt-mean``,
 ``--output-mean`` (and ``-sigma``, ``-max``) give other length distributions, e.g. long
-contexts; ``--models N`` adds 8B tenants after the twelve (``model_list``) so that more
-models share each GPU.
+contexts; ``--shift-s`` makes popularity drift (the ranking moves on by one model every
+that many seconds; plans, placements and static partitions are made from each model's
+average rate, as from a day's totals); ``--models N`` adds 8B tenants after the twelve
+(``model_list``) so that more models share each GPU.
 
 SLOs: each model's TTFT and TPOT targets are ``--slo-scale`` times its *solo latency*: the
 TTFT of the longest prompt the workload draws (1,024 tokens, chunked by the prefill
@@ -298,9 +300,9 @@ def sweep(args, models, config, lengths: Lengths) -> list[dict]:
     names = list(models)
     for rate in args.rates:
         spec = WorkloadSpec(names, rate, args.duration, args.alpha, args.cv, lengths.prompt,
-                            lengths.output, args.seed)
+                            lengths.output, args.seed, args.shift_s)
         trace = spec.generate()
-        plans, pl = placements(models, spec.rates(), args.gpus, config, lengths)
+        plans, pl = placements(models, spec.mean_rates(), args.gpus, config, lengths)
         for sname in args.systems:
             r = run_point(sname, models, plans, pl[SYSTEMS[sname].placement], trace,
                           args.duration + args.drain, lengths)
@@ -317,14 +319,14 @@ def fewest_gpus(args, models, config, lengths: Lengths) -> dict:
     """Per system: the first count in ``--gpu-grid`` reaching 99% at ``--fixed-rate``."""
     names = list(models)
     spec = WorkloadSpec(names, args.fixed_rate, args.duration, args.alpha, args.cv,
-                        lengths.prompt, lengths.output, args.seed)
+                        lengths.prompt, lengths.output, args.seed, args.shift_s)
     trace = spec.generate()
     out = {s: {"gpus": None, "tried": {}} for s in args.systems}
     for n in args.gpu_grid:
         todo = [s for s in args.systems if out[s]["gpus"] is None]
         if not todo:
             break
-        plans, pl = placements(models, spec.rates(), n, config, lengths)
+        plans, pl = placements(models, spec.mean_rates(), n, config, lengths)
         for s in todo:
             r = run_point(s, models, plans, pl[SYSTEMS[s].placement], trace,
                           args.duration + args.drain, lengths)
@@ -395,6 +397,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in flight count as unfinished (misses)")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of rates")
     p.add_argument("--cv", type=float, default=1.0, help="arrival gap CV (1 = Poisson)")
+    p.add_argument("--shift-s", type=float, default=None,
+                   help="popularity drift: every this many seconds the ranking of the "
+                        "models moves on by one (plans and partitions see the averages)")
     p.add_argument("--slo-scale", type=float, default=5.0,
                    help="SLOs = this times each model's solo latency")
     p.add_argument("--fixed-rate", type=float, default=60.0,
@@ -445,6 +450,8 @@ def run(args) -> int:
         raise SystemExit("need --models >= 1")
     if min(args.rates) <= 0 or args.duration <= 0 or args.drain < 0 or args.gpus < 1:
         raise SystemExit("need rates > 0, --duration > 0, --drain >= 0 and --gpus >= 1")
+    if args.shift_s is not None and not args.shift_s > 0:
+        raise SystemExit(f"--shift-s must be > 0, got {args.shift_s:g}")
     if "static" not in args.systems or "fineserve" not in args.systems:
         _log("note: the headline ratios need both 'fineserve' and 'static'")
     t0 = time.perf_counter()
@@ -486,6 +493,8 @@ def command(args) -> str:
                 f"--prompt-max {args.prompt_max} --output-mean {args.output_mean:g} "
                 f"--output-sigma {args.output_sigma:g} --output-max {args.output_max} "
                 f"--models {args.models} --systems {' '.join(args.systems)} --seed {args.seed}")
+    if args.shift_s is not None:
+        workload += f" --shift-s {args.shift_s:g}"
     if args.quick:
         return f"python -m fineserve_jax.bench cluster --quick {workload} --out {args.out}"
     return (f"python -m fineserve_jax.bench cluster --gpus {args.gpus} --rates "
