@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINE = dict(kv_budget_bytes=16 * 2**20, block_tokens=4, max_seqs=4, max_prefill_seqs=2,
               prefill_token_budget=16, max_model_len=256, decode_buckets=(4,),
               prefill_row_buckets=(2,), chunk_buckets=(16,), context_buckets=(16, 128),
-              warmup=True)
+              warmup=True, batch_invariant=True)  # one compiled shape per step kind
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +202,7 @@ def test_serve_py_on_the_cluster(cluster, served, tmp_path):
         [sys.executable, "serve.py", "--ray", ray.get_runtime_context().gcs_address,
          "--placement", str(tmp_path / "p.json"), "--port", str(port),
          "--model", f"c={src},precision=bf16,dtype=float32", "--max-model-len", "64",
+         "--max-seqs", "2", "--max-prefill-tokens", "16", "--batch-invariant",
          "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
