@@ -280,3 +280,32 @@ def test_bench_cluster_lengths_and_model_count_reach_the_workload(tmp_path):
     assert m["slo"]["ttft_s"] == pytest.approx(5 * m["solo_ttft_s"])
     with pytest.raises(SystemExit, match="bad length options"):
         main(["cluster", "--quick", "--output-mean", "0", "--out", str(out), "--plot", ""])
+
+
+def test_bench_cluster_drift_plans_from_average_rates(tmp_path):
+    """``--shift-s``: the trace drifts and the plans follow each model's average rate over
+    the run. With 4 s of arrivals in 1 s phases the top model keeps the top rate for one
+    phase only (its average falls), and the fourth model rises to the top in the last."""
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+    from schedulers.workload import WorkloadSpec
+
+    plans = {}
+    for shift in (None, 1):
+        out = tmp_path / f"d{shift}.json"
+        opt = [] if shift is None else ["--shift-s", str(shift)]
+        assert main(["cluster", "--quick", *opt, "--systems", "fineserve", "static",
+                     "--out", str(out), "--plot", ""]) == 0
+        rec = json.loads(out.read_text())
+        assert rec["config"]["shift_s"] == shift
+        assert ("--shift-s 1" in rec["command"]) == (shift is not None)
+        plans[shift] = next(r["plans"] for r in rec["results"] if r["rate"] == 20.0)
+    names = list(rec["models"])
+    spec = WorkloadSpec(names, 20.0, 4.0, shift_s=1.0)
+    avg, first = spec.mean_rates(), spec.rates()
+    assert avg[names[0]] < first[names[0]] and avg[names[3]] > first[names[3]]
+    c = {k: {m: v[m]["concurrency"] for m in (names[0], names[3])} for k, v in plans.items()}
+    assert c[1][names[0]] < c[None][names[0]] and c[1][names[3]] > c[None][names[3]], c
+    with pytest.raises(SystemExit, match="shift-s"):
+        main(["cluster", "--quick", "--shift-s", "-1", "--out", str(out), "--plot", ""])
