@@ -4,6 +4,7 @@ model goes to, what happens when workers refuse it, and the retry at each ping."
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 from fineserve_jax.raycluster.supervisor import Supervisor
@@ -89,3 +90,49 @@ def test_a_model_no_worker_takes_stays_pending_and_is_retried_at_the_next_ping()
     kinds = [e["kind"] for e in sup.events]
     assert kinds == ["worker_lost", "not_placed", "not_placed", "replaced"]
     assert sup.status()["routes"] == {"m": live.device}
+
+
+class _Call:
+    """``actor.method.remote(...)`` of a stand-in actor: an awaitable that never answers
+    unless told to."""
+
+    def __init__(self, value=None, hang=False):
+        self.value, self.hang, self.calls = value, hang, 0
+
+    def remote(self, *a):
+        self.calls += 1
+
+        async def answer():
+            if self.hang:
+                await asyncio.sleep(3600)
+            return self.value
+        return answer()
+
+
+def test_remote_stats_on_the_event_loop_never_wait_for_the_worker():
+    from fineserve_jax.raycluster.remote import RemoteEngine
+
+    pool = SimpleNamespace(rows_free=3, row_bytes=100)
+    old, new = SimpleNamespace(pool=pool, tag="old"), SimpleNamespace(pool=pool, tag="new")
+    actor = SimpleNamespace(stats=_Call(new, hang=True))
+    e = RemoteEngine(actor, {"worker": "w", "node": "n", "config": None, "device": "cpu:0",
+                             "models": {}, "specs": {}}, stats_interval_s=0.0)
+    e._keep_stats(old)
+
+    async def go():
+        t0 = time.monotonic()
+        first = e.stats()  # stale: a refresh starts in the background, the old is returned
+        waited = time.monotonic() - t0
+        await asyncio.sleep(0.05)
+        hung = e.stats()  # the worker still has not answered
+        assert actor.stats.calls == 1  # one refresh in flight, not one per call
+        e._refreshing.cancel()
+        actor.stats.hang = False
+        assert await e.refresh_stats() and e.stats().tag == "new"
+        actor.stats.hang = True
+        free = await e.free_kv_bytes(timeout_s=0.05)  # no answer in time
+        return first, waited, hung, free
+
+    first, waited, hung, free = asyncio.run(go())
+    assert first.tag == "old" and hung.tag == "old" and waited < 0.05
+    assert free == -1 and e.running  # slow is not dead

@@ -61,7 +61,9 @@ def start_workers(groups: list[dict], specs: dict[str, dict], engine_config: dic
             device_count=n_dev if use_gpus else None, log_level=log_level))
     descs = ray.get([a.describe.remote() for a in actors], timeout=ready_timeout_s)
     engines = [RemoteEngine(a, d) for a, d in zip(actors, descs)]
-    for e in engines:
+    stats = ray.get([a.stats.remote() for a in actors], timeout=ready_timeout_s)
+    for e, st in zip(engines, stats):
+        e._keep_stats(st)  # known from the start: the server's handlers never wait for it
         log.info("worker %s on node %s: %s on %s", e.worker, e.node[:12], list(e.models),
                  e.device)
     return engines

@@ -108,6 +108,7 @@ class RemoteEngine:
         self._stats = None
         self._stats_at = 0.0
         self._stats_interval = stats_interval_s
+        self._refreshing: asyncio.Task | None = None
         self.on_lost: list[Callable[[RemoteEngine], Any]] = []
         self.lost_reason: str | None = None
 
@@ -169,33 +170,56 @@ class RemoteEngine:
         return h
 
     def stats(self):
-        """The worker's ``EngineStats``, refreshed at most every ``stats_interval_s`` (the
-        last one known once the worker is lost)."""
-        import ray
+        """The worker's ``EngineStats`` (the last one known once the worker is lost).
 
+        On an event loop (the server's handlers, ``/metrics``) this never waits for the
+        worker: it returns the last stats fetched and, when they are older than
+        ``stats_interval_s``, starts fetching new ones in the background. Only the very
+        first call, or a call from a thread without a running loop, asks and waits."""
         now = time.monotonic()
-        if self._alive and (self._stats is None or now - self._stats_at > self._stats_interval):
+        stale = self._stats is None or now - self._stats_at > self._stats_interval
+        if not (self._alive and stale):
+            return self._stats
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._stats is None:
+            import ray
+
             try:
-                self._stats = ray.get(self.actor.stats.remote(), timeout=30)
-                self._stats_at = now
+                self._keep_stats(ray.get(self.actor.stats.remote(), timeout=30))
             except _actor_errors() as e:
                 self._lost(f"stats failed: {e.__class__.__name__}")
+            return self._stats
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = loop.create_task(self.refresh_stats())
         return self._stats
 
-    async def free_kv_bytes(self, timeout_s: float = 10.0) -> int:
-        """Free KV memory of the worker's pool, asked without blocking the event loop
-        (-1 when the worker does not answer in time)."""
+    async def refresh_stats(self, timeout_s: float = 10.0) -> bool:
+        """Fetches the worker's stats without blocking the event loop; False when the
+        worker did not answer in time or was lost."""
         if not self._alive:
-            return -1
+            return False
         try:
             st = await asyncio.wait_for(self.actor.stats.remote(), timeout_s)
         except _actor_errors() as e:
             self._lost(f"stats failed: {e.__class__.__name__}")
-            return -1
+            return False
         except asyncio.TimeoutError:
-            return -1
+            return False
+        self._keep_stats(st)
+        return True
+
+    def _keep_stats(self, st) -> None:
         self._stats, self._stats_at = st, time.monotonic()
-        return st.pool.rows_free * st.pool.row_bytes
+
+    async def free_kv_bytes(self, timeout_s: float = 10.0) -> int:
+        """Free KV memory of the worker's pool, asked without blocking the event loop
+        (-1 when the worker does not answer in time)."""
+        if not await self.refresh_stats(timeout_s):
+            return -1
+        return self._stats.pool.rows_free * self._stats.pool.row_bytes
 
     def shutdown(self, wait: bool = True) -> None:
         import ray
