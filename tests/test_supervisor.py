@@ -66,7 +66,7 @@ def test_lost_models_go_to_the_most_free_worker_and_refusals_fall_through():
 
 
 def test_a_model_no_worker_takes_stays_pending_and_is_retried_at_the_next_ping():
-    dead, live = FakeWorker("d", ["m"], 0), FakeWorker("w", [], 10, refuse=2)
+    dead, live = FakeWorker("d", ["m"], 0), FakeWorker("w", [], 10, refuse=3)
     sup = Supervisor([dead, live], interval_s=0.01)
     server = _server([dead, live], {"m": dead})
     sup.use_server(server)
@@ -87,8 +87,9 @@ def test_a_model_no_worker_takes_stays_pending_and_is_retried_at_the_next_ping()
     assert first["m"].startswith("not placed: w refused it (RuntimeError: out of KV")
     assert status["pending"] == ["m"] and status["routes"] == {"m": dead.device}
     assert sup.pending == {} and server.routes["m"] is live and live.attached == ["m"]
+    assert live in server.engines and live in server.metrics.engines
     kinds = [e["kind"] for e in sup.events]
-    assert kinds == ["worker_lost", "not_placed", "not_placed", "replaced"]
+    assert kinds == ["worker_lost", "not_placed", "replaced"]  # 3 refusals, 1 reason
     assert sup.status()["routes"] == {"m": live.device}
 
 

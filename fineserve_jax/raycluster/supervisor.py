@@ -6,8 +6,9 @@ lost it is taken out of the server's engines (``/health`` stays green for the re
 each of its models is loaded again on the live worker with the most free KV memory
 (the next one when a worker refuses it; models no live worker took are tried again at
 every ping until one does). Until a worker serves it, requests for the model are
-answered 503 with ``Retry-After``. ``move`` re-places a model between workers (of any nodes) while it is
-serving: load on the destination, route new requests there, drain the source.
+answered 503 with ``Retry-After``. ``move`` re-places a model between workers (of any
+nodes) while it is serving: load on the destination, route new requests there, drain the
+source.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Supervisor:
         self._task: asyncio.Task | None = None
         self._recovering: set[asyncio.Task] = set()
         self.pending: dict[str, dict] = {}  # model -> spec: lost and not placed yet
+        self._why_not: dict[str, str] = {}  # pending model -> the last reason recorded
         self._placing: asyncio.Lock | None = None
         for e in self.engines:
             e.on_lost.append(self._on_lost)
@@ -123,17 +125,25 @@ class Supervisor:
                         out[name] = (f"not placed: {e.worker} refused it "
                                      f"({type(ex).__name__}: {ex})")
                         continue
-                    self.routes[name] = e
-                    if self.server is not None:
-                        for lst in (self.server.engines, self.server.metrics.engines):
-                            if e not in lst:
-                                lst.append(e)
+                    self._route(name, e)
                     del self.pending[name]
                     out[name] = e.device
                     break
-                self._event(kind="replaced" if name not in self.pending else "not_placed",
-                            model=name, to=out[name])
+                if name not in self.pending:
+                    self._event(kind="replaced", model=name, to=out[name])
+                    self._why_not.pop(name, None)
+                elif self._why_not.get(name) != out[name]:  # once per reason, not per ping
+                    self._why_not[name] = out[name]
+                    self._event(kind="not_placed", model=name, to=out[name])
             return out
+
+    def _route(self, model: str, e: RemoteEngine) -> None:
+        """New requests for ``model`` go to ``e``, which the server now serves and scrapes."""
+        self.routes[model] = e
+        if self.server is not None:
+            for lst in (self.server.engines, self.server.metrics.engines):
+                if e not in lst:
+                    lst.append(e)
 
     async def move(self, model: str, dst: RemoteEngine) -> str:
         """Re-place ``model`` onto ``dst`` while serving: load there, route new requests
@@ -143,10 +153,7 @@ class Supervisor:
             return f"{model}: already on {dst.device}"
         t0 = time.perf_counter()
         await dst.attach(src.specs[model], self.attach_timeout_s)
-        self.routes[model] = dst
-        for lst in (self.server.engines, self.server.metrics.engines):
-            if dst not in lst:
-                lst.append(dst)
+        self._route(model, dst)
         ready = time.perf_counter() - t0
         await src.retire(model, self.attach_timeout_s)
         self._event(kind="moved", model=model, src=src.device, dst=dst.device,
