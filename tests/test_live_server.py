@@ -36,6 +36,7 @@ openai = pytest.importorskip("openai")
 
 from checkpoints.cache import checkpoint_path, default_cache_dir, with_calibration  # noqa: E402
 from fineserve_jax.precisions import get_precision  # noqa: E402
+from serve_process import wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY, ADMIN = "test-key-1234", "admin-key-5678"
@@ -66,18 +67,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"serve.py exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(1)
+        wait_healthy(url, proc, log, 900)
         yield {"url": url, "cache": cache, "proc": proc}
     finally:
         proc.terminate()

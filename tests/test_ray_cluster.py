@@ -19,6 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
+from serve_process import wait_healthy  # noqa: E402
 from tiny_models import make_hf_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,16 +207,7 @@ def test_serve_py_on_the_cluster(cluster, served, tmp_path):
          "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (log.seek(0), log.read()[-3000:])
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve.py --ray did not come up"
-            time.sleep(0.5)
+        wait_healthy(url, proc, log, 300)
         r = httpx.post(f"{url}/v1/completions", timeout=120, json={
             "model": "c", "prompt": "hello there", "max_tokens": 12, "temperature": 0})
         placement = httpx.get(f"{url}/admin/placement", timeout=30).json()
