@@ -9,7 +9,7 @@ The model list (JSON or TOML) holds a ``models`` list and, optionally, any optio
 - ``name``, ``precision`` (bf16, fp8, w4a16, fireq, fireq-g32), ``rate`` (req/s),
   ``prompt_tokens`` and ``output_tokens`` (means), ``ttft_slo_ms`` and ``tpot_slo_ms``;
 - ``shape``: a known decoder (``llama3-8b``, ``llama3-70b``, ``llama2-7b``,
-  ``smollm2-135m``) or a table of ``schedulers.roofline.ModelShape`` fields; its step
+  ``llama2-13b``, ``smollm2-135m``) or a table of ``schedulers.roofline.ModelShape`` fields; its step
   times then come from the roofline model (``AnalyticCost``) on the device kind;
 - optionally ``weight_bytes`` (the size of the served checkpoint, e.g. as
   ``python -m checkpoints.convert`` prints it) and ``kv_bytes_per_token``, which override
@@ -37,7 +37,8 @@ from schedulers.placement import (ALGORITHMS, ModelDemand, ParallelPlan, Placeme
 from schedulers.roofline import PRECISION_COSTS, AnalyticCost, DeviceSpec, ModelShape
 
 SHAPES = {"llama3-8b": ModelShape.llama3_8b, "llama3-70b": ModelShape.llama3_70b,
-          "llama2-7b": ModelShape.llama2_7b, "smollm2-135m": ModelShape.smollm2_135m}
+          "llama2-7b": ModelShape.llama2_7b, "llama2-13b": ModelShape.llama2_13b,
+          "smollm2-135m": ModelShape.smollm2_135m}
 DEVICES = {"h100": DeviceSpec.h100_sxm, "h200": DeviceSpec.h200}
 MODEL_KEYS = {"name", "precision", "rate", "prompt_tokens", "output_tokens", "ttft_slo_ms",
               "tpot_slo_ms", "shape", "weight_bytes", "kv_bytes_per_token", "block_bytes",

@@ -60,6 +60,10 @@ class ModelShape:
         return cls("llama-2-7b", 32, 4096, 11008, 32, 32, 128, 32000)
 
     @classmethod
+    def llama2_13b(cls) -> ModelShape:
+        return cls("llama-2-13b", 40, 5120, 13824, 40, 40, 128, 32000)
+
+    @classmethod
     def smollm2_135m(cls) -> ModelShape:
         return cls("smollm2-135m", 30, 576, 1536, 9, 3, 64, 49152, tied_embeddings=True)
 

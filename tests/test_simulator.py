@@ -282,6 +282,26 @@ def test_bench_cluster_lengths_and_model_count_reach_the_workload(tmp_path):
         main(["cluster", "--quick", "--output-mean", "0", "--out", str(out), "--plot", ""])
 
 
+def test_bench_cluster_llama2_family_swaps_the_shapes_and_quadruples_kv_per_token():
+    """``--family llama2``: the same twelve roles on Llama-2-7B / 13B shapes, whose
+    attention keeps a KV head per query head (32 vs Llama-3-8B's 8): 4x the KV bytes per
+    token at the same precision."""
+    from fineserve_jax.bench.cluster import model_list, setup_models
+    from schedulers.placement import PlacementConfig
+
+    l2 = model_list(14, "llama2")
+    assert l2[0] == ("chat-7b-bf16", "7b", "bf16") and l2[2] == ("chat-13b-fireq", "13b", "fireq")
+    assert l2[13] == ("tenant14-7b-fp8", "7b", "fp8")
+    assert {m[1] for m in l2} == {"7b", "13b"}
+    with pytest.raises(ValueError, match="unknown family"):
+        model_list(3, "gpt")
+    m3 = setup_models(5.0, PlacementConfig())
+    m2 = setup_models(5.0, PlacementConfig(), family="llama2")
+    assert m2["chat-7b-bf16"].kv_bytes_per_token == 4 * m3["chat-8b-bf16"].kv_bytes_per_token
+    assert m2["chat-7b-fireq"].kv_bytes_per_token == 4 * m3["chat-8b-fireq"].kv_bytes_per_token
+    assert m2["chat-13b-bf16"].solo_tp == 1 and m3["chat-70b-bf16"].solo_tp > 1
+
+
 def test_bench_cluster_drift_plans_from_average_rates(tmp_path):
     """``--shift-s``: the trace drifts and the plans follow each model's average rate over
     the run. With 4 s of arrivals in 1 s phases the top model keeps the top rate for one

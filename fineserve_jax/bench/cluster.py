@@ -103,7 +103,11 @@ PROMPT = LengthDist(161.0, 1.0, 4, 1024)  # defaults of --prompt-mean/-sigma/-ma
 OUTPUT = LengthDist(338.0, 0.9, 4, 1024)  # defaults of --output-mean/-sigma/-max
 # vLLM-like batch limits, the same for every system.
 LIMITS = BatchLimits(max_seqs=128, max_prefill_seqs=16, prefill_token_budget=512)
-SHAPES = {"8b": ModelShape.llama3_8b, "70b": ModelShape.llama3_70b}
+SHAPES = {"8b": ModelShape.llama3_8b, "70b": ModelShape.llama3_70b,
+          "7b": ModelShape.llama2_7b, "13b": ModelShape.llama2_13b}
+# --family: the (small, large) shapes standing in for MODELS' 8B and 70B. Llama-2's
+# attention has a KV head per query head: 4x Llama-3-8B's KV bytes per token at 7B.
+FAMILIES = {"llama3": ("8b", "70b"), "llama2": ("7b", "13b")}
 
 
 @dataclass(frozen=True)
@@ -157,16 +161,21 @@ MODELS = (
 _PRECISIONS = ("bf16", "fp8", "fireq")
 
 
-def model_list(n: int) -> tuple[tuple[str, str, str], ...]:
-    """``n`` models, most popular first: ``MODELS``, then (``n > 12``) more 8B tenants
-    cycling through the precisions, so that several models share each GPU and KV memory,
-    not compute, is what runs short."""
+def model_list(n: int, family: str = "llama3") -> tuple[tuple[str, str, str], ...]:
+    """``n`` models, most popular first: ``MODELS``, then (``n > 12``) more small tenants
+    cycling through the precisions, so that several models share each GPU. ``family``
+    ``llama2`` swaps the 8B and 70B shapes for Llama-2-7B and 13B (names follow)."""
     if n < 1:
         raise ValueError(f"need at least one model, got {n}")
-    out = list(MODELS[:n])
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
+    small, large = FAMILIES[family]
+    sub = {"8b": small, "70b": large}
+    out = [(name.replace(f"-{shape}-", f"-{sub[shape]}-"), sub[shape], prec)
+           for name, shape, prec in MODELS[:n]]
     for i in range(len(MODELS), n):
         prec = _PRECISIONS[i % 3]
-        out.append((f"tenant{i + 1}-8b-{prec}", "8b", prec))
+        out.append((f"tenant{i + 1}-{small}-{prec}", small, prec))
     return tuple(out)
 
 
@@ -202,11 +211,11 @@ def block_format(shape: str, precision: str) -> BlockFormat:
 
 
 def setup_models(slo_scale: float, config: PlacementConfig, lengths: Lengths = Lengths(),
-                 n_models: int = len(MODELS)) -> dict[str, ModelSetup]:
+                 n_models: int = len(MODELS), family: str = "llama3") -> dict[str, ModelSetup]:
     dev = DeviceSpec.h100_sxm()
     longest = lengths.longest
     out = {}
-    for name, shape, prec in model_list(n_models):
+    for name, shape, prec in model_list(n_models, family):
         c1 = cost(shape, prec, 1)
         w, kvt = c1.weight_bytes(), c1.kv_bytes_per_token()
         tp = next(t for t in TP_OPTIONS
@@ -408,6 +417,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU counts tried, in order, by the fewest-GPUs search")
     p.add_argument("--models", type=int, default=len(MODELS),
                    help="models sharing the cluster: the twelve of MODELS, then more tenants")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="llama3",
+                   help="shapes of the small and large models: Llama-3-8B / 70B (GQA) or "
+                        "Llama-2-7B / 13B (a KV head per query head: 4x the KV per token)")
     for kind, d in (("prompt", PROMPT), ("output", OUTPUT)):
         p.add_argument(f"--{kind}-mean", type=float, default=d.mean,
                        help=f"mean {kind} tokens (lognormal, before clipping)")
@@ -457,7 +469,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     config = PlacementConfig()
     lengths = lengths_of(args)
-    models = setup_models(args.slo_scale, config, lengths, args.models)
+    models = setup_models(args.slo_scale, config, lengths, args.models, args.family)
     rows = sweep(args, models, config, lengths)
     fewest = fewest_gpus(args, models, config, lengths)
     record = {
@@ -492,7 +504,8 @@ def command(args) -> str:
     workload = (f"--prompt-mean {args.prompt_mean:g} --prompt-sigma {args.prompt_sigma:g} "
                 f"--prompt-max {args.prompt_max} --output-mean {args.output_mean:g} "
                 f"--output-sigma {args.output_sigma:g} --output-max {args.output_max} "
-                f"--models {args.models} --systems {' '.join(args.systems)} --seed {args.seed}")
+                f"--models {args.models} --family {args.family} "
+                f"--systems {' '.join(args.systems)} --seed {args.seed}")
     if args.shift_s is not None:
         workload += f" --shift-s {args.shift_s:g}"
     if args.quick:
