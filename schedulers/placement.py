@@ -340,6 +340,7 @@ class _Item:
     kv_need: float  # bytes per device
     util: float
     batch: int = 1  # sequences decoding at once (the plan's concurrency)
+    prefill_share: float = 0.0  # device-time share of its prompts (rate x a mean prefill)
 
     def steps(self) -> tuple[float, float]:
         """(decode step at ``batch``, shortest prefill step: ``MIN_PREFILL_TOKENS`` at the
@@ -399,9 +400,12 @@ def _items(demands: Sequence[ModelDemand], plans: Mapping[str, ParallelPlan]) ->
             raise KeyError(f"no parallel plan for model {d.name!r}")
         p = plans[d.name]
         kv_need = p.concurrency * d.mean_context * d.kv_bytes_per_token
+        share = 0.0
+        if p.fits and d.rate > 0:
+            share = d.rate / p.replicas * _Steps(d.cost(p.tp), d).prefill
         for r in range(p.replicas):
             out.append(_Item(d, r, p.tp, d.weight_bytes / p.tp, kv_need, p.utilisation,
-                             p.concurrency))
+                             p.concurrency, share))
     return out
 
 
@@ -520,14 +524,17 @@ MIN_PREFILL_TOKENS = 16  # the local scheduler's smallest prefill step (SLOAware
 def tpot_compatible(items: Sequence[_Item]) -> bool:
     """Whether models sharing a device can all keep their TPOT targets: within one TPOT
     interval of each model, its own decode step, every other model's decode step and the
-    longest of the shortest prefill steps (a prompt must get in) must fit."""
+    longest of the shortest prefill steps (a prompt must get in) must fit in the part of
+    the interval that the group's prompts leave free (on average they take the sum of
+    the models' ``prefill_share`` of the device)."""
     if len(items) < 2:
         return True
     steps = [i.steps() for i in items]
+    free = 1.0 - sum(i.prefill_share for i in items)
     for k, it in enumerate(items):
         others = [s for j, s in enumerate(steps) if j != k]
         need = steps[k][0] + sum(dec for dec, _ in others) + max(pre for _, pre in steps)
-        if need > it.demand.tpot_slo_s:
+        if need > it.demand.tpot_slo_s * free:
             return False
     return True
 

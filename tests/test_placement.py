@@ -155,6 +155,27 @@ def test_slab_greedy_keeps_models_apart_whose_steps_break_a_tpot():
     assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B", "C")), ((1,), ("A",))]
 
 
+def test_tpot_check_leaves_room_for_the_groups_prompts():
+    # The case above with A's TPOT at 0.2 s. Beside A, A's interval holds its decode
+    # (0.02 s), C's (0.05 s) and a 16-token prefill (0.026 s): 0.096 s. A mean prompt
+    # (99 tokens) prefills in 0.109 s, so at 1 req/s each the two models' prompts take
+    # 0.218 of the device and leave 0.2 * 0.782 = 0.156 s >= 0.096 s: C joins A. At
+    # 5 req/s C's prompts alone take 0.545: 0.2 * 0.346 = 0.069 s < 0.096 s, no group
+    # keeps every TPOT, and the memory rule puts C beside B.
+    demands, plans, devices = slab_vs_kvpr_case()
+    tpot = {"A": 0.2, "B": 0.05, "C": 1.0}
+
+    def with_c_rate(rate):
+        return [demand(d.name, d.weight_bytes / GB, kv_per_token=d.kv_bytes_per_token,
+                       block_bytes=d.block_bytes, tpot=tpot[d.name],
+                       rate=rate if d.name == "C" else 1.0) for d in demands]
+
+    pl = place_slab_greedy(with_c_rate(1.0), plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B",)), ((1,), ("A", "C"))]
+    pl = place_slab_greedy(with_c_rate(5.0), plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B", "C")), ((1,), ("A",))]
+
+
 def test_kvpr_known_answer_is_precision_blind():
     demands, plans, devices = slab_vs_kvpr_case()
     pl = place_kvpr(demands, plans, devices, NO_RESERVE)
