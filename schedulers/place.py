@@ -9,8 +9,9 @@ The model list (JSON or TOML) holds a ``models`` list and, optionally, any optio
 - ``name``, ``precision`` (bf16, fp8, w4a16, fireq, fireq-g32), ``rate`` (req/s),
   ``prompt_tokens`` and ``output_tokens`` (means), ``ttft_slo_ms`` and ``tpot_slo_ms``;
 - ``shape``: a known decoder (``llama3-8b``, ``llama3-70b``, ``llama2-7b``,
-  ``llama2-13b``, ``smollm2-135m``) or a table of ``schedulers.roofline.ModelShape`` fields; its step
-  times then come from the roofline model (``AnalyticCost``) on the device kind;
+  ``llama2-13b``, ``smollm2-135m``) or a table of ``schedulers.roofline.ModelShape``
+  fields; its step times then come from the roofline model (``AnalyticCost``) on the
+  device kind;
 - optionally ``weight_bytes`` (the size of the served checkpoint, e.g. as
   ``python -m checkpoints.convert`` prints it) and ``kv_bytes_per_token``, which override
   the sizes derived from the shape, and ``block_bytes`` (one KV block of its format);
