@@ -289,15 +289,14 @@ def where_is(engine, ids: list[int] | None, devices: list) -> str:
 
 
 def make_rebalancer(args, groups: list[dict], engines: list, devices: list):
-    """The server's ``Rebalancer`` over the placement's single-device engines. A device's
-    memory for the global scheduler is what JAX reports (``bytes_limit``), else (host
-    devices) its pool plus every served model's weights: the pools, fixed at start, are
-    then what limits a move."""
+    """The server's ``Rebalancer`` over the placement's single-device engines. Each device
+    is its engine's fixed KV pool within the memory JAX reports (``bytes_limit``), so a
+    new placement puts there only the weights that fit beside the pool; host devices
+    report no limit and take any model's weights (``serving_device``)."""
     import jax
 
-    from fineserve_jax.server.rebalance import RebalanceConfig, Rebalancer
+    from fineserve_jax.server.rebalance import RebalanceConfig, Rebalancer, serving_device
     from schedulers.placement import Placement
-    from schedulers.roofline import DeviceSpec
 
     placement = Placement.from_dict({"algorithm": "file", "devices": groups})
     by_index = {}
@@ -308,14 +307,14 @@ def make_rebalancer(args, groups: list[dict], engines: list, devices: list):
         by_index[ids[0]] = e
     weights = sum(sum(x.nbytes for x in jax.tree.leaves(e.weights(n)))
                   for e in engines for n in e.models)
-    specs = {}
-    for i, e in by_index.items():
-        stats = devices[i].memory_stats() or {}
-        memory = stats.get("bytes_limit") or (e.stats().pool.pool_bytes + weights)
-        specs[i] = DeviceSpec(devices[i].device_kind, float(memory), 0.0, 0.0, 0.0)
     cfg = RebalanceConfig(interval_s=args.rebalance_interval,
                           threshold=args.rebalance_threshold,
                           window_s=max(args.rebalance_interval, 60.0))
+    specs = {}
+    for i, e in by_index.items():
+        stats = devices[i].memory_stats() or {}
+        specs[i] = serving_device(devices[i].device_kind, stats.get("bytes_limit"),
+                                  e.stats().pool.pool_bytes, weights, cfg.placement)
     return Rebalancer(by_index, specs, placement, cfg)
 
 

@@ -10,9 +10,10 @@ drives it:
 - ``drifted``: whether any model's observed rate moved more than a relative threshold from
   the rate the current placement was planned for;
 - ``replan``: the global scheduler (``plan_parallelism`` + ``place_slab_greedy``) run again
-  with the observed rates, one replica per model on single devices, its device groups then
-  relabelled onto the current ones (``align``) so that interchangeable devices do not turn
-  a no-op into a reshuffle;
+  with the observed rates, one replica per model on single devices (``ServingDevice``s
+  when the engines' pools are fixed: weights only where they fit beside a pool), its
+  device groups then relabelled onto the current ones (``align``) so that interchangeable
+  devices do not turn a no-op into a reshuffle;
 - ``plan_moves``: the models whose device group changes, in an order where a move into a
   device comes after the moves out of it (they free its memory first).
 """
@@ -30,9 +31,27 @@ from schedulers.placement import (
     Placement,
     PlacementConfig,
     PlacementGroup,
+    device_key,
     place_slab_greedy,
     plan_parallelism,
 )
+
+
+@dataclass(frozen=True)
+class ServingDevice:
+    """A device that already runs an engine, as the global scheduler sees it when it
+    re-places: ``memory_bytes`` in all, of which ``kv_pool_bytes`` is the engine's KV pool,
+    allocated at start and fixed (models move between fixed pools, so the weights a
+    placement puts there must fit in the rest)."""
+
+    name: str
+    memory_bytes: float
+    kv_pool_bytes: float
+
+    def __post_init__(self):
+        if not (self.memory_bytes > 0 and 0 <= self.kv_pool_bytes <= self.memory_bytes):
+            raise ValueError(f"device {self.name!r}: need 0 <= kv_pool_bytes <= memory_bytes "
+                             f"> 0, got {self.kv_pool_bytes!r} of {self.memory_bytes!r}")
 
 
 # ------------------------------------------------------------------------ rates
@@ -153,7 +172,7 @@ def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: P
                                                        p.utilisation * p.replicas))
         plans[d.name] = p
     new = place_slab_greedy(demands, plans, devices, config)
-    kinds = [(dev.name, float(dev.memory_bytes)) for dev in devices]
+    kinds = [device_key(dev) for dev in devices]
     return align(current, new, kinds, weights)
 
 

@@ -219,6 +219,33 @@ def test_unplaced_when_nothing_fits_or_compute_is_full():
         assert set(reasons) == {"huge", "x", "y"} - set(pl.groups[0].models)
 
 
+def test_a_fixed_pool_is_the_budget_and_weights_only_fit_beside_it():
+    from schedulers.rebalance import ServingDevice
+
+    # 100 GB devices, no reserve. Sized freely, y (30 GB, placed first) takes device 0
+    # with a 70 GB pool and x (10 GB) device 1 with 90 GB. Device 0 runs an engine whose
+    # pool is fixed at 75 GB: 25 GB are left for weights, so y goes to device 1, whose
+    # pool is fixed at 50 GB, and x to device 0.
+    demands = [demand("x", 10), demand("y", 30)]
+    plans = {"x": plan(), "y": plan()}
+    free = place_slab_greedy(demands, plans, [device(), device()], NO_RESERVE)
+    assert [(g.devices, g.models, g.kv_budget_bytes) for g in free.groups] == [
+        ((0,), ("y",), 70 * GB), ((1,), ("x",), 90 * GB)]
+    fixed = [ServingDevice("gpu", 100 * GB, 75 * GB), ServingDevice("gpu", 100 * GB, 50 * GB)]
+    pl = place_slab_greedy(demands, plans, fixed, NO_RESERVE)
+    assert [(g.devices, g.models, g.kv_budget_bytes) for g in pl.groups] == [
+        ((0,), ("x",), 75 * GB), ((1,), ("y",), 50 * GB)]
+    # A model whose weights fit beside no pool is unplaced, though an empty device's
+    # memory minus its weights would hold its KV many times over.
+    pl = place_slab_greedy([demand("big", 60)], {"big": plan()}, fixed, NO_RESERVE)
+    assert not pl.groups and "no device has room for it even empty" in pl.unplaced[0].reason
+    # Devices that differ only in their fixed pool are not interchangeable.
+    from schedulers.placement import device_key
+    assert device_key(fixed[0]) != device_key(fixed[1])
+    with pytest.raises(ValueError, match="kv_pool_bytes"):
+        ServingDevice("gpu", 10 * GB, 11 * GB)
+
+
 def test_a_model_is_widened_into_a_wider_group_rather_than_left_out():
     # "big" (150 GB, tp 2) takes both devices; "small" (30 GB, tp 1) finds no device of
     # its own, but sharded over big's pair it needs 15 GB per device: 75 + 15 + KV fits.

@@ -244,10 +244,14 @@ def test_the_global_scheduler_re_places_models_across_nodes(cluster, tmp_path):
             placement=PlacementConfig(reserve_fraction=0.0)),
             planned_rates={m: 0.01 for m in specs}, clock=lambda: now[0],
             memory_bytes=64 * 2**20)
-        for i in range(4000):  # x and z got busy: 400 and 300 req/s over 10 s
-            now[0] = i / 400
-            rb.observe("x")
-            if i % 4:
+        # x and z got busy: 2.5 and 2 req/s over 10 s. Each worker's 16 MiB pool is fixed;
+        # the plan's KV for x (64 sequences of 320 tokens at 512 B) and z (52) is 10 and
+        # 8 MiB: not both in one pool.
+        for i in range(100):
+            now[0] = i / 10
+            if i % 4 == 0:
+                rb.observe("x")
+            if i % 5 == 0:
                 rb.observe("z")
         now[0] = 10.0
 
@@ -303,3 +307,35 @@ def test_a_dead_worker_fails_its_requests_retryably_and_its_model_moves(cluster,
     assert "worker_lost" in kinds and kinds[-1] == "replaced", placement["events"]
     assert placement["pending"] == []
     assert placement["routes"]["b"] == a.device
+
+
+def test_worker_describe_and_a_repeated_attach_survive_the_running_loop(cluster, tmp_path):
+    """``describe`` runs beside the engine loop, which donates the pool array at every
+    step: it must not read that array. An attach retried after it took effect (its reply
+    lost) answers like the first one instead of failing as a duplicate."""
+    import jax.numpy as jnp
+
+    from fineserve_jax.raycluster.worker import EngineWorker
+
+    make_hf_model(tmp_path / "m", seed=3)
+    spec = {"name": "p", "source": str(tmp_path / "m"), "precision": "bf16",
+            "dtype": "float32"}
+    w = EngineWorker("local", ENGINE, [spec])
+    try:
+        pool = w.engine.pool
+        gone = jnp.zeros(4)
+        gone.delete()  # what a donated pool looks like from another thread
+        w.engine.pool = gone
+        try:
+            d = w.describe()
+        finally:
+            w.engine.pool = pool
+        assert d["device"] == w.engine.device and d["pool_bytes"] > 0
+        q = dict(spec, name="q")
+        first = asyncio.run(w.attach(q, 120))
+        again = asyncio.run(w.attach(q, 120))
+        assert sorted(first["models"]) == sorted(again["models"]) == ["p", "q"]
+        with pytest.raises(ValueError, match="already on this engine"):
+            asyncio.run(w.attach(dict(q, precision="fp8"), 120))  # another spec: refused
+    finally:
+        w.engine.shutdown()

@@ -23,7 +23,7 @@ from tiny_models import byte_tokenizer_json
 
 from fineserve_jax.config import ModelConfig
 from fineserve_jax.engine import Engine, EngineConfig, RequestRejected
-from fineserve_jax.engine.engine import ModelRetiring
+from fineserve_jax.engine.admission import ModelRetiring
 from fineserve_jax.model import init_params
 from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.tokenizer import Tokenizer
@@ -32,6 +32,7 @@ from schedulers.rebalance import (
     FreeSteps,
     Move,
     RateTracker,
+    ServingDevice,
     align,
     apply_move,
     drift,
@@ -154,6 +155,38 @@ def test_replan_separates_models_whose_traffic_grew():
     # current placement)
     huge = [_demand("a", 1.0, weight=20e9), _demand("b", 1.0), _demand("c", 1.0)]
     assert [u.model for u in replan(huge, devices, old, cfg).unplaced] == ["a"]
+
+
+def test_replan_keeps_fixed_pools_and_puts_weights_only_where_they_fit():
+    cfg = PlacementConfig(reserve_fraction=0.0)
+    old = _pl({0: ["a", "b"], 1: ["c"]})
+    busy = [_demand("a", 400.0), _demand("b", 300.0, weight=1.5e9), _demand("c", 1.0)]
+    # Pools sized freely: a and b split, c joins a, and b (the heavier) keeps device 0.
+    free = replan(busy, [DeviceSpec("gpu", 10e9, 0, 0, 0)] * 2, old, cfg)
+    assert {g.devices: set(g.models) for g in free.groups} == {(0,): {"b"}, (1,): {"a", "c"}}
+    # Running engines: device 0's pool is fixed at 7.5 GB (2.5 GB left for weights),
+    # device 1's at 8 GB (2 GB): b (1.5 GB) and c (1 GB) do not fit beside device 1's
+    # pool together, so b goes there alone and c joins a.
+    pools = [ServingDevice("gpu", 10e9, 7.5e9), ServingDevice("gpu", 10e9, 8e9)]
+    new = replan(busy, pools, old, cfg)
+    assert not new.unplaced
+    assert {g.devices: set(g.models) for g in new.groups} == {(0,): {"a", "c"}, (1,): {"b"}}
+    w = {d.name: d.weight_bytes for d in busy}
+    for g in new.groups:
+        assert g.kv_budget_bytes == pools[g.devices[0]].kv_pool_bytes
+        assert sum(w[m] for m in g.models) <= 10e9 - pools[g.devices[0]].kv_pool_bytes
+        assert g.kv_need_bytes <= g.kv_budget_bytes
+
+
+def test_host_devices_take_any_weights_beside_their_pool():
+    from fineserve_jax.server.rebalance import serving_device
+
+    cfg = PlacementConfig()  # 10% reserve
+    d = serving_device("cpu", None, pool_bytes=4e9, weight_bytes=6e9, config=cfg)
+    assert d.kv_pool_bytes == 4e9
+    assert 6e9 <= cfg.usable_bytes(d) - d.kv_pool_bytes < 6e9 + 10
+    g = serving_device("gpu", 80e9, pool_bytes=50e9, weight_bytes=6e9, config=cfg)
+    assert (g.memory_bytes, g.kv_pool_bytes) == (80e9, 50e9)
 
 
 # ------------------------------------------------------------------------ engine
@@ -519,6 +552,7 @@ def test_serve_options_build_a_rebalancer_over_the_placement(tiny):
     assert (rb.config.interval_s, rb.config.threshold, rb.config.window_s) == (30, 0.25, 60)
     assert rb.routes == {"a": e, "b": e}
     assert rb.devices[0].memory_bytes >= e.stats().pool.pool_bytes
+    assert rb.devices[0].kv_pool_bytes == e.stats().pool.pool_bytes  # the running pool, fixed
     with pytest.raises(ValueError, match="single-device"):
         serve.make_rebalancer(args, [{"devices": [0, 1], "models": ["a", "b"],
                                       "kv_budget_bytes": 1}], [e], jax.devices())

@@ -10,7 +10,7 @@ from fineserve_jax._lazy import lazy_exports
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestMetrics", "RequestRejected", "StreamDelta"]
 
-_LAZY = {"Engine": "fineserve_jax.engine.engine", "RequestRejected": "fineserve_jax.engine.engine",
+_LAZY = {"Engine": "fineserve_jax.engine.engine", "RequestRejected": "fineserve_jax.engine.admission",
          "EngineConfig": "fineserve_jax.engine.config", "RequestHandle": "fineserve_jax.engine.handle",
          "StreamDelta": "fineserve_jax.engine.handle", "RequestMetrics": "schedulers.batching"}
 

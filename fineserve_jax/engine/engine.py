@@ -39,6 +39,7 @@ from fineserve_jax.engine.runner import (LOGPROBS, PROMPT_LOGPROBS, SAMPLER, Pag
                                          StepBatch, TopLogprobs)
 from fineserve_jax.engine.stats import EngineModelStats, EngineStats
 from fineserve_jax.engine.steplog import StepLog, StepRecord
+from fineserve_jax.engine.admission import ModelRetiring, check_prompt
 from fineserve_jax.engine.alloc import make_allocator
 from fineserve_jax.engine.live import LIVE_MESSAGES, LiveModels
 from fineserve_jax.engine.pool import BlockMover, new_pool
@@ -56,39 +57,6 @@ from schedulers.local import LocalScheduler, make_local_scheduler
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_FORMAT = {"float32": "f32", "bfloat16": "bf16"}
-
-
-class RequestRejected(ValueError):
-    """``submit`` refused a request; ``param`` names the request field at fault."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
-
-
-def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int, max_len: int,
-                 block_tokens: int | None, max_blocks: int | None) -> None:
-    """Raises ``RequestRejected`` for a prompt an engine cannot take: empty, token ids out
-    of the vocabulary, no room left in the context, or (with ``block_tokens``) more KV
-    blocks for prompt + ``max_tokens`` than one sequence may hold."""
-    if not ids:
-        raise RequestRejected("the prompt is empty", "prompt")
-    if any(not 0 <= i < vocab_size for i in ids):
-        raise RequestRejected(f"token ids must be in [0, {vocab_size})", "prompt")
-    if len(ids) >= max_len:
-        raise RequestRejected(f"prompt has {len(ids)} tokens; the context is {max_len}",
-                              "prompt")
-    if block_tokens:
-        worst = min(len(ids) + params.max_tokens, max_len)
-        need = -(-worst // block_tokens)
-        if need > max_blocks:
-            raise RequestRejected(f"{worst} tokens need {need} KV blocks; the model can hold "
-                                  f"at most {max_blocks}", "max_tokens")
-
-
-class ModelRetiring(RequestRejected):
-    """``submit`` to a model this engine is retiring (``retire_model``): it is served
-    elsewhere now or going away; route the request again."""
 
 
 @dataclass
@@ -156,6 +124,7 @@ class Engine(LiveModels):
         self._mover = BlockMover()
         self.started = False
         self.device: str | None = None  # where the pool lives, once started
+        self.jax_device = None  # the same, as a jax.Device
         self.warmup_seconds = 0.0
         self.step_log = StepLog()  # what each iteration ran and how long it took
         self._init_live()
@@ -245,7 +214,9 @@ class Engine(LiveModels):
                                      slo=m.slo, cost=m.cost)
             m.max_blocks = self.alloc.free_blocks(m.name)
         self._new_pool()
-        self.device = str(next(iter(self.pool.devices())))
+        # The pool array is donated by every step: other threads read the device here.
+        self.jax_device = next(iter(self.pool.devices()))
+        self.device = str(self.jax_device)
         if c.warmup:
             self.warmup()
         self.started = True

@@ -74,13 +74,12 @@ def make_rebalancer(engines: list[RemoteEngine], config, *, planned_rates=None,
     """``server.rebalance.Rebalancer`` over the workers, worker i as device i: the global
     scheduler re-places models across nodes from observed rates, moving them through the
     workers (load on the destination's node, drain the source). A worker's memory is its
-    device's limit, else (CPU workers) its KV pool plus every served model's weights
-    (``memory_bytes`` overrides both)."""
+    device's limit (``memory_bytes`` overrides it), of which its KV pool is fixed; CPU
+    workers report no limit and take any model's weights (``serving_device``)."""
     import time
 
-    from fineserve_jax.server.rebalance import Rebalancer
+    from fineserve_jax.server.rebalance import Rebalancer, serving_device
     from schedulers.placement import Placement
-    from schedulers.roofline import DeviceSpec
 
     placement = Placement.from_dict({"algorithm": "file", "devices": [
         {"device": i, "models": list(e.models), "kv_budget_bytes": e.config.kv_budget_bytes}
@@ -89,7 +88,7 @@ def make_rebalancer(engines: list[RemoteEngine], config, *, planned_rates=None,
     specs = {}
     for i, e in enumerate(engines):
         d = e.description
-        memory = memory_bytes or d["memory_bytes"] or (d["pool_bytes"] + weights)
-        specs[i] = DeviceSpec(d["device_kind"], float(memory), 0.0, 0.0, 0.0)
+        specs[i] = serving_device(d["device_kind"], memory_bytes or d["memory_bytes"],
+                                  d["pool_bytes"], weights, config.placement)
     return Rebalancer(dict(enumerate(engines)), specs, placement, config,
                       planned_rates=planned_rates, clock=clock or time.monotonic)

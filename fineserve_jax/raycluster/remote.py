@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fineserve_jax.engine.engine import ModelRetiring, check_prompt
+from fineserve_jax.engine.admission import ModelRetiring, check_prompt
 from fineserve_jax.engine.handle import LOST, RequestHandle, StreamDelta
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ class EngineWorker:
         e = self.engine
         serving = [m for m in e.models if e.model_state(m) == "serving"]
         plan = e.kv_plan()
-        dev = next(iter(e.pool.devices()))
+        dev = e.jax_device  # not e.pool: the loop thread donates it at every step
         limit = (dev.memory_stats() or {}).get("bytes_limit")
         return {"worker": self.name, "device": e.device, "config": e.config,
                 "node": ray.get_runtime_context().get_node_id(),
@@ -115,6 +115,10 @@ class EngineWorker:
         Requests of the models already here keep streaming meanwhile."""
         import asyncio
 
+        name = spec["name"]
+        if (name in self.engine.models and self.engine.model_state(name) == "serving"
+                and self.specs.get(name) == dict(spec)):
+            return self.describe()  # a retry of an attach that took effect: nothing to do
         t = await asyncio.to_thread(self._load, spec, True)
         if not await t.wait_async(timeout_s):
             self.engine.retire_model(spec["name"])

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fineserve_jax.engine import Engine, RequestHandle, RequestRejected, StreamDelta
-from fineserve_jax.engine.engine import ModelRetiring
+from fineserve_jax.engine.admission import ModelRetiring
 from fineserve_jax.engine.handle import LOST
 from fineserve_jax.server.auth import AuthMiddleware, BodyLimitMiddleware
 from fineserve_jax.server.metrics import ServerMetrics

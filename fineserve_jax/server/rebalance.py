@@ -26,8 +26,10 @@ move is served by whichever engine its route named. A move the destination canno
 logged, and the model stays where it was. Every decision is logged and kept for
 ``GET /admin/placement``.
 
-Limits: pools keep the size they were started with (models move between fixed pools);
-only single-device engines take part; one replica per model.
+Limits: pools keep the size they were started with (models move between fixed pools; the
+re-plan sees each device as a ``ServingDevice``, its pool fixed, so it puts on a device only
+the weights that fit beside that pool); only single-device engines take part; one replica
+per model.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from schedulers.rebalance import (
     FreeSteps,
     Move,
     RateTracker,
+    ServingDevice,
     apply_move,
     drift,
     plan_moves,
@@ -105,6 +108,18 @@ class Decision:
                 "drift": {k: (None if v == float("inf") else v) for k, v in self.drift.items()},
                 "action": self.action, "reason": self.reason,
                 "moves": [str(m) for m in self.moves], "outcomes": self.done}
+
+
+def serving_device(kind: str, memory_bytes: float | None, pool_bytes: float,
+                   weight_bytes: float, config: PlacementConfig) -> ServingDevice:
+    """How the global scheduler sees a device running an engine: its memory (JAX's
+    ``bytes_limit``) with the engine's KV pool fixed in it. A device that reports no
+    limit (host memory) gets just enough memory for its pool plus ``weight_bytes`` (every
+    served model's weights) after ``config.reserve_fraction``: any model fits there and
+    only its pool limits KV."""
+    if not memory_bytes:
+        memory_bytes = (pool_bytes + weight_bytes + 1.0) / (1.0 - config.reserve_fraction)
+    return ServingDevice(kind, float(memory_bytes), float(pool_bytes))
 
 
 class Rebalancer:
