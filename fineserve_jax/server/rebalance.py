@@ -118,6 +118,7 @@ def serving_device(kind: str, memory_bytes: float | None, pool_bytes: float,
     served model's weights) after ``config.reserve_fraction``: any model fits there and
     only its pool limits KV."""
     if not memory_bytes:
+        # + 1 byte: rounding must not leave the weights short of their own room
         memory_bytes = (pool_bytes + weight_bytes + 1.0) / (1.0 - config.reserve_fraction)
     return ServingDevice(kind, float(memory_bytes), float(pool_bytes))
 
