@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "predicts with; models with SLOs that it lacks are profiled at start")
     ap.add_argument("--profile-reps", type=int, default=3,
                     help="timed runs per step shape when profiling at start (0: never)")
+    ap.add_argument("--cost-calibration", type=float, default=0.05, metavar="WEIGHT",
+                    help="correct each model's step-time predictions online from the steps "
+                         "served: weight of one step (0: keep the profile as measured)")
     ap.add_argument("--cache-dir", default=None,
                     help="where quantized checkpoints are kept (default ~/.cache/fineserve-jax)")
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
@@ -424,7 +427,8 @@ def engine_fields(args, kv_budget: int) -> dict:
     return dict(kv_budget_bytes=kv_budget, max_seqs=args.max_seqs,
                 max_model_len=args.max_model_len, prefill_token_budget=args.max_prefill_tokens,
                 batch_invariant=args.batch_invariant, scheduler=args.scheduler,
-                on_slo_miss=args.on_slo_miss, profile_reps=args.profile_reps)
+                on_slo_miss=args.on_slo_miss, profile_reps=args.profile_reps,
+                cost_calibration=args.cost_calibration)
 
 
 def serve_on_ray(args, specs: dict, groups: list[dict], app_kw: dict) -> int:

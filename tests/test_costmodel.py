@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -321,3 +322,70 @@ def test_measure_steps_one_record_per_bucket_shape():
         got = cost.decode_time(ctx) if kind == DECODE else cost.prefill_time(chunks, ctx)
         assert got == pytest.approx(shape_s(*batch.shape), rel=1e-12)
     assert pick(bk.decode, 3, "decode") == cost.bucket_shape(DECODE, None, [1, 2, 3])[0]
+
+
+# ------------------------------------------------------------ online calibration
+class _Flat:
+    """Prefill costs 0.1 s per step, decode 0.01 s."""
+
+    def prefill_time(self, chunks, contexts):
+        return 0.1
+
+    def decode_time(self, contexts):
+        return 0.01
+
+
+def test_calibration_converges_to_the_measured_ratio_per_kind():
+    from schedulers.calibration import OnlineCalibration
+    cost = OnlineCalibration(_Flat(), weight=0.5)
+    assert cost.prefill_time([8], [8]) == 0.1 and cost.decode_time([9]) == 0.01
+    # One prefill at 0.2 s (2x): the factor's log moves half way: sqrt(2).
+    assert cost.observe("prefill", [8], [8], 0.2) == pytest.approx(2 ** 0.5)
+    assert cost.prefill_time([8], [8]) == pytest.approx(0.1 * 2 ** 0.5)
+    assert cost.decode_time([9]) == 0.01  # the other kind is untouched
+    for _ in range(30):
+        cost.observe("prefill", [8], [8], 0.2)
+        cost.observe("decode", None, [9], 0.008)
+    assert cost.factors["prefill"] == pytest.approx(2.0, rel=1e-6)
+    assert cost.factors["decode"] == pytest.approx(0.8, rel=1e-6)
+    assert cost.observed == {"prefill": 31, "decode": 30}
+    # A fixed copy keeps the factors while the live one moves on.
+    snap = cost.frozen()
+    cost.observe("prefill", [8], [8], 0.1)
+    assert snap.prefill_time([8], [8]) == pytest.approx(0.2)
+    assert cost.prefill_time([8], [8]) < 0.2
+
+
+def test_calibration_is_a_geometric_mean_and_bounded():
+    from schedulers.calibration import OnlineCalibration
+    cost = OnlineCalibration(_Flat(), weight=0.25, bounds=(0.5, 2.0))
+    # The factor moves in log space: a 2x slow step takes log f to w log 2, a 2x fast one
+    # then to (1 - w) w log 2 - w log 2 (a slow and a fast step nearly cancel).
+    cost.observe("decode", None, [1], 0.02)
+    cost.observe("decode", None, [1], 0.005)
+    assert math.log(cost.factors["decode"]) == pytest.approx(
+        (0.75 * 0.25 - 0.25) * math.log(2))
+    # A 100x stall counts as 2x; a factor never leaves the bounds.
+    before = cost.factors["prefill"]
+    cost.observe("prefill", [1], [1], 10.0)
+    assert cost.factors["prefill"] == pytest.approx(before * 2 ** 0.25)
+    for _ in range(200):
+        cost.observe("prefill", [1], [1], 10.0)
+    assert cost.factors["prefill"] == pytest.approx(2.0)
+    # Nothing to learn from: zero predictions, zero or non-finite measurements.
+    free = OnlineCalibration(type("Free", (), {"prefill_time": lambda s, a, b: 0.0,
+                                               "decode_time": lambda s, a: 0.0})())
+    assert free.observe("decode", None, [3], 1.0) == 1.0 and free.observed["decode"] == 0
+    assert cost.observe("decode", None, [1], float("nan")) == cost.factors["decode"]
+
+
+def test_calibration_rejects_bad_settings():
+    from schedulers.calibration import OnlineCalibration, ScaledCost
+    with pytest.raises(ValueError, match="weight"):
+        OnlineCalibration(_Flat(), weight=0.0)
+    with pytest.raises(ValueError, match="bounds"):
+        OnlineCalibration(_Flat(), bounds=(1.5, 2.0))
+    with pytest.raises(ValueError, match="decode factor"):
+        ScaledCost(_Flat(), decode=-1.0)
+    with pytest.raises(ValueError, match="kind"):
+        OnlineCalibration(_Flat()).observe("verify", None, [1], 0.1)

@@ -7,6 +7,7 @@ tenants) are in ``test_engine_smollm2.py``.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import jax
@@ -336,6 +337,39 @@ def test_slo_scheduler_sheds_or_serves_a_hopeless_request(tiny, on_miss):
     _assert_pool_empty(e)
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
+    """Each step's measured time moves the scheduler's prediction: the factors are the
+    clamped, exponentially weighted geometric mean of measured/predicted over the step
+    log, per kind (recomputed here from the log); the model keeps the uncorrected cost."""
+    params, tok = tiny
+    base = _SlowPrefill()  # 1 s per prefill, 1 ms per decode
+    e = Engine(EngineConfig(**{"kv_budget_bytes": 2 * 2**20, **SMALL,
+                               "cost_calibration": weight}))
+    e.add_model("m", CFG, params, tok, dtype="float32", cost=base)
+    e.start(thread=False)
+    handles = [e.submit("m", [1, 2, 3 + i], GREEDY) for i in range(3)]
+    e.run_until_idle()
+    assert all(len(h.result().token_ids) == 12 for h in handles)
+    assert e._models["m"].cost is base and e.model_spec("m").cost is base
+    if not weight:
+        assert e._models["m"].sched.cost is base
+        assert e.cost_factors("m") == {"prefill": 1.0, "decode": 1.0}
+        return
+    log_f = {"prefill": 0.0, "decode": 0.0}
+    for r in e.step_log.between(0.0):
+        pred = 1.0 if r.kind == "prefill" else 0.001
+        ratio = min(max(r.run_s / pred, 0.5), 2.0)
+        log_f[r.kind] = (1 - weight) * log_f[r.kind] + weight * math.log(ratio)
+    want = {k: min(max(math.exp(v), 0.5), 2.0) for k, v in log_f.items()}
+    assert e.cost_factors("m") == pytest.approx(want, rel=1e-9)
+    assert want["prefill"] < 1.0  # a tiny model's prefill takes far less than a second
+    st = e.stats().models["m"]
+    assert (st.cost_scale_prefill, st.cost_scale_decode) == pytest.approx(
+        (want["prefill"], want["decode"]))
+    assert e._models["m"].sched.cost.prefill_time([3], [3]) == pytest.approx(want["prefill"])
+
+
 def test_start_profiles_models_with_slos(tiny):
     from schedulers.batching import SLO
     params, tok = tiny
@@ -343,7 +377,8 @@ def test_start_profiles_models_with_slos(tiny):
     e.add_model("slo", CFG, params, tok, dtype="float32", slo=SLO(ttft_s=30.0, tpot_s=5.0))
     e.add_model("plain", CFG, params, tok, dtype="float32")
     e.start(thread=False)
-    cost = e._models["slo"].sched.cost
+    cost = e._models["slo"].cost  # the profile; the scheduler predicts with it corrected
+    assert e._models["slo"].sched.cost.base is cost
     assert cost is not None and e._models["plain"].sched.cost is None
     # Bucketed: a batch costs what its padded shape measured; more work never costs less.
     assert 0 < cost.decode_time([5]) <= cost.decode_time([5] * 8) <= cost.decode_time([100] * 8)

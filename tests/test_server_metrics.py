@@ -59,7 +59,8 @@ def engines():
     alloc.allocate("qwen", 1)  # 1 slab
     pool = alloc.stats({"llama": 122, "qwen": 3})
     started = EngineStats(
-        {"llama": model_stats("llama", waiting=3, running=2, preemptions=5, blocks_held=31),
+        {"llama": model_stats("llama", waiting=3, running=2, preemptions=5, blocks_held=31,
+                              cost_scale_prefill=1.25, cost_scale_decode=0.9),
          "qwen": model_stats("qwen", kv_format="fp8", running=1, blocks_held=1)},
         pool, iterations=40, compiled_steps=6)
     idle = EngineStats({"mistral": model_stats("mistral", waiting=1)}, None, 0, 0)
@@ -74,6 +75,9 @@ def test_engine_gauges_read_at_scrape_time(engines):
     assert s[("fineserve_num_requests_running", (("model", "qwen"),))] == 1
     assert s[("fineserve_num_preemptions_total", (("model", "llama"),))] == 5
     assert s[("fineserve_kv_blocks_held", (("model", "llama"),))] == 31
+    assert s[("fineserve_cost_model_scale", (("kind", "prefill"), ("model", "llama")))] == 1.25
+    assert s[("fineserve_cost_model_scale", (("kind", "decode"), ("model", "llama")))] == 0.9
+    assert s[("fineserve_cost_model_scale", (("kind", "decode"), ("model", "qwen")))] == 1.0
     dev = (("device", "cuda:0"),)
     assert s[("fineserve_kv_slabs", dev)] == 24
     assert s[("fineserve_kv_slabs_free", dev)] == 21

@@ -64,6 +64,10 @@ class EngineConfig:
     # Timed runs per step shape when ``start`` profiles models that have SLOs and no cost
     # model (``Engine.profile_costs``); 0 = never profile (such models are never shed).
     profile_reps: int = 3
+    # Online correction of each model's cost model (``schedulers.calibration``): how far
+    # one step moves the predicted step time towards the measured one (0 = never correct;
+    # about the last 1/weight steps of a kind count).
+    cost_calibration: float = 0.05
 
     def __post_init__(self):
         for f in ("kv_budget_bytes", "block_tokens", "max_seqs", "max_prefill_seqs",
@@ -80,6 +84,9 @@ class EngineConfig:
             raise ValueError(f"on_slo_miss must be one of {ON_MISS}, got {self.on_slo_miss!r}")
         if self.bucket_factor < 2:
             raise ValueError("bucket_factor must be >= 2")
+        if not (isinstance(self.cost_calibration, (int, float))
+                and 0 <= self.cost_calibration <= 1):
+            raise ValueError(f"cost_calibration must be in [0, 1], got {self.cost_calibration!r}")
         if not 0 <= self.pool_fill <= 255:
             raise ValueError("pool_fill is a byte value")
         for f in ("decode_buckets", "prefill_row_buckets", "chunk_buckets", "context_buckets"):

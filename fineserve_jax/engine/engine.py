@@ -211,7 +211,7 @@ class Engine(LiveModels):
                                    device=self._device, mesh=self._mesh)
             m.params = None  # the runner holds the device copy
             m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim,
-                                     slo=m.slo, cost=m.cost)
+                                     slo=m.slo, cost=self._scheduler_cost(m.cost))
             m.max_blocks = self.alloc.free_blocks(m.name)
         self._new_pool()
         # The pool array is donated by every step: other threads read the device here.
@@ -301,12 +301,29 @@ class Engine(LiveModels):
             m = self._models[name]
             bk = m.buckets
             pts = [r for r in records if r["model"] == name]
-            m.cost = m.sched.cost = ProfiledCost(pts, EngineBuckets(
+            m.cost = ProfiledCost(pts, EngineBuckets(
                 self.config.block_tokens, bk.decode, bk.prefill_rows, bk.chunks, bk.context))
+            m.sched.cost = self._scheduler_cost(m.cost)
             out[name] = m.cost
         log.info("profiled %d step shapes of %s in %.1f s", len(records), names,
                  time.perf_counter() - t0)
         return out
+
+    def _scheduler_cost(self, cost):
+        """What the local scheduler predicts with: ``cost`` itself, or with
+        ``cost_calibration`` on, ``cost`` corrected online from the steps this engine runs.
+        ``_Model.cost`` keeps the uncorrected one (what ``model_spec`` hands on)."""
+        if cost is None or not self.config.cost_calibration:
+            return cost
+        from schedulers.calibration import OnlineCalibration
+        return OnlineCalibration(cost, weight=self.config.cost_calibration)
+
+    def cost_factors(self, name: str) -> dict[str, float]:
+        """The online correction of a model's cost model: measured/predicted step time
+        per step kind as it stands (1.0 each when off or not yet observed)."""
+        sched = self._model(name).sched
+        factors = getattr(sched.cost if sched is not None else None, "factors", None)
+        return dict(factors or {"prefill": 1.0, "decode": 1.0})
 
     def set_slo(self, name: str, slo: SLO | None) -> None:
         """Change a model's latency targets; requests that arrive from now on get them."""
@@ -464,6 +481,9 @@ class Engine(LiveModels):
             return True
         with self._lock:
             self._postprocess(m, work, nxt, lps)
+            observe = getattr(m.sched.cost, "observe", None)
+            if observe is not None:
+                observe(work.kind, chunks, contexts, t_ran - t_run)
         self.step_log.add(StepRecord(m.name, work.kind, chunks, contexts, t_start, t_run, t_ran,
                                      time.monotonic()))
         return True
@@ -612,6 +632,7 @@ class Engine(LiveModels):
             models = {}
             for m in self._models.values():
                 s = m.sched
+                scale = self.cost_factors(m.name)
                 models[m.name] = EngineModelStats(
                     name=m.name, precision=m.precision, kv_format=m.kv_format,
                     waiting=len(s.waiting) if s else 0, running=len(s.running) if s else 0,
@@ -621,7 +642,8 @@ class Engine(LiveModels):
                     aborted=m.aborted, dropped=m.dropped, failed=m.failed, steps=m.steps,
                     tokens_generated=m.tokens_out, peak_running=m.peak_running,
                     blocks_held=s.blocks_held() if s else 0, blocks_moved=m.blocks_moved,
-                    slo_misses=s.slo_misses if s else 0)
+                    slo_misses=s.slo_misses if s else 0,
+                    cost_scale_prefill=scale["prefill"], cost_scale_decode=scale["decode"])
             live = {m.name: m.sched.live_tokens() for m in self._models.values() if m.sched}
             pool = self.alloc.stats(live) if self.alloc is not None else None
             return EngineStats(models, pool, self._iteration, self.compiled_steps())

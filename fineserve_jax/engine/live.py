@@ -166,7 +166,7 @@ class LiveModels:
         m.params = None  # the runner holds the device copy
         limits = BatchLimits(c.max_seqs, c.max_prefill_seqs, c.prefill_token_budget)
         m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim,
-                                 slo=m.slo, cost=m.cost)
+                                 slo=m.slo, cost=self._scheduler_cost(m.cost))
         t = Transition(name, "attach")
         m.warm = False
         with self._lock:

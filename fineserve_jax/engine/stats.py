@@ -26,6 +26,9 @@ class EngineModelStats:
     blocks_held: int
     blocks_moved: int  # relocated by KV Slab compaction (to free slabs for other models)
     slo_misses: int = 0  # requests the local scheduler judged unable to meet the TTFT SLO
+    # Online correction of the cost model (measured / predicted step time, per step kind).
+    cost_scale_prefill: float = 1.0
+    cost_scale_decode: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ Engine metrics (``Engine.stats()`` of every engine, per scrape)::
     fineserve_num_requests_running{model}                 admitted: prefilling or decoding
     fineserve_num_preemptions_total{model}
     fineserve_kv_blocks_held{model}
+    fineserve_cost_model_scale{model,kind}                measured / profiled step time
     fineserve_kv_slabs{device}                            rows of the KV pool (KV Slab: slabs)
     fineserve_kv_slabs_free{device}                       rows any model may take
     fineserve_kv_slabs_shared{device}                     rows shared by models (fixed page)
@@ -80,6 +81,9 @@ class _EngineCollector:
                                         labels=["model"])
         blocks = gauge("fineserve_kv_blocks_held", "KV blocks held by the model's requests.",
                        ["model"])
+        scale = gauge("fineserve_cost_model_scale", "Online correction of the model's step-"
+                      "time cost model: measured over profiled time, per step kind.",
+                      ["model", "kind"])
         slabs = gauge("fineserve_kv_slabs", "Rows (slabs) of the KV pool.", ["device"])
         free = gauge("fineserve_kv_slabs_free", "Rows holding nothing.", ["device"])
         shared = gauge("fineserve_kv_slabs_shared", "Rows holding several models' pages.",
@@ -99,6 +103,8 @@ class _EngineCollector:
                 running.add_metric([m.name], m.running)
                 preempted.add_metric([m.name], m.preemptions)
                 blocks.add_metric([m.name], m.blocks_held)
+                scale.add_metric([m.name, "prefill"], m.cost_scale_prefill)
+                scale.add_metric([m.name, "decode"], m.cost_scale_decode)
             compiled.add_metric([dev], st.compiled_steps)
             iters.add_metric([dev], st.iterations)
             p = st.pool
@@ -111,7 +117,7 @@ class _EngineCollector:
                 owned.add_metric([dev, owner], rows)
             pool_bytes.add_metric([dev], p.pool_bytes)
             frag.add_metric([dev], p.fragmentation)
-        yield from (waiting, running, preempted, blocks, slabs, free, shared, owned,
+        yield from (waiting, running, preempted, blocks, scale, slabs, free, shared, owned,
                     pool_bytes, frag, compiled, iters)
 
 
