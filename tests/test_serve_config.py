@@ -53,6 +53,7 @@ def test_config_file_sets_models_and_options_and_flags_win(tmp_path, suffix):
 
 
 def test_scheduler_options_and_model_slos(tmp_path):
+    from fineserve_jax.engine import EngineConfig
     from schedulers.batching import SLO
     from schedulers.costmodel import CostModel, ProfiledCost
     args = serve.parse_args([])
@@ -61,6 +62,12 @@ def test_scheduler_options_and_model_slos(tmp_path):
     assert (args.scheduler, args.on_slo_miss) == ("prism", "best-effort")
     with pytest.raises(SystemExit):
         serve.parse_args(["--scheduler", "edf"])
+    # The online cost correction: on by default, its weight reaches the engine's config.
+    assert serve.engine_fields(args, 1 << 20)["cost_calibration"] == 0.05
+    off = serve.parse_args(["--cost-calibration", "0"])
+    assert EngineConfig(**serve.engine_fields(off, 1 << 20)).cost_calibration == 0
+    with pytest.raises(ValueError, match="cost_calibration"):
+        EngineConfig(**serve.engine_fields(serve.parse_args(["--cost-calibration", "2"]), 1))
     assert serve.model_slo(serve.parse_model_spec("a=x")) is None
     assert serve.model_slo(serve.parse_model_spec("a=x,ttft-slo=250")) == SLO(ttft_s=0.25)
     assert serve.model_slo(serve.parse_model_spec("a=x,tpot-slo=40,ttft-slo=500")) == SLO(

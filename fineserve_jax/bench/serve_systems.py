@@ -79,6 +79,13 @@ def add_arguments(p) -> None:
     g.add_argument("--ttft-slack-s", type=float, default=0.0,
                    help="seconds added to every TTFT SLO")
     g.add_argument("--tpot-scale", type=float, default=10.0)
+    g.add_argument("--cost-calibration", type=float, default=0.05, metavar="WEIGHT",
+                   help="engines correct their cost models online (EngineConfig."
+                        "cost_calibration; 0: predict with the start-up profile only)")
+    g.add_argument("--settle-s", type=float, default=30.0,
+                   help="before the sweep, seconds of arrivals (its middle rate, another "
+                        "seed, results discarded) each engine serves to settle that "
+                        "correction")
     g.add_argument("--drain-s", type=float, default=120.0,
                    help="after the last arrival, seconds to wait before aborting the rest")
     g.add_argument("--out-systems", default="benchmarks/results/serve_systems_cpu.json",
@@ -115,7 +122,8 @@ def build_engines(args, allocators: set[str]):
                            prefill_token_budget=args.max_prefill_tokens, allocator=alloc,
                            max_prefill_seqs=MAX_PREFILL_SEQS,
                            decode_buckets=(1, 4, args.max_seqs), prefill_row_buckets=(1, 4),
-                           chunk_buckets=(32, args.max_prefill_tokens), profile_reps=3)
+                           chunk_buckets=(32, args.max_prefill_tokens), profile_reps=3,
+                           cost_calibration=args.cost_calibration)
         e = Engine(cfg)
         for name in MODELS:
             model, prec = loaded[name]
@@ -125,8 +133,8 @@ def build_engines(args, allocators: set[str]):
         t0 = time.perf_counter()
         e.start()
         _log(f"engine {alloc}: started in {time.perf_counter() - t0:.0f} s")
-        if not costs:
-            costs = {n: e._model(n).sched.cost for n in MODELS}
+        if not costs:  # the start-up profile (each engine corrects its own use of it)
+            costs = {n: e.model_spec(n).cost for n in MODELS}
         engines[alloc] = e
     return engines, costs, {n: loaded[n][0].tokenizer for n in MODELS}
 
@@ -145,14 +153,34 @@ def model_slos(args, costs, block_tokens: int) -> dict:
     return out
 
 
-def workload(args, rate: float):
+def workload(args, rate: float, duration_s: float | None = None, seed: int | None = None):
     from schedulers.workload import LengthDist, WorkloadSpec
 
     hi = args.max_model_len // 2
-    return WorkloadSpec(models=MODELS, total_rate=rate, duration_s=args.duration,
+    return WorkloadSpec(models=MODELS, total_rate=rate,
+                        duration_s=args.duration if duration_s is None else duration_s,
                         alpha=args.alpha, cv=args.cv,
                         prompt=LengthDist(args.prompt_mean, 0.6, 4, hi),
-                        output=LengthDist(args.output_mean, 0.5, 2, hi - 1), seed=args.seed)
+                        output=LengthDist(args.output_mean, 0.5, 2, hi - 1),
+                        seed=args.seed if seed is None else seed)
+
+
+def settle(args, engines: dict, toks) -> None:
+    """Serve ``--settle-s`` seconds of another trace on every engine (FCFS, nothing
+    recorded), so each starts the sweep with its cost correction settled, as a server that
+    has been up a while has it."""
+    from schedulers.local import make_local_scheduler
+
+    rate = float(np.median(args.rates))
+    reqs = workload(args, rate, args.settle_s, seed=args.seed + 1).generate()
+    ids = prompt_ids(toks, reqs, args.seed + 1)
+    for alloc, e in engines.items():
+        e.scheduler = make_local_scheduler("fcfs")
+        replay(e, reqs, ids, args.drain_s)
+        _log(f"engine {alloc}: settled on {len(reqs)} requests at {rate:g}/s; cost "
+             f"correction " + ", ".join(f"{n}: prefill x{f['prefill']:.2f} decode "
+                                        f"x{f['decode']:.2f}" for n in MODELS
+                                        for f in [e.cost_factors(n)]))
 
 
 def prompt_ids(tokenizers, reqs, seed: int) -> list[list[int]]:
@@ -258,6 +286,12 @@ def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
             "ttft_s": [r.ttft for r in sorted(recs, key=lambda r: r.index)]}
 
 
+def within(runs: list[dict], key: str = "sim_error", tol: float = 0.2) -> int:
+    """Runs whose simulated TTFT p50 and tokens/s are both within ``tol`` of the engine's."""
+    return sum(None not in r[key].values() and abs(r[key]["ttft_p50"]) <= tol
+               and abs(r[key]["output_tok_s"]) <= tol for r in runs)
+
+
 def _rel(predicted, measured):
     """Relative error of a prediction (None when either side is missing or zero)."""
     if predicted is None or not measured:
@@ -280,6 +314,8 @@ def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
     from fineserve_jax.engine.steplog import summarize as summarize_steps
+    from schedulers.calibration import ScaledCost
+    from schedulers.local import make_local_scheduler
 
     git = git_state()  # the code that runs, before anything can change under a long run
     allocators = {SYSTEMS[s][0] for s in args.systems}
@@ -287,12 +323,13 @@ def run_systems(args, command: str) -> int:
     any_engine = next(iter(engines.values()))
     formats = {n: any_engine.alloc.fmt(n) for n in MODELS}
     slos = model_slos(args, costs, any_engine.config.block_tokens)
-    from schedulers.local import make_local_scheduler
     for e in engines.values():
         for n, slo in slos.items():
             e.set_slo(n, slo)
     _log("SLOs: " + ", ".join(f"{n}: TTFT {s.ttft_s * 1e3:.0f} ms, TPOT {s.tpot_s * 1e3:.0f} ms"
                               for n, s in slos.items()))
+    if args.settle_s > 0 and args.cost_calibration > 0:
+        settle(args, engines, toks)
     runs = []
     for rate in args.rates:
         reqs = workload(args, rate).generate()
@@ -301,12 +338,20 @@ def run_systems(args, command: str) -> int:
             alloc, sched = SYSTEMS[system]
             e = engines[alloc]
             e.scheduler = make_local_scheduler(sched)
+            factors = {n: e.cost_factors(n) for n in MODELS}  # learned before this run
             t0, m0 = time.perf_counter(), time.monotonic()
             recs, lag = replay(e, reqs, ids, args.drain_s)
             s = summarize(recs, slos)
-            sim = simulate(args, system, reqs, costs, slos, formats)
+            sim = simulate(args, system, reqs, {n: ScaledCost(costs[n], **factors[n])
+                                                for n in MODELS}, slos, formats)
+            sim_profile = simulate(args, system, reqs, costs, slos, formats)
             runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
                          "wall_s": time.perf_counter() - t0, "simulated": sim,
+                         "simulated_profile": {k: sim_profile[k] for k in
+                                               ("attainment", "output_tok_s", "ttft_p50_s",
+                                                "dropped")},
+                         "cost_factors": {"start": factors,
+                                          "end": {n: e.cost_factors(n) for n in MODELS}},
                          "engine_steps": summarize_steps(e.step_log.between(m0), costs),
                          "requests": recs})
             _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
@@ -318,10 +363,11 @@ def run_systems(args, command: str) -> int:
     for e in engines.values():
         e.shutdown()
     for r in runs:  # the simulator against the engine, same trace and configuration
-        meas, sim = r["summary"], r["simulated"]
-        r["sim_error"] = {
-            "ttft_p50": _rel(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
-            "output_tok_s": _rel(sim["output_tok_s"], meas["output_tok_s"])}
+        meas = r["summary"]
+        for key, sim in (("sim_error", r["simulated"]),
+                         ("sim_profile_error", r["simulated_profile"])):
+            r[key] = {"ttft_p50": _rel(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
+                      "output_tok_s": _rel(sim["output_tok_s"], meas["output_tok_s"])}
     per_system = {}
     for system in args.systems:
         att = [r["summary"]["attainment"] for r in runs if r["system"] == system]
@@ -348,13 +394,12 @@ def run_systems(args, command: str) -> int:
         rows.append([s, *[f"{a:.0%}" for a in d["attainment"]],
                      *[f"{t:.1f}" for t in d["output_tok_s"]],
                      f"{d['goodput_90'] or '-'}/{d['goodput_99'] or '-'}"])
-    errs = [(r["system"], r["rate"], r["sim_error"]) for r in runs]
-    within = sum(abs(e["ttft_p50"]) <= 0.2 and abs(e["output_tok_s"]) <= 0.2
-                 for _, _, e in errs if None not in e.values())
-    foot = [f"simulator vs engine (same trace): TTFT p50 and tokens/s both within 20% in "
-            f"{within} of {len(errs)} runs; worst TTFT p50 "
-            f"{max(abs(e['ttft_p50'] or 0) for _, _, e in errs):.0%}, worst tokens/s "
-            f"{max(abs(e['output_tok_s'] or 0) for _, _, e in errs):.0%}"]
+    foot = [f"simulator vs engine (same trace), {what}: TTFT p50 and tokens/s both within "
+            f"20% in {within(runs, key)} of {len(runs)} runs; worst TTFT p50 "
+            f"{max(abs(r[key]['ttft_p50'] or 0) for r in runs):.0%}, worst tokens/s "
+            f"{max(abs(r[key]['output_tok_s'] or 0) for r in runs):.0%}"
+            for key, what in (("sim_error", "costs as corrected before each run"),
+                              ("sim_profile_error", "start-up profile"))]
     if "cpu" in str(any_engine.device).lower():
         foot.append(CPU_FOOTER)
     print(format_table(header, rows, foot))
