@@ -15,7 +15,9 @@ drives it:
   device groups then relabelled onto the current ones (``align``) so that interchangeable
   devices do not turn a no-op into a reshuffle;
 - ``plan_moves``: the models whose device group changes, in an order where a move into a
-  device comes after the moves out of it (they free its memory first).
+  device comes after the moves out of it (they free its memory first);
+- ``DriftPolicy``: the server's decision (track rates, check drift, re-plan, plan moves)
+  without engines, for the simulator (``schedulers.simulator.simulate(replacer=...)``).
 """
 
 from __future__ import annotations
@@ -271,3 +273,69 @@ def apply_move(p: Placement, mv: Move) -> Placement:
     if not seen_dst:
         groups.append(PlacementGroup(mv.dst_group, len(mv.dst_group), (mv.model,), 0))
     return Placement(p.algorithm, tuple(sorted(groups, key=lambda g: g.devices)), p.unplaced)
+
+
+# ----------------------------------------------------------- policy, simulated
+class DriftPolicy:
+    """When and where to move models, as the server's ``Rebalancer`` decides it, for a
+    simulation (``schedulers.simulator.Replacer``).
+
+    ``placement``: what is served at the start (one replica per model on single devices,
+    indices into ``devices``); ``demand(name, rate)``: the model's ``ModelDemand`` at that
+    rate; ``planned_rates``: the rates ``placement`` was made for. Every ``interval_s`` the
+    window's rates (``RateTracker``) are compared with the planned ones; past
+    ``threshold`` (``drifted``, ignoring models below ``min_rate``) the global scheduler
+    runs again (``replan``) and its moves (``plan_moves``) are returned. A plan that
+    leaves a model unplaced is not used. ``load_s(name, group)``: seconds before a moved
+    model serves on its destination (weights and compilation). ``decisions`` logs every
+    check: time, observed rates, action, moves.
+    """
+
+    def __init__(self, placement: Placement, devices: Sequence[Device],
+                 demand, planned_rates: Mapping[str, float], load_s, *,
+                 interval_s: float = 60.0, threshold: float = 0.5, window_s: float = 60.0,
+                 min_rate: float = 0.05, config: PlacementConfig | None = None,
+                 weights: Mapping[str, float] | None = None):
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
+        _group_of(placement, "the starting")  # one replica per model
+        self.placement = placement
+        self.devices = list(devices)
+        self.demand = demand
+        self.planned = dict(planned_rates)
+        self._load_s = load_s
+        self.interval_s = float(interval_s)
+        self.threshold, self.min_rate = float(threshold), float(min_rate)
+        self.config = config or PlacementConfig()
+        self.weights = dict(weights) if weights is not None else None
+        self.tracker = RateTracker(window_s)
+        self.decisions: list[dict] = []
+
+    def observe(self, model: str, t: float) -> None:
+        self.tracker.record(model, t)
+
+    def load_s(self, model: str, group) -> float:
+        return float(self._load_s(model, group))
+
+    def check(self, now: float) -> list[Move]:
+        served = sorted(m for g in self.placement.groups for m in g.models)
+        rates = self.tracker.rates(now)
+        observed = {m: rates.get(m, 0.0) for m in served}
+        dec = {"at": now, "observed": observed, "action": "none", "moves": []}
+        self.decisions.append(dec)
+        if not drifted(self.planned, observed, self.threshold, self.min_rate):
+            return []
+        new = replan([self.demand(m, observed[m]) for m in served], self.devices,
+                     self.placement, self.config, self.weights)
+        if new.unplaced:
+            dec["action"] = "kept: " + "; ".join(u.reason for u in new.unplaced)
+            return []
+        moves = plan_moves(self.placement, new)
+        self.planned = observed
+        dec["action"], dec["moves"] = "replanned", [str(m) for m in moves]
+        return moves
+
+    def done(self, move: Move, outcome: str, now: float) -> None:
+        if outcome == "moved":
+            self.placement = apply_move(self.placement, move)
+

@@ -44,7 +44,7 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -166,6 +166,7 @@ class SimResult:
     end_s: float  # simulated time of the last event
     groups: dict[str, GroupCounters]
     slos: dict[str, SLO]
+    moves: list[MoveRecord] = field(default_factory=list)  # re-placement, in order
 
     def metrics(self) -> dict:
         """Overall and per-model figures (``summarize``)."""
@@ -173,6 +174,7 @@ class SimResult:
         out["per_model"] = {m: summarize([r for r in self.records if r.model == m], self.end_s)
                             for m in sorted({r.model for r in self.records})}
         out["groups"] = {k: asdict(v) for k, v in self.groups.items()}
+        out["moves"] = [asdict(m) for m in self.moves]
         return out
 
 
@@ -308,6 +310,41 @@ class _Group:
                 self.move_s += 2.0 * nbytes / self.spec.move_bytes_per_s
         return self.alloc.can_allocate(name, n)
 
+    # ------------------------------------------------------------ models moving
+    def attach(self, ms: ModelSpec, cost) -> None:
+        """Add a model while the group runs (``Engine.attach_model``): its reserve must
+        fit beside the others' (ValueError otherwise, and nothing changes)."""
+        if self.alloc.kind != "kvslab":
+            raise ValueError(f"group {self.spec.name!r}: models move only between KV Slab "
+                             f"pools, this one is {self.alloc.kind!r}")
+        if ms.name in self.scheds:
+            raise ValueError(f"group {self.spec.name!r} already serves {ms.name!r}")
+        self.alloc.add_model(ms.name, ms.block,
+                             reserve_blocks=_engine_reserve(ms.block, ms.limits))
+        sched = ModelScheduler(ms.name, self.alloc, ms.block, ms.limits, self._reclaim,
+                               slo=ms.slo, cost=_MemoCost(cost))
+        self.scheds[ms.name] = sched
+        self.order.append(sched)
+        self.max_len[ms.name] = ms.max_model_len
+        self._resize()
+
+    def holds(self, model: str) -> bool:
+        """Whether requests of ``model`` are still queued or running here."""
+        s = self.scheds.get(model)
+        return s is not None and bool(s.waiting or s.running or s.dropped)
+
+    def detach(self, model: str) -> None:
+        """Remove a model that holds nothing here any more (``Engine.retire_model``)."""
+        sched = self.scheds.pop(model)
+        self.order.remove(sched)
+        self.alloc.remove_model(model)
+        del self.max_blocks[model], self.max_len[model]
+        self._resize()
+
+    def _resize(self) -> None:
+        """Each model's largest sequence after the set of reserves changed."""
+        self.max_blocks = {m: self.alloc.max_blocks(m) for m in self.scheds}
+
     # ------------------------------------------------------------------ requests
     def outstanding(self, model: str) -> tuple[int, int]:
         """(tokens of ``model`` still to feed here, requests outstanding on the group)."""
@@ -419,19 +456,135 @@ class _Group:
             rec.status = UNFINISHED
 
 
+# ---------------------------------------------------------------- re-placement
+class Replacer(Protocol):
+    """Decides model moves while a simulation runs (``schedulers.rebalance.DriftPolicy``).
+
+    ``observe`` sees every arrival; ``check`` runs every ``interval_s`` simulated seconds
+    (counted from the end of the previous check's moves, as the server's rebalancer
+    sleeps between rounds) and returns moves (``.model``, ``.src_group`` and
+    ``.dst_group``: device tuples of the simulated groups) to run one at a time;
+    ``load_s`` is how long loading a model onto a group takes (weights and compilation)
+    before it can serve there; ``done`` hears each move's outcome."""
+
+    interval_s: float
+
+    def observe(self, model: str, t: float) -> None: ...
+    def check(self, now: float) -> Sequence[Any]: ...
+    def load_s(self, model: str, group: GroupSpec) -> float: ...
+    def done(self, move: Any, outcome: str, now: float) -> None: ...
+
+
+@dataclass
+class MoveRecord:
+    """One move the simulation ran (or skipped)."""
+
+    model: str
+    src: str  # group names
+    dst: str
+    started: float
+    ready: float | None = None  # serving on the destination (route switched)
+    drained: float | None = None  # the source's last request of it finished
+    outcome: str = "running"
+
+
+class _Moves:
+    """The server's rebalancer (``fineserve_jax.server.rebalance.Rebalancer.move``) on
+    simulated groups: attach on the destination, after ``load_s`` switch the route, retire
+    on the source, and when the source holds none of the model's requests remove it
+    there; then the next move. Requests in flight finish where they are."""
+
+    def __init__(self, replacer: Replacer, sims: list[_Group], models, cost_of,
+                 routes: dict[str, list[int]], last_arrival: float):
+        self.r, self.sims, self.models, self.cost_of = replacer, sims, models, cost_of
+        self.routes, self.last_arrival = routes, last_arrival
+        self.by_devices = {g.spec.devices: i for i, g in enumerate(sims)}
+        self.pending: list[Any] = []
+        self.active: tuple[Any, MoveRecord, int, int] | None = None  # move, record, src, dst
+        self.records: list[MoveRecord] = []
+        self.events: list[tuple[float, int, str]] = []  # (time, order, "check" | "ready")
+        self._n = 0
+        self._at(replacer.interval_s, "check")
+
+    def _at(self, t: float, kind: str) -> None:
+        if kind == "check" and t > self.last_arrival:
+            return  # no arrival left to serve better
+        self._n += 1
+        heapq.heappush(self.events, (t, self._n, kind))
+
+    def next_time(self) -> float:
+        return self.events[0][0] if self.events else math.inf
+
+    def fire(self, t: float, dirty: set[int]) -> None:
+        """Run the events due at ``t``."""
+        while self.events and self.events[0][0] <= t:
+            _, _, kind = heapq.heappop(self.events)
+            if kind == "check":
+                self.pending = list(self.r.check(t))
+                self._start(t)
+            else:
+                self._ready(t, dirty)
+        self.poll(t)
+
+    def _start(self, t: float) -> None:
+        while self.pending:
+            mv = self.pending.pop(0)
+            src, dst = self.by_devices.get(tuple(mv.src_group)), self.by_devices.get(
+                tuple(mv.dst_group))
+            rec = MoveRecord(mv.model, "?" if src is None else self.sims[src].spec.name,
+                             "?" if dst is None else self.sims[dst].spec.name, t)
+            self.records.append(rec)
+            if src is None or dst is None or self.routes.get(mv.model) != [src]:
+                rec.outcome = "skipped: not served there, or no such group"
+            else:
+                g = self.sims[dst]
+                try:
+                    g.attach(self.models[mv.model], self.cost_of(mv.model, g.spec))
+                except ValueError as e:
+                    rec.outcome = f"skipped, the destination refused it: {e}"
+                else:
+                    self.active = (mv, rec, src, dst)
+                    self._at(t + self.r.load_s(mv.model, g.spec), "ready")
+                    return
+            self.r.done(mv, rec.outcome, t)
+        self._at(t + self.r.interval_s, "check")
+
+    def _ready(self, t: float, dirty: set[int]) -> None:
+        mv, rec, src, dst = self.active
+        rec.ready = t
+        self.routes[mv.model] = [dst]  # new requests go to the destination from here
+        dirty.add(src)
+
+    def poll(self, t: float) -> None:
+        """Finish the move in flight once its source holds none of the model's requests."""
+        if self.active is None or self.active[1].ready is None:
+            return
+        mv, rec, src, _ = self.active
+        if self.sims[src].holds(mv.model):
+            return
+        self.sims[src].detach(mv.model)
+        rec.drained, rec.outcome = t, "moved"
+        self.active = None
+        self.r.done(mv, rec.outcome, t)
+        self._start(t)
+
+
 # ---------------------------------------------------------------------- driver
 def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
              costs: Mapping[tuple[str, str], Any] | Callable[[str, GroupSpec], Any],
              trace: Sequence[Request], scheduler: str = "fineserve",
-             on_miss: str = "reject", horizon_s: float | None = None) -> SimResult:
+             on_miss: str = "reject", horizon_s: float | None = None,
+             replacer: Replacer | None = None) -> SimResult:
     """Replay ``trace`` on ``groups`` and return every request's fate.
 
-    ``models``: name -> ``ModelSpec`` for every placed model. ``costs``: the ``StepCost``
-    of each (model, group name), or a function ``(model, group) -> StepCost``.
-    ``scheduler`` / ``on_miss``: every group's local scheduler
-    (``schedulers.local.make_local_scheduler``). ``horizon_s``: stop at this simulated
-    time (requests still in flight are ``unfinished``); default: run until every request
-    is done. Deterministic: the same inputs give the same result."""
+    ``models``: name -> ``ModelSpec`` for every model that is or may be placed.
+    ``costs``: the ``StepCost`` of each (model, group name), or a function
+    ``(model, group) -> StepCost``. ``scheduler`` / ``on_miss``: every group's local
+    scheduler (``schedulers.local.make_local_scheduler``). ``horizon_s``: stop at this
+    simulated time (requests still in flight are ``unfinished``); default: run until
+    every request is done. ``replacer``: re-place models while the trace runs (see
+    ``Replacer``; moves between KV Slab groups only). Deterministic: the same inputs give
+    the same result."""
     names = [g.name for g in groups]
     if len(set(names)) != len(names):
         raise ValueError(f"group names must be unique, got {names}")
@@ -451,13 +604,20 @@ def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
     records = [RequestRecord(k, trace[i].model, float(trace[i].arrival_s),
                              int(trace[i].prompt_tokens), int(trace[i].output_tokens))
                for k, i in enumerate(order)]
+    moves = None
+    if replacer is not None:
+        if len({g.devices for g in groups}) != len(groups):
+            raise ValueError("re-placement names groups by their devices: they must differ")
+        moves = _Moves(replacer, sims, models, cost_of, replicas,
+                       records[-1].arrival if records else 0.0)
     heap: list[tuple[float, int]] = []  # (step end, group index)
     nxt, n, now = 0, len(records), 0.0
     inf = math.inf
     while True:
         t_arr = records[nxt].arrival if nxt < n else inf
         t_end = heap[0][0] if heap else inf
-        t = min(t_arr, t_end)
+        t_ctl = moves.next_time() if moves is not None else inf
+        t = min(t_arr, t_end, t_ctl)
         if t == inf or (horizon_s is not None and t > horizon_s):
             break
         now = t
@@ -466,9 +626,13 @@ def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
             _, gi = heapq.heappop(heap)
             sims[gi].complete(t)
             dirty.add(gi)
+        if moves is not None:
+            moves.fire(t, dirty)
         while nxt < n and records[nxt].arrival == t:
             rec = records[nxt]
             nxt += 1
+            if replacer is not None:
+                replacer.observe(rec.model, rec.arrival)
             where = replicas.get(rec.model)
             if not where:
                 rec.status, rec.finished = UNPLACED, rec.arrival
@@ -483,10 +647,13 @@ def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
                 end = g.try_step(t)
                 if end is not None:
                     heapq.heappush(heap, (end, gi))
+        if moves is not None:
+            moves.poll(t)  # a step that just ended or shed may have drained a source
     for g in sims:
         g.close(now)
     slos = {m: s.slo for m, s in models.items()}
-    return SimResult(records, now, {g.spec.name: g.counters for g in sims}, slos)
+    return SimResult(records, now, {g.spec.name: g.counters for g in sims}, slos,
+                     moves.records if moves is not None else [])
 
 
 def _lookup(costs: Mapping[tuple[str, str], Any], model: str, group: GroupSpec):

@@ -29,6 +29,7 @@ from fineserve_jax.sampling import SamplingParams
 from fineserve_jax.tokenizer import Tokenizer
 from schedulers.placement import ModelDemand, Placement, PlacementConfig, PlacementGroup
 from schedulers.rebalance import (
+    DriftPolicy,
     FreeSteps,
     Move,
     RateTracker,
@@ -155,6 +156,38 @@ def test_replan_separates_models_whose_traffic_grew():
     # current placement)
     huge = [_demand("a", 1.0, weight=20e9), _demand("b", 1.0), _demand("c", 1.0)]
     assert [u.model for u in replan(huge, devices, old, cfg).unplaced] == ["a"]
+
+
+def test_drift_policy_replans_past_the_threshold_and_follows_its_moves():
+    """The simulator's policy decides as the server's rebalancer: rates over the window,
+    drift past the threshold, the same re-plan and moves; a done move updates its
+    placement, so the same rates then ask for nothing."""
+    devices = [DeviceSpec("cpu", 10e9, 0, 0, 0)] * 2
+    cfg = PlacementConfig(reserve_fraction=0.0)
+    old = _pl({0: ["a", "b"], 1: ["c"]})
+    quiet = {"a": 1.0, "b": 1.0, "c": 1.0}
+    pol = DriftPolicy(old, devices, _demand, quiet, lambda m, g: 2.5, interval_s=5.0,
+                      threshold=0.5, window_s=1.0, config=cfg)
+    assert pol.interval_s == 5.0 and pol.load_s("a", None) == 2.5
+    for m in "abc":  # 1 req/s each, as planned
+        pol.observe(m, 0.5)
+    assert pol.check(1.0) == [] and pol.decisions[-1]["action"] == "none"
+    for m, n in (("a", 400), ("b", 300), ("c", 1)):
+        for i in range(n):
+            pol.observe(m, 1.5 + i / (2 * n))
+    moves = pol.check(2.0)  # the window (1, 2]: 400, 300 and 1 req/s
+    assert moves == plan_moves(old, replan([_demand(m, r) for m, r in
+                                            (("a", 400.0), ("b", 300.0), ("c", 1.0))],
+                                           devices, old, cfg))
+    assert "b" in [mv.model for mv in moves] and "a" not in [mv.model for mv in moves]
+    assert pol.decisions[-1]["action"] == "replanned" and pol.planned["a"] == 400.0
+    for mv in moves:
+        pol.done(mv, "moved", 3.0)
+    assert plan_moves(old, pol.placement) == moves
+    pol.done(Move("a", (0,), (1,)), "skipped, the destination refused it", 3.0)
+    assert {m: g.devices for g in pol.placement.groups for m in g.models}["a"] == (0,)
+    with pytest.raises(ValueError, match="one replica"):
+        DriftPolicy(_pl({0: ["a"], 1: ["a"]}), devices, _demand, quiet, lambda m, g: 1.0)
 
 
 def test_replan_keeps_fixed_pools_and_puts_weights_only_where_they_fit():

@@ -329,3 +329,74 @@ def test_bench_cluster_drift_plans_from_average_rates(tmp_path):
     assert c[1][names[0]] < c[None][names[0]] and c[1][names[3]] > c[None][names[3]], c
     with pytest.raises(SystemExit, match="shift-s"):
         main(["cluster", "--quick", "--shift-s", "-1", "--out", str(out), "--plot", ""])
+
+
+class Scripted:
+    """A replacer that returns ``moves`` at its first check, then nothing."""
+
+    def __init__(self, moves, interval_s=1.0, load_s=0.5):
+        self.moves, self.interval_s, self._load = list(moves), interval_s, load_s
+        self.seen, self.checks, self.outcomes = [], [], []
+
+    def observe(self, model, t):
+        self.seen.append((model, t))
+
+    def check(self, now):
+        self.checks.append(now)
+        out, self.moves = self.moves, []
+        return out
+
+    def load_s(self, model, group):
+        return self._load
+
+    def done(self, move, outcome, now):
+        self.outcomes.append((move.model, outcome, now))
+
+
+def two_devices(pool1=64 * MIB):
+    specs = {m: ModelSpec(m, BLOCK, LIMITS) for m in "abc"}
+    return [GroupSpec("g0", ("a", "b"), 64 * MIB, devices=(0,)),
+            GroupSpec("g1", ("c",), pool1, devices=(1,))], specs
+
+
+def test_hand_computed_move_loads_switches_the_route_and_drains_the_source():
+    from schedulers.rebalance import Move
+    # By hand (FCFS, prefill 1 s, decode 0.5 s):
+    #   g0: t=0 prefill A (a, arrived 0)          -> 1.0  A's first token
+    #       t=1 decode A                          -> 1.5  A: 2 tokens
+    #   t=1 the check moves a to g1: it loads until 1.5, when the route switches.
+    #   B (a, arrives 1.2) still goes to g0:  t=1.5 prefill B -> 2.5  B's first token
+    #       t=2.5 decode A, B                     -> 3.0  A done (3), B done (2)
+    #   g0 holds no request of a at 3.0: a is removed there, the move is done.
+    #   C (a, arrives 1.7) goes to g1: t=1.7 prefill C -> 2.7, decode -> 3.2 (done)
+    #   The next check would be at 3.0 + 1.0, after the last arrival: none.
+    groups, models = two_devices()
+    trace = [Request(0.0, "a", 100, 3), Request(1.2, "a", 50, 2), Request(1.7, "a", 50, 2)]
+    r = Scripted([Move("a", (0,), (1,))])
+    res = simulate(groups, models, lambda m, g: ConstCost(), trace, scheduler="fcfs",
+                   replacer=r)
+    assert times(res) == [(1.0, 3.0, "finished"), (2.5, 3.0, "finished"),
+                          (2.7, 3.2, "finished")]
+    assert [rec.group for rec in res.records] == ["g0", "g0", "g1"]
+    assert r.checks == [1.0] and r.seen == [("a", 0.0), ("a", 1.2), ("a", 1.7)]
+    assert r.outcomes == [("a", "moved", 3.0)]
+    (mv,) = res.moves
+    assert (mv.model, mv.src, mv.dst, mv.started, mv.ready, mv.drained, mv.outcome) == (
+        "a", "g0", "g1", 1.0, 1.5, 3.0, "moved")
+    assert res.metrics()["moves"][0]["drained"] == 3.0
+
+
+def test_a_move_the_destination_cannot_take_is_skipped_and_serving_goes_on():
+    from schedulers.rebalance import Move
+    # g1's pool holds c's reserve and no room for a's: the move is refused at once.
+    reserve_bytes = (4 + BLOCK.blocks_for(256)) * BLOCK.block_bytes  # the engine's reserve
+    groups, models = two_devices(pool1=reserve_bytes + BLOCK.block_bytes * 8)
+    trace = [Request(0.0, "a", 100, 3), Request(1.5, "a", 50, 2)]
+    r = Scripted([Move("a", (0,), (1,)), Move("b", (1,), (0,))])
+    res = simulate(groups, models, lambda m, g: ConstCost(), trace, scheduler="fcfs",
+                   replacer=r)
+    assert [rec.status for rec in res.records] == ["finished", "finished"]
+    assert [rec.group for rec in res.records] == ["g0", "g0"]
+    assert [m.outcome.split(":")[0] for m in res.moves] == [
+        "skipped, the destination refused it", "skipped"]
+    assert [o[0] for o in r.outcomes] == ["a", "b"] and r.checks == [1.0]

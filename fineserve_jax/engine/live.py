@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -187,9 +186,7 @@ class LiveModels:
         a = self.alloc
         if a.kind != "kvslab":
             return a.free_blocks(name)
-        others = sum(math.ceil(o.reserve_blocks / a.layout(o.name).blocks_per_row)
-                     for o in self._models.values() if o.name != name)
-        n = a.layout(name).blocks_per_row * max(0, a.num_rows - others)
+        n = a.max_blocks(name)
         return n if cap is None else min(n, cap)
 
     def _warm(self, m, t: Transition) -> None:

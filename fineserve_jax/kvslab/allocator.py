@@ -358,6 +358,14 @@ class KVSlabAllocator(PoolTable):
         m = self._get(model)
         return BlockLayout(m.bpr, m.fmt.block_bytes)
 
+    def max_blocks(self, model: str) -> int:
+        """Most blocks ``model`` could ever hold at once: every slab but the other
+        models' reserves (within its cap), with nothing else allocated."""
+        m = self._get(model)
+        others = sum(o.reserve_slabs for k, o in self._models.items() if k != model)
+        n = m.bpr * max(0, self.num_rows - others)
+        return n if m.cap is None else min(n, m.cap)
+
     # ---------------------------------------------------------------- blocks
     def _takeable_rows(self, model: str) -> int:
         """Free slabs ``model`` may take: all but the others' unmet reserves."""
