@@ -29,6 +29,7 @@ EXERCISED = {
     "fineserve_jax.bench memory": ["test_quant_model.py::test_memory_command_meets_the_bars"],
     "fineserve_jax.bench kvslab": ["test_kvslab_sim.py::test_bench_kvslab_runs_end_to_end"],
     "fineserve_jax.bench cluster": ["test_simulator.py::test_bench_cluster_quick_record"],
+    "fineserve_jax.bench replace": ["test_simulator.py::test_bench_replace_quick_record"],
     "fineserve_jax.bench serve": ["test_bench_serve.py::test_counts_latencies_and_failures"],
     "fineserve_jax.bench kernels": ["test_w4a8.py::test_bench_kernels_quick_record",
                                     "test_bench_attention.py::test_attention_bench_quick_record"],

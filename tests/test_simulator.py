@@ -400,3 +400,35 @@ def test_a_move_the_destination_cannot_take_is_skipped_and_serving_goes_on():
     assert [m.outcome.split(":")[0] for m in res.moves] == [
         "skipped, the destination refused it", "skipped"]
     assert [o[0] for o in r.outcomes] == ["a", "b"] and r.checks == [1.0]
+
+
+def test_bench_replace_quick_record(tmp_path):
+    """``bench replace --quick``: three systems on one drifting trace; the re-placing one
+    makes moves that each load, switch and drain, and no request fails for a move."""
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+
+    out = tmp_path / "replace.json"
+    assert main(["replace", "--quick", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["benchmark"] == "replace" and rec["config"]["rates"] == [6.0, 12.0]
+    rows = {(r["system"], r["rate"]): r for r in rec["results"]}
+    assert set(rows) == {(s, r) for s in ("first-rates", "mean-rates", "replace")
+                         for r in (6.0, 12.0)}
+    for rate in (6.0, 12.0):  # one trace per rate, replayed by every system
+        assert len({rows[(s, rate)]["requests"] for s in ("first-rates", "mean-rates",
+                                                          "replace")}) == 1
+    for (system, _), r in rows.items():
+        assert r["failed"] == 0 and r["unplaced"] == 0
+        assert len(r["phases"]) == 3 and sum(p["requests"] for p in r["phases"]) == r[
+            "requests"]
+        if system != "replace":
+            assert r["moves"] == []
+    # the same first plan; the re-placing system moved something as popularity drifted
+    assert rows[("replace", 12.0)]["placement"] == rows[("first-rates", 12.0)]["placement"]
+    moved = [m for r in (rows[("replace", 6.0)], rows[("replace", 12.0)])
+             for m in r["moves"] if m["outcome"] == "moved"]
+    assert moved, [r["moves"] for r in rows.values()]
+    for m in moved:
+        assert m["started"] < m["ready"] <= m["drained"] and m["src"] != m["dst"]

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "memory": "fineserve_jax.bench.memory",  # weight and KV bytes per precision
     "serve": "fineserve_jax.bench.serve",  # load client against a running server
     "cluster": "fineserve_jax.bench.cluster",  # simulated cluster, FineServe vs baselines
+    "replace": "fineserve_jax.bench.replace",  # simulated re-placement under drifting rates
     "ray": "fineserve_jax.bench.ray_overhead",  # per-token cost of a Ray worker vs local
     "kernels": "fineserve_jax.bench.kernels",  # GPU kernels against XLA (--op w4a8|attention)
 }
