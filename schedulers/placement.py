@@ -50,7 +50,7 @@ ALGORITHMS = ("slab-greedy", "kvpr", "dedicated")
 __all__ = ["ALGORITHMS", "PLACERS", "Device", "ModelDemand", "ParallelPlan", "Placement",
            "PlacementConfig", "PlacementGroup", "Unplaced", "device_key", "place",
            "place_dedicated", "place_kvpr", "place_slab_greedy", "plan_parallelism",
-           "pool_bytes", "tpot_compatible"]
+           "pool_bytes", "still_fits", "tpot_compatible"]
 
 
 # --------------------------------------------------------------------- outputs
@@ -341,6 +341,38 @@ def tpot_compatible(items: Sequence[_Item]) -> bool:
         if need > it.demand.tpot_slo_s * free:
             return False
     return True
+
+
+def still_fits(demands: Sequence[ModelDemand], plans: Mapping[str, ParallelPlan],
+               devices: Sequence[Device], placement: Placement,
+               config: PlacementConfig | None = None) -> list[str]:
+    """Why ``placement`` can no longer serve ``demands`` as ``plans`` size them: per device
+    group, the first model (in the group's order) that its devices would not admit beside
+    the ones before it, by the rules placement itself uses (weights and KV within memory
+    or beside a fixed pool, compute within ``config.headroom``). Empty when every group
+    still admits all its models. One replica per model is checked (the first group that
+    lists it), at the group's tp."""
+    config = config or PlacementConfig()
+    cluster = _Cluster(devices, config)
+    first = {i.demand.name: i for i in _items(demands, plans) if i.replica == 0}
+    out = []
+    for g in placement.groups:
+        grp = cluster._group(g.devices, g.tp)
+        for name in g.models:
+            item = first.pop(name, None)
+            if item is None:
+                continue
+            if item.tp != g.tp:
+                item = replace(item, tp=g.tp, weights=item.demand.weight_bytes / g.tp)
+            if not grp.admits(item, config.headroom):
+                out.append(f"{name} no longer fits on {list(g.devices)} beside "
+                           f"{[i.demand.name for i in grp.items]}: compute "
+                           f"{grp.util(item):.2f} of {config.headroom:g}, KV "
+                           f"{grp.kv_need(item) / 2**30:.2f} of "
+                           f"{grp.kv_budget(item) / 2**30:.2f} GiB")
+                break
+            grp.items.append(item)
+    return out
 
 
 def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, ParallelPlan],

@@ -14,6 +14,8 @@ drives it:
   when the engines' pools are fixed: weights only where they fit beside a pool), its
   device groups then relabelled onto the current ones (``align``) so that interchangeable
   devices do not turn a no-op into a reshuffle;
+- ``overloaded``: why the current placement no longer admits the observed rates (empty
+  when it still does: a re-plan would move models for nothing);
 - ``plan_moves``: the models whose device group changes, in an order where a move into a
   device comes after the moves out of it (they free its memory first);
 - ``DriftPolicy``: the server's decision (track rates, check drift, re-plan, plan moves)
@@ -36,6 +38,7 @@ from schedulers.placement import (
     device_key,
     place_slab_greedy,
     plan_parallelism,
+    still_fits,
 )
 
 
@@ -154,6 +157,30 @@ class FreeSteps:
         return 0.0
 
 
+def single_replica_plans(demands: Sequence[ModelDemand], device: Device,
+                         config: PlacementConfig) -> dict:
+    """Each model's plan at tp 1 with one replica: a rate that would need several replicas
+    takes that many replicas' compute (capped at ``config.headroom``)."""
+    plans = {}
+    for d in demands:
+        p = plan_parallelism(d, device, (1,), config)
+        if p.replicas > 1:
+            p = replace(p, replicas=1, utilisation=min(config.headroom,
+                                                       p.utilisation * p.replicas))
+        plans[d.name] = p
+    return plans
+
+
+def overloaded(demands: Sequence[ModelDemand], devices: Sequence[Device], current: Placement,
+               config: PlacementConfig | None = None) -> list[str]:
+    """Why ``current`` no longer serves ``demands`` at their rates (``still_fits`` on the
+    plans ``replan`` would make); empty when it still does, so a re-plan can only move
+    models for nothing."""
+    config = config or PlacementConfig()
+    plans = single_replica_plans(demands, devices[0], config)
+    return still_fits(demands, plans, devices, current, config)
+
+
 def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: Placement,
            config: PlacementConfig | None = None,
            weights: Mapping[str, float] | None = None) -> Placement:
@@ -166,13 +193,7 @@ def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: P
     ``align`` (moving ``weights`` bytes, default 1 per model, as little as it can).
     ``config`` defaults to ``PlacementConfig()``."""
     config = config or PlacementConfig()
-    plans = {}
-    for d in demands:
-        p = plan_parallelism(d, devices[0], (1,), config)
-        if p.replicas > 1:
-            p = replace(p, replicas=1, utilisation=min(config.headroom,
-                                                       p.utilisation * p.replicas))
-        plans[d.name] = p
+    plans = single_replica_plans(demands, devices[0], config)
     new = place_slab_greedy(demands, plans, devices, config)
     kinds = [device_key(dev) for dev in devices]
     return align(current, new, kinds, weights)
@@ -285,8 +306,10 @@ class DriftPolicy:
     rate; ``planned_rates``: the rates ``placement`` was made for. Every ``interval_s`` the
     window's rates (``RateTracker``) are compared with the planned ones; past
     ``threshold`` (``drifted``, ignoring models below ``min_rate``) the global scheduler
-    runs again (``replan``) and its moves (``plan_moves``) are returned. A plan that
-    leaves a model unplaced is not used. ``load_s(name, group)``: seconds before a moved
+    runs again (``replan``) and its moves (``plan_moves``) are returned, unless
+    (``keep_if_fits``) the current placement still admits every model at the observed
+    rates (``overloaded`` finds nothing): moving then buys nothing. A plan that leaves a
+    model unplaced is not used. ``load_s(name, group)``: seconds before a moved
     model serves on its destination (weights and compilation). ``decisions`` logs every
     check: time, observed rates, action, moves.
     """
@@ -295,7 +318,7 @@ class DriftPolicy:
                  demand, planned_rates: Mapping[str, float], load_s, *,
                  interval_s: float = 60.0, threshold: float = 0.5, window_s: float = 60.0,
                  min_rate: float = 0.05, config: PlacementConfig | None = None,
-                 weights: Mapping[str, float] | None = None):
+                 weights: Mapping[str, float] | None = None, keep_if_fits: bool = True):
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
         _group_of(placement, "the starting")  # one replica per model
@@ -308,6 +331,7 @@ class DriftPolicy:
         self.threshold, self.min_rate = float(threshold), float(min_rate)
         self.config = config or PlacementConfig()
         self.weights = dict(weights) if weights is not None else None
+        self.keep_if_fits = keep_if_fits
         self.tracker = RateTracker(window_s)
         self.decisions: list[dict] = []
 
@@ -325,8 +349,12 @@ class DriftPolicy:
         self.decisions.append(dec)
         if not drifted(self.planned, observed, self.threshold, self.min_rate):
             return []
-        new = replan([self.demand(m, observed[m]) for m in served], self.devices,
-                     self.placement, self.config, self.weights)
+        demands = [self.demand(m, observed[m]) for m in served]
+        if self.keep_if_fits and not overloaded(demands, self.devices, self.placement,
+                                                self.config):
+            dec["action"] = "kept: the current placement still fits the observed rates"
+            return []
+        new = replan(demands, self.devices, self.placement, self.config, self.weights)
         if new.unplaced:
             dec["action"] = "kept: " + "; ".join(u.reason for u in new.unplaced)
             return []

@@ -38,6 +38,7 @@ from schedulers.rebalance import (
     apply_move,
     drift,
     drifted,
+    overloaded,
     plan_moves,
     replan,
 )
@@ -172,17 +173,24 @@ def test_drift_policy_replans_past_the_threshold_and_follows_its_moves():
     for m in "abc":  # 1 req/s each, as planned
         pol.observe(m, 0.5)
     assert pol.check(1.0) == [] and pol.decisions[-1]["action"] == "none"
+    for m in "abc":  # 3 req/s each: past the threshold, but the placement still fits
+        for i in range(3):
+            pol.observe(m, 1.1 + i / 10)
+    assert overloaded([_demand(m, 3.0) for m in "abc"], devices, old, cfg) == []
+    assert pol.check(2.0) == [] and pol.decisions[-1]["action"].startswith("kept")
+    assert pol.planned == quiet
     for m, n in (("a", 400), ("b", 300), ("c", 1)):
         for i in range(n):
-            pol.observe(m, 1.5 + i / (2 * n))
-    moves = pol.check(2.0)  # the window (1, 2]: 400, 300 and 1 req/s
-    assert moves == plan_moves(old, replan([_demand(m, r) for m, r in
-                                            (("a", 400.0), ("b", 300.0), ("c", 1.0))],
-                                           devices, old, cfg))
+            pol.observe(m, 2.5 + i / (2 * n))
+    busy = [_demand(m, r) for m, r in (("a", 400.0), ("b", 300.0), ("c", 1.0))]
+    (why,) = overloaded(busy, devices, old, cfg)  # a and b no longer share device 0
+    assert why.startswith("b no longer fits on [0] beside ['a']")
+    moves = pol.check(3.0)  # the window (2, 3]: 400, 300 and 1 req/s
+    assert moves == plan_moves(old, replan(busy, devices, old, cfg))
     assert "b" in [mv.model for mv in moves] and "a" not in [mv.model for mv in moves]
     assert pol.decisions[-1]["action"] == "replanned" and pol.planned["a"] == 400.0
     for mv in moves:
-        pol.done(mv, "moved", 3.0)
+        pol.done(mv, "moved", 4.0)
     assert plan_moves(old, pol.placement) == moves
     pol.done(Move("a", (0,), (1,)), "skipped, the destination refused it", 3.0)
     assert {m: g.devices for g in pol.placement.groups for m in g.models}["a"] == (0,)
@@ -389,6 +397,27 @@ def test_rebalancer_plans_a_move_only_past_the_threshold(tiny):
     assert [x["action"] for x in status["decisions"]] == ["none", "replanned", "none"]
 
 
+@pytest.mark.parametrize("keep_if_fits", [True, False])
+def test_rebalancer_keeps_a_placement_that_still_fits(tiny, keep_if_fits):
+    """Rates twice the planned ones are past the threshold, but the two devices still
+    admit them: by default nothing is re-planned (moves would only cost loads and
+    drains); with ``keep_if_fits=False`` the rebalancer re-plans on drift alone."""
+    rb, e0, e1, now = _rebalancer(tiny, output_tokens=64, prompt_tokens=64,
+                                  keep_if_fits=keep_if_fits)
+    for i in range(20):  # 2 req/s each over the 10 s window
+        for m in "abc":
+            now[0] = i / 2
+            rb.observe(m)
+    d = rb.check(10.0)
+    assert min(d.drift.values()) > 0.5
+    if keep_if_fits:
+        assert d.action == "kept" and "still fits" in d.reason and d.moves == []
+        assert rb.planned_rates == {"a": 1.0, "b": 1.0, "c": 1.0}
+    else:
+        assert d.action == "replanned", d.reason
+        assert rb.planned_rates == d.observed
+
+
 def test_rebalancer_refuses_tensor_parallel_groups_and_wrong_engines(tiny):
     from fineserve_jax.server.rebalance import Rebalancer
 
@@ -449,7 +478,8 @@ MOVE_WHILE_SERVING = textwrap.dedent("""
     now = [0.0]  # the rebalancer's clock: rates do not depend on how fast this host runs
     rb = Rebalancer({0: e0, 1: e1}, {0: spec, 1: spec}, placement,
                     RebalanceConfig(interval_s=3600, threshold=0.5, window_s=600,
-                                    placement=PlacementConfig(reserve_fraction=0.0)),
+                                    placement=PlacementConfig(reserve_fraction=0.0),
+                                    keep_if_fits=False),  # move though a, b still fit
                     planned_rates={"a": 0.01, "b": 0.01, "c": 0.01}, clock=lambda: now[0])
     for i in range(4000):  # a and b got busy: 400 and 300 req/s over 10 s
         now[0] = i / 400

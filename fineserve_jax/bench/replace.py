@@ -51,7 +51,7 @@ SYSTEMS = ("first-rates", "mean-rates", "replace")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=4, help="H100s, one engine each")
     p.add_argument("--models", type=int, default=9, help="8B models (at most 9)")
-    p.add_argument("--rates", type=float, nargs="+", default=[6, 9, 12],
+    p.add_argument("--rates", type=float, nargs="+", default=[16, 32, 48],
                    help="total request rates to sweep (req/s over all models)")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
     p.add_argument("--drain", type=float, default=30.0,
@@ -162,7 +162,7 @@ def run(args) -> int:
     from schedulers.workload import WorkloadSpec
 
     if args.quick:
-        args.rates, args.duration, args.shift_s, args.drain = [6.0, 12.0], 24.0, 8.0, 10.0
+        args.rates, args.duration, args.shift_s, args.drain = [12.0, 48.0], 24.0, 8.0, 10.0
     if min(args.rates) <= 0 or args.duration <= 0 or args.shift_s <= 0 or args.gpus < 1:
         raise SystemExit("need rates > 0, --duration > 0, --shift-s > 0 and --gpus >= 1")
     t_start = time.perf_counter()

@@ -10,7 +10,9 @@ The server reports every accepted request (``observe``) and every finished one's
 rebalancer compares the window's rates with the planned ones (``drifted``); past the
 threshold it builds one ``ModelDemand`` per served model (weight bytes from its device
 weights, KV bytes per token from its block format, observed rate and mean lengths, its SLO
-or the configured defaults, its step-cost model if it has one), runs the global scheduler
+or the configured defaults, its step-cost model if it has one); if the current placement
+still admits them (``keep_if_fits``: memory, pools and compute headroom as placement
+counts them) nothing moves, otherwise it runs the global scheduler
 again (``schedulers.rebalance.replan``: slab-greedy over the engines' devices) and executes
 ``plan_moves`` one at a time:
 
@@ -51,6 +53,7 @@ from schedulers.rebalance import (
     ServingDevice,
     apply_move,
     drift,
+    overloaded,
     plan_moves,
     replan,
 )
@@ -77,6 +80,9 @@ class RebalanceConfig:
     # (whatever the engine's warm-up setting): its first requests there do not stall
     # the destination's loop on compilations.
     precompile: bool = True
+    # Past the threshold, re-place only when the current placement no longer admits the
+    # observed rates (``schedulers.rebalance.overloaded``): moves cost a load and a drain.
+    keep_if_fits: bool = True
 
     def __post_init__(self):
         for f in ("interval_s", "window_s", "prompt_tokens", "output_tokens", "ttft_slo_s",
@@ -242,8 +248,14 @@ class Rebalancer:
         try:
             demands = [self.demand(m, observed.get(m, 0.0)) for m in sorted(self.routes)]
             current = _relabel(self.placement, local)
-            new = replan(demands, [self.devices[i] for i in idx], current,
-                         self.config.placement, {d.name: d.weight_bytes for d in demands})
+            devices = [self.devices[i] for i in idx]
+            if self.config.keep_if_fits and not overloaded(demands, devices, current,
+                                                           self.config.placement):
+                dec.action = "kept"
+                dec.reason = "drift past the threshold, but the current placement still fits"
+                return
+            new = replan(demands, devices, current, self.config.placement,
+                         {d.name: d.weight_bytes for d in demands})
         except (ValueError, KeyError) as e:
             dec.action, dec.reason = "kept", f"planning failed: {e}"
             return
