@@ -44,7 +44,7 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +61,7 @@ from schedulers.batching import (
     moves_by_model,
 )
 from schedulers.local import make_local_scheduler
+from schedulers.moving import MoveRecord, Replacer, SimMoves
 from schedulers.workload import Request
 
 FINISHED, DROPPED, FAILED, UNPLACED, UNFINISHED = (
@@ -456,119 +457,6 @@ class _Group:
             rec.status = UNFINISHED
 
 
-# ---------------------------------------------------------------- re-placement
-class Replacer(Protocol):
-    """Decides model moves while a simulation runs (``schedulers.rebalance.DriftPolicy``).
-
-    ``observe`` sees every arrival; ``check`` runs every ``interval_s`` simulated seconds
-    (counted from the end of the previous check's moves, as the server's rebalancer
-    sleeps between rounds) and returns moves (``.model``, ``.src_group`` and
-    ``.dst_group``: device tuples of the simulated groups) to run one at a time;
-    ``load_s`` is how long loading a model onto a group takes (weights and compilation)
-    before it can serve there; ``done`` hears each move's outcome."""
-
-    interval_s: float
-
-    def observe(self, model: str, t: float) -> None: ...
-    def check(self, now: float) -> Sequence[Any]: ...
-    def load_s(self, model: str, group: GroupSpec) -> float: ...
-    def done(self, move: Any, outcome: str, now: float) -> None: ...
-
-
-@dataclass
-class MoveRecord:
-    """One move the simulation ran (or skipped)."""
-
-    model: str
-    src: str  # group names
-    dst: str
-    started: float
-    ready: float | None = None  # serving on the destination (route switched)
-    drained: float | None = None  # the source's last request of it finished
-    outcome: str = "running"
-
-
-class _Moves:
-    """The server's rebalancer (``fineserve_jax.server.rebalance.Rebalancer.move``) on
-    simulated groups: attach on the destination, after ``load_s`` switch the route, retire
-    on the source, and when the source holds none of the model's requests remove it
-    there; then the next move. Requests in flight finish where they are."""
-
-    def __init__(self, replacer: Replacer, sims: list[_Group], models, cost_of,
-                 routes: dict[str, list[int]], last_arrival: float):
-        self.r, self.sims, self.models, self.cost_of = replacer, sims, models, cost_of
-        self.routes, self.last_arrival = routes, last_arrival
-        self.by_devices = {g.spec.devices: i for i, g in enumerate(sims)}
-        self.pending: list[Any] = []
-        self.active: tuple[Any, MoveRecord, int, int] | None = None  # move, record, src, dst
-        self.records: list[MoveRecord] = []
-        self.events: list[tuple[float, int, str]] = []  # (time, order, "check" | "ready")
-        self._n = 0
-        self._at(replacer.interval_s, "check")
-
-    def _at(self, t: float, kind: str) -> None:
-        if kind == "check" and t > self.last_arrival:
-            return  # no arrival left to serve better
-        self._n += 1
-        heapq.heappush(self.events, (t, self._n, kind))
-
-    def next_time(self) -> float:
-        return self.events[0][0] if self.events else math.inf
-
-    def fire(self, t: float, dirty: set[int]) -> None:
-        """Run the events due at ``t``."""
-        while self.events and self.events[0][0] <= t:
-            _, _, kind = heapq.heappop(self.events)
-            if kind == "check":
-                self.pending = list(self.r.check(t))
-                self._start(t)
-            else:
-                self._ready(t, dirty)
-        self.poll(t)
-
-    def _start(self, t: float) -> None:
-        while self.pending:
-            mv = self.pending.pop(0)
-            src, dst = self.by_devices.get(tuple(mv.src_group)), self.by_devices.get(
-                tuple(mv.dst_group))
-            rec = MoveRecord(mv.model, "?" if src is None else self.sims[src].spec.name,
-                             "?" if dst is None else self.sims[dst].spec.name, t)
-            self.records.append(rec)
-            if src is None or dst is None or self.routes.get(mv.model) != [src]:
-                rec.outcome = "skipped: not served there, or no such group"
-            else:
-                g = self.sims[dst]
-                try:
-                    g.attach(self.models[mv.model], self.cost_of(mv.model, g.spec))
-                except ValueError as e:
-                    rec.outcome = f"skipped, the destination refused it: {e}"
-                else:
-                    self.active = (mv, rec, src, dst)
-                    self._at(t + self.r.load_s(mv.model, g.spec), "ready")
-                    return
-            self.r.done(mv, rec.outcome, t)
-        self._at(t + self.r.interval_s, "check")
-
-    def _ready(self, t: float, dirty: set[int]) -> None:
-        mv, rec, src, dst = self.active
-        rec.ready = t
-        self.routes[mv.model] = [dst]  # new requests go to the destination from here
-        dirty.add(src)
-
-    def poll(self, t: float) -> None:
-        """Finish the move in flight once its source holds none of the model's requests."""
-        if self.active is None or self.active[1].ready is None:
-            return
-        mv, rec, src, _ = self.active
-        if self.sims[src].holds(mv.model):
-            return
-        self.sims[src].detach(mv.model)
-        rec.drained, rec.outcome = t, "moved"
-        self.active = None
-        self.r.done(mv, rec.outcome, t)
-        self._start(t)
-
-
 # ---------------------------------------------------------------------- driver
 def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
              costs: Mapping[tuple[str, str], Any] | Callable[[str, GroupSpec], Any],
@@ -608,7 +496,7 @@ def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
     if replacer is not None:
         if len({g.devices for g in groups}) != len(groups):
             raise ValueError("re-placement names groups by their devices: they must differ")
-        moves = _Moves(replacer, sims, models, cost_of, replicas,
+        moves = SimMoves(replacer, sims, models, cost_of, replicas,
                        records[-1].arrival if records else 0.0)
     heap: list[tuple[float, int]] = []  # (step end, group index)
     nxt, n, now = 0, len(records), 0.0
