@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="a tiny run (two rates, 24 s of arrivals) to check the plumbing")
+                   help="a tiny run (two rates, 18 s of arrivals) to check the plumbing")
     p.add_argument("--out", default="benchmarks/results/replace.json", help="JSON record")
 
 
@@ -162,7 +162,7 @@ def run(args) -> int:
     from schedulers.workload import WorkloadSpec
 
     if args.quick:
-        args.rates, args.duration, args.shift_s, args.drain = [12.0, 48.0], 24.0, 8.0, 10.0
+        args.rates, args.duration, args.shift_s, args.drain = [12.0, 48.0], 18.0, 6.0, 6.0
     if min(args.rates) <= 0 or args.duration <= 0 or args.shift_s <= 0 or args.gpus < 1:
         raise SystemExit("need rates > 0, --duration > 0, --shift-s > 0 and --gpus >= 1")
     t_start = time.perf_counter()
