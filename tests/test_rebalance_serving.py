@@ -1,0 +1,476 @@
+"""Re-placement while serving, on engines: models joining and leaving running engines
+without a failed request, and the server's rebalancer moving them.
+
+The two-device end-to-end move runs in a subprocess with
+``--xla_force_host_platform_device_count=2`` (the flag must be set before JAX starts).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+from tiny_models import byte_tokenizer_json
+
+from fineserve_jax.config import ModelConfig
+from fineserve_jax.engine import Engine, EngineConfig, RequestRejected
+from fineserve_jax.engine.admission import ModelRetiring
+from fineserve_jax.model import init_params
+from fineserve_jax.sampling import SamplingParams
+from fineserve_jax.tokenizer import Tokenizer
+from schedulers.placement import Placement, PlacementConfig, PlacementGroup
+from schedulers.roofline import DeviceSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG_A = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CFG_B = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128)
+SMALL = {"kv_budget_bytes": 2**20, "block_tokens": 4, "max_seqs": 4, "max_prefill_seqs": 2,
+         "prefill_token_budget": 16, "max_model_len": 64, "decode_buckets": (4,),
+         "prefill_row_buckets": (2,), "chunk_buckets": (16,), "context_buckets": (16,),
+         "warmup": False, "pool_fill": 0xFF}
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _pl(groups: dict[int, list[str]]) -> Placement:
+    return Placement("slab-greedy", tuple(PlacementGroup((d,), 1, tuple(ms), 1000)
+                                          for d, ms in sorted(groups.items())))
+
+
+# ------------------------------------------------------------------------ engine
+@pytest.fixture(scope="module")
+def tiny():
+    pa = jax.tree.map(np.asarray, init_params(CFG_A, jax.random.key(0)))
+    pb = jax.tree.map(np.asarray, init_params(CFG_B, jax.random.key(1)))
+    tok = Tokenizer.from_json(byte_tokenizer_json(), {"eos_token_ids": [257]})
+    return pa, pb, tok
+
+
+def _alone(cfg, params, tok, prompts, sp=GREEDY) -> list[list[int]]:
+    e = Engine(EngineConfig(**SMALL))
+    e.add_model("m", cfg, params, tok, dtype="float32")
+    e.start(thread=False)
+    hs = [e.submit("m", p, sp) for p in prompts]
+    e.run_until_idle()
+    return [h.token_ids for h in hs]
+
+
+def _assert_no_blocks(e: Engine):
+    st = e.stats()
+    assert st.pool.rows_free == st.pool.rows_total
+    assert all(m.blocks_held == 0 for m in st.models.values())
+
+
+def test_attach_to_a_running_engine_while_another_model_streams(tiny):
+    pa, pb, tok = tiny
+    compiles: list[float] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(secs)
+        if name.endswith("backend_compile_duration") else None)
+    prompts_a = [[1, 2, 3, i] for i in range(6)]
+    prompts_b = [[40, 41, 42], list(range(50, 70))]  # the second is a chunked prefill
+    want_a = _alone(CFG_A, pa, tok, prompts_a)
+    want_b = _alone(CFG_B, pb, tok, prompts_b)
+    e = Engine(EngineConfig(**SMALL))
+    e.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e.start()
+    try:
+        long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        streaming = e.submit("a", [9, 9, 9], long)
+        deadline = time.monotonic() + 120
+        while not streaming.token_ids and time.monotonic() < deadline:
+            time.sleep(0.01)  # "a" is being served before "b" arrives
+        assert streaming.token_ids
+        ha = [e.submit("a", p, GREEDY) for p in prompts_a[:3]]
+        t = e.attach_model("b", CFG_B, pb, tok, dtype="float32", precompile=True)
+        assert e.model_state("b") in ("warming", "serving")
+        hb = [e.submit("b", p, GREEDY) for p in prompts_b]  # queue until "b" is warm
+        ha += [e.submit("a", p, GREEDY) for p in prompts_a[3:]]
+        assert t.wait(timeout=300) and e.model_ready("b")
+        assert t.seconds > 0
+        compiled_when_ready = len(compiles)
+        got_b = [h.result().token_ids for h in hb]
+        got_a = [h.result().token_ids for h in ha]
+        assert streaming.result().finish_reason == "length"
+        # sampled and log-probability requests of "b" use executables compiled ahead
+        h = e.submit("b", [5, 6], SamplingParams(max_tokens=6, temperature=0.8, top_k=5,
+                                                 logprobs=2, seed=1, ignore_eos=True))
+        assert h.result().finish_reason == "length"
+        assert len(compiles) == compiled_when_ready  # nothing compiled in the loop for "b"
+    finally:
+        e.shutdown()
+    assert got_a == want_a and got_b == want_b
+    st = e.stats()
+    assert st.models["a"].failed == st.models["b"].failed == 0
+    assert st.models["b"].finished == 3
+    _assert_no_blocks(e)
+
+
+def test_attach_refuses_a_reserve_the_pool_cannot_hold(tiny):
+    pa, pb, tok = tiny
+    e = Engine(EngineConfig(**SMALL))
+    e.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e.start(thread=False)
+    before = e.stats().pool
+    with pytest.raises(ValueError, match="reserve"):
+        e.attach_model("b", CFG_B, pb, tok, dtype="float32", reserve_blocks=10**6)
+    with pytest.raises(ValueError, match="already on this engine"):
+        e.attach_model("a", CFG_A, pa, tok, dtype="float32")
+    assert e.models == ("a",) and e.alloc.models == ("a",)
+    assert e.stats().pool == before
+    with pytest.raises(RuntimeError, match="started"):
+        Engine(EngineConfig(**SMALL)).attach_model("b", CFG_B, pb, tok)
+
+
+def test_retire_lets_requests_finish_then_frees_every_block(tiny):
+    pa, pb, tok = tiny
+    e = Engine(EngineConfig(**SMALL))
+    e.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e.add_model("b", CFG_B, pb, tok, dtype="float32")
+    e.start(thread=False)
+    prompts = [[7, 8, 9], list(range(30, 50)), [3], [4, 4], [5, 6, 7, 8], [1]]
+    hb = [e.submit("b", p, GREEDY) for p in prompts]  # 6 > max_seqs: some wait
+    ha = e.submit("a", [1, 2, 3], GREEDY)
+    for _ in range(4):
+        e.step()
+    assert e.alloc.used_blocks("b") > 0
+    r = e.retire_model("b")
+    assert e.retire_model("b") is r
+    with pytest.raises(ModelRetiring, match="retired") as err:
+        e.submit("b", [1], GREEDY)
+    assert isinstance(err.value, RequestRejected) and err.value.param == "model"
+    e.step()
+    assert not r.done and e.model_state("b") == "retiring"  # still running requests
+    e.run_until_idle()
+    assert r.done and r.wait(0)
+    assert [h.result().finish_reason for h in hb] == ["length"] * len(prompts)
+    assert [h.token_ids for h in hb] == _alone(CFG_B, pb, tok, prompts)
+    assert ha.result().finish_reason == "length"
+    assert e.models == ("a",) and e.alloc.models == ("a",) and e.model_state("b") is None
+    _assert_no_blocks(e)
+    with pytest.raises(KeyError, match="not served"):
+        e.submit("b", [1], GREEDY)
+    # the freed room takes a model again: attach it back and serve it
+    t = e.attach_model("b", CFG_B, pb, tok, dtype="float32")
+    e.step()
+    assert t.done and e.model_ready("b")
+    h = e.submit("b", prompts[0], GREEDY)
+    e.run_until_idle()
+    assert h.token_ids == _alone(CFG_B, pb, tok, prompts[:1])[0]
+
+
+# ----------------------------------------------------------------- server side
+def _rebalancer(tiny, **cfg):
+    from fineserve_jax.server.rebalance import RebalanceConfig, Rebalancer
+
+    pa, pb, tok = tiny
+    e0, e1 = Engine(EngineConfig(**SMALL)), Engine(EngineConfig(**SMALL))
+    e0.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e0.add_model("b", CFG_A, pa, tok, dtype="float32")
+    e1.add_model("c", CFG_B, pb, tok, dtype="float32")
+    e0.start(thread=False)
+    e1.start(thread=False)
+    pool = e0.stats().pool.pool_bytes
+    dev = DeviceSpec("cpu", 8 * pool, 0, 0, 0)
+    now = [0.0]
+    rb = Rebalancer({0: e0, 1: e1}, {0: dev, 1: dev}, _pl({0: ["a", "b"], 1: ["c"]}),
+                    RebalanceConfig(interval_s=1, threshold=0.5, window_s=10,
+                                    placement=PlacementConfig(reserve_fraction=0.0), **cfg),
+                    planned_rates={"a": 1.0, "b": 1.0, "c": 1.0}, clock=lambda: now[0])
+    return rb, e0, e1, now
+
+
+def test_rebalancer_plans_a_move_only_past_the_threshold(tiny):
+    rb, e0, e1, now = _rebalancer(tiny, output_tokens=64, prompt_tokens=64)
+    for i in range(10):  # 1 req/s each over the 10 s window: as planned
+        for m in "abc":
+            now[0] = i + 0.5
+            rb.observe(m)
+    d = rb.check(10.0)
+    assert d.action == "none" and d.moves == [] and "within" in d.reason
+    for i in range(60):  # a and b busy now, c as before
+        now[0] = 10.0 + i * 0.05
+        rb.observe("a")
+        rb.observe("b")
+    d = rb.check(14.0)
+    assert d.action == "replanned", d.reason
+    assert d.drift["a"] > 0.5 and d.drift["b"] > 0.5
+    moved = {mv.model: mv for mv in d.moves}
+    assert moved and "a" not in moved  # a keeps its device; one of its neighbours leaves
+    assert rb.planned_rates == d.observed  # the new baseline
+    assert rb.check(14.0).action == "none"
+    status = rb.status()
+    assert status["routes"] == {"a": e0.device, "b": e0.device, "c": e1.device}
+    assert [x["action"] for x in status["decisions"]] == ["none", "replanned", "none"]
+
+
+@pytest.mark.parametrize("keep_if_fits", [True, False])
+def test_rebalancer_keeps_a_placement_that_still_fits(tiny, keep_if_fits):
+    """Rates twice the planned ones are past the threshold, but the two devices still
+    admit them: by default nothing is re-planned (moves would only cost loads and
+    drains); with ``keep_if_fits=False`` the rebalancer re-plans on drift alone."""
+    rb, e0, e1, now = _rebalancer(tiny, output_tokens=64, prompt_tokens=64,
+                                  keep_if_fits=keep_if_fits)
+    for i in range(20):  # 2 req/s each over the 10 s window
+        for m in "abc":
+            now[0] = i / 2
+            rb.observe(m)
+    d = rb.check(10.0)
+    assert min(d.drift.values()) > 0.5
+    if keep_if_fits:
+        assert d.action == "kept" and "still fits" in d.reason and d.moves == []
+        assert rb.planned_rates == {"a": 1.0, "b": 1.0, "c": 1.0}
+    else:
+        assert d.action == "replanned", d.reason
+        assert rb.planned_rates == d.observed
+
+
+def test_rebalancer_refuses_tensor_parallel_groups_and_wrong_engines(tiny):
+    from fineserve_jax.server.rebalance import Rebalancer
+
+    rb, e0, e1, _ = _rebalancer(tiny)
+    dev = rb.devices[0]
+    tp = Placement("x", (PlacementGroup((0, 1), 2, ("a",), 1),))
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        Rebalancer({0: e0, 1: e1}, {0: dev, 1: dev}, tp)
+    with pytest.raises(ValueError, match="whose engine serves"):
+        Rebalancer({0: e0, 1: e1}, {0: dev, 1: dev}, _pl({0: ["c"], 1: ["a", "b"]}))
+
+
+MOVE_WHILE_SERVING = textwrap.dedent("""
+    import asyncio, json, sys, threading
+    import httpx, jax, numpy as np
+    import fineserve_jax.engine.live as live
+    from fineserve_jax.config import ModelConfig
+    from fineserve_jax.engine import Engine, EngineConfig
+    from fineserve_jax.model import init_params
+    from fineserve_jax.server import build_app
+    from fineserve_jax.server.rebalance import RebalanceConfig, Rebalancer
+    from fineserve_jax.tokenizer import Tokenizer
+    from schedulers.placement import Placement, PlacementConfig
+    from schedulers.roofline import DeviceSpec
+    from tiny_models import byte_tokenizer_json
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    # b's own shapes: device 1 has compiled nothing for it when it moves there
+    cfgs = {"a": cfg, "b": ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                       num_layers=2, num_heads=2, num_kv_heads=1,
+                                       head_dim=16, max_position_embeddings=128), "c": cfg}
+    tok = Tokenizer.from_json(byte_tokenizer_json(), {"eos_token_ids": [257]})
+    params = {m: jax.tree.map(np.asarray, init_params(cfgs[m], jax.random.key(i)))
+              for i, m in enumerate("abc")}
+    # hold the destination's compilation until a request has arrived while b warms there
+    gate, compile_model = threading.Event(), live.compile_model
+
+    def gated(*args, **kw):
+        gate.wait(300)
+        return compile_model(*args, **kw)
+
+    live.compile_model = gated
+    ec = EngineConfig(kv_budget_bytes=2**20, block_tokens=4, max_seqs=4, max_prefill_seqs=2,
+                      prefill_token_budget=16, max_model_len=64, decode_buckets=(4,),
+                      prefill_row_buckets=(2,), chunk_buckets=(16,), context_buckets=(16,),
+                      warmup=False)  # the move still compiles b ahead on device 1
+    devs = jax.devices()
+    e0, e1 = Engine(ec, device=devs[0]), Engine(ec, device=devs[1])
+    for e, names in ((e0, "ab"), (e1, "c")):
+        for m in names:
+            e.add_model(m, cfgs[m], params[m], tok, dtype="float32")
+        e.start()
+    placement = Placement.from_dict({"devices": [
+        {"device": 0, "models": ["a", "b"], "kv_budget_bytes": 2**20},
+        {"device": 1, "models": ["c"], "kv_budget_bytes": 2**20}]})
+    spec = DeviceSpec("cpu", 64 * 2**20, 0, 0, 0)
+    now = [0.0]  # the rebalancer's clock: rates do not depend on how fast this host runs
+    rb = Rebalancer({0: e0, 1: e1}, {0: spec, 1: spec}, placement,
+                    RebalanceConfig(interval_s=3600, threshold=0.5, window_s=600,
+                                    placement=PlacementConfig(reserve_fraction=0.0),
+                                    keep_if_fits=False),  # move though a, b still fit
+                    planned_rates={"a": 0.01, "b": 0.01, "c": 0.01}, clock=lambda: now[0])
+    for i in range(4000):  # a and b got busy: 400 and 300 req/s over 10 s
+        now[0] = i / 400
+        rb.observe("a")
+        if i % 4:
+            rb.observe("b")
+    now[0] = 10.0  # the streamed requests below count at 10 s, on top
+    app = build_app([e0, e1], rebalancer=rb)
+    PROMPTS = ["hello", "the cat sat", "rebalance me"]
+    results, failures = [], []
+    stop = asyncio.Event()
+
+    async def request(c, model, prompt, max_tokens=6):
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}
+        text, done, finish, on_1 = "", False, None, rb.routes[model] is e1
+        try:
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    failures.append((model, r.status_code, await r.aread()))
+                    return False
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        ev = json.loads(line[6:])
+                        if "error" in ev:
+                            failures.append((model, "error event", ev))
+                        for ch in ev.get("choices", []):
+                            text += ch["text"]
+                            finish = ch["finish_reason"] or finish
+        except Exception as ex:
+            failures.append((model, "exception", repr(ex)))
+            return False
+        if not done or finish != "length":
+            failures.append((model, "incomplete", done, finish))
+            return False
+        results.append((model, prompt, text, on_1, max_tokens))
+        return True
+
+    async def client(c, model, k):
+        i = 0
+        while not stop.is_set():
+            await request(c, model, PROMPTS[(i + k) % len(PROMPTS)])
+            i += 1
+            await asyncio.sleep(0.05)  # continuous, without taking every core from the move
+
+    async def main():
+        t = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=t, base_url="http://x", timeout=600) as c:
+            load = [asyncio.create_task(client(c, m, k))
+                    for k, m in enumerate(["a", "b", "b"])]  # c idles on device 1
+            while sum(r[0] == "b" for r in results) < 4:  # b streams on device 0 first
+                await asyncio.sleep(0.05)
+            long = asyncio.create_task(request(c, "b", "in flight", max_tokens=40))
+            move = asyncio.create_task(rb.rebalance_once())
+            for _ in range(30000):  # the gate holds b warming on device 1
+                if e1.model_state("b") == "warming" or move.done():
+                    break
+                await asyncio.sleep(0.01)
+            # arrives while b warms on device 1: device 0 serves it
+            during = await request(c, "b", PROMPTS[0]) and rb.routes["b"] is e0
+            gate.set()
+            dec = await move
+            long_ok = await long
+            b_before = sum(r[0] == "b" and not r[3] for r in results)
+            # and on device 1 after: requests routed there (some already in flight
+            # when the move finished were routed to device 0 and do not count)
+            while sum(r[0] == "b" and r[3] for r in results) < 4:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*load)
+            placement = (await c.get("/admin/placement")).json()
+        return dec, b_before, placement, during, long_ok
+
+    dec, b_before, placement, during, long_ok = asyncio.run(main())
+    texts = {}
+    for model, prompt, text, _, k in results:
+        texts.setdefault((model, prompt, k), set()).add(text)
+    out = {"failures": [repr(f) for f in failures], "action": dec.action,
+           "reason": dec.reason, "moves": [str(m) for m in dec.moves], "outcomes": dec.done,
+           "b_route_dev1": rb.routes["b"] is e1, "e0_models": list(e0.models),
+           "e1_models": list(e1.models), "b_before": b_before,
+           "b_on_1": sum(r[0] == "b" and r[3] for r in results), "requests": len(results),
+           "distinct_texts": max(len(v) for v in texts.values()),
+           "e1_b_finished": e1.stats().models["b"].finished,
+           "failed": sum(m.failed for e in (e0, e1) for m in e.stats().models.values()),
+           "admin_b": placement["routes"]["b"], "e1_device": e1.device,
+           "e0_free": e0.stats().pool.rows_free == e0.stats().pool.rows_total,
+           "served_during_warm": during, "long_ok": long_ok}
+    for e in (e0, e1):
+        e.shutdown()
+    print(json.dumps(out))
+""")
+
+
+def test_a_model_moves_between_two_devices_while_requests_stream():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    r = subprocess.run([sys.executable, "-c", MOVE_WHILE_SERVING], env=env, check=False,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    import json
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["failures"] == [] and out["failed"] == 0, out
+    assert out["action"] == "replanned", out
+    assert any(m.startswith("b: [0] -> [1]") for m in out["moves"]), out
+    assert all("moved" in o for o in out["outcomes"]), out
+    assert out["b_route_dev1"] and "b" in out["e1_models"] and "b" not in out["e0_models"]
+    assert out["b_before"] >= 4 and out["b_on_1"] >= 4 and out["e1_b_finished"] >= 4
+    assert out["distinct_texts"] == 1  # every prompt's greedy text, whichever device
+    assert out["served_during_warm"] and out["long_ok"]
+    assert out["admin_b"] == out["e1_device"] == "cpu:1"
+
+
+def test_serve_options_build_a_rebalancer_over_the_placement(tiny):
+    sys.path.insert(0, str(ROOT))
+    import serve
+
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--rebalance-interval", "30"])  # needs --placement
+    args = serve.parse_args(["--placement", "p.json", "--rebalance-interval", "30",
+                             "--rebalance-threshold", "0.25"])
+    assert serve.parse_args([]).rebalance_interval == 0  # off by default
+    pa, pb, tok = tiny
+    e = Engine(EngineConfig(**SMALL))
+    e.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e.add_model("b", CFG_B, pb, tok, dtype="float32")
+    e.start(thread=False)
+    groups = [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": SMALL["kv_budget_bytes"]}]
+    rb = serve.make_rebalancer(args, groups, [e], jax.devices())
+    assert (rb.config.interval_s, rb.config.threshold, rb.config.window_s) == (30, 0.25, 60)
+    assert rb.routes == {"a": e, "b": e}
+    assert rb.devices[0].memory_bytes >= e.stats().pool.pool_bytes
+    assert rb.devices[0].kv_pool_bytes == e.stats().pool.pool_bytes  # the running pool, fixed
+    with pytest.raises(ValueError, match="single-device"):
+        serve.make_rebalancer(args, [{"devices": [0, 1], "models": ["a", "b"],
+                                      "kv_budget_bytes": 1}], [e], jax.devices())
+
+
+def test_server_sends_a_request_for_a_retiring_model_to_its_new_engine(tiny):
+    import asyncio
+
+    import httpx
+
+    from fineserve_jax.server import build_app
+
+    pa, pb, tok = tiny
+    e0, e1 = Engine(EngineConfig(**SMALL)), Engine(EngineConfig(**SMALL))
+    e0.add_model("a", CFG_A, pa, tok, dtype="float32")
+    e1.add_model("c", CFG_B, pb, tok, dtype="float32")
+    e0.start(thread=False)  # never steps: "a" stays retiring on it
+    e1.start()
+    try:
+        app = build_app([e0, e1])
+        server = app.state.server
+        assert e1.attach_model("a", **e0.model_spec("a").kwargs()).wait(60)
+        e0.retire_model("a")
+        server.routes["a"] = e1
+        stale = server._route
+        server._route = lambda body: ("a", e0)  # a handler that read the route before the move
+
+        async def go():
+            t = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=t, base_url="http://x") as c:
+                r = await c.post("/v1/completions", json={
+                    "model": "a", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0})
+                server._route = stale
+                return r, (await c.get("/admin/placement")).json()
+
+        r, placement = asyncio.run(go())
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        assert e1.stats().models["a"].finished == 1 and e0.stats().models["a"].finished == 0
+        assert placement == {"routes": {"a": e1.device, "c": e1.device}, "rebalancer": None}
+    finally:
+        e1.shutdown()
