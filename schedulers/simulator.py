@@ -313,11 +313,9 @@ class _Group:
 
     # ------------------------------------------------------------ models moving
     def attach(self, ms: ModelSpec, cost) -> None:
-        """Add a model while the group runs (``Engine.attach_model``): its reserve must
-        fit beside the others' (ValueError otherwise, and nothing changes)."""
-        if self.alloc.kind != "kvslab":
-            raise ValueError(f"group {self.spec.name!r}: models move only between KV Slab "
-                             f"pools, this one is {self.alloc.kind!r}")
+        """Add a model while the group runs (``Engine.attach_model``; KV Slab pools only,
+        which ``simulate`` checks): its reserve must fit beside the others' (ValueError
+        otherwise, and nothing changes)."""
         if ms.name in self.scheds:
             raise ValueError(f"group {self.spec.name!r} already serves {ms.name!r}")
         self.alloc.add_model(ms.name, ms.block,
@@ -496,6 +494,10 @@ def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
     if replacer is not None:
         if len({g.devices for g in groups}) != len(groups):
             raise ValueError("re-placement names groups by their devices: they must differ")
+        if any(g.allocator != "kvslab" for g in groups):
+            raise ValueError("re-placement moves models between KV Slab pools only; groups "
+                             + ", ".join(repr(g.name) for g in groups if g.allocator != "kvslab")
+                             + " use another allocator")
         moves = SimMoves(replacer, sims, models, cost_of, replicas,
                        records[-1].arrival if records else 0.0)
     heap: list[tuple[float, int]] = []  # (step end, group index)

@@ -400,6 +400,11 @@ def test_a_move_the_destination_cannot_take_is_skipped_and_serving_goes_on():
     assert [m.outcome.split(":")[0] for m in res.moves] == [
         "skipped, the destination refused it", "skipped"]
     assert [o[0] for o in r.outcomes] == ["a", "b"] and r.checks == [1.0]
+    # moves need KV Slab pools everywhere (a static partition cannot take a new model)
+    static = [GroupSpec("g0", ("a", "b"), 64 * MIB, devices=(0,), allocator="static"),
+              groups[1]]
+    with pytest.raises(ValueError, match="KV Slab pools only; groups 'g0'"):
+        simulate(static, models, lambda m, g: ConstCost(), trace, replacer=Scripted([]))
 
 
 def test_bench_replace_quick_record(tmp_path):
