@@ -77,7 +77,7 @@ class SimMoves:
     def next_time(self) -> float:
         return self.events[0][0] if self.events else math.inf
 
-    def fire(self, t: float, dirty: set[int]) -> None:
+    def fire(self, t: float) -> None:
         """Run the events due at ``t``."""
         while self.events and self.events[0][0] <= t:
             _, _, kind = heapq.heappop(self.events)
@@ -85,7 +85,7 @@ class SimMoves:
                 self.pending = list(self.r.check(t))
                 self._start(t)
             else:
-                self._ready(t, dirty)
+                self._ready(t)
         self.poll(t)
 
     def _start(self, t: float) -> None:
@@ -111,11 +111,10 @@ class SimMoves:
             self.r.done(mv, rec.outcome, t)
         self._at(t + self.r.interval_s, "check")
 
-    def _ready(self, t: float, dirty: set[int]) -> None:
+    def _ready(self, t: float) -> None:
         mv, rec, src, dst = self.active
         rec.ready = t
         self.routes[mv.model] = [dst]  # new requests go to the destination from here
-        dirty.add(src)
 
     def poll(self, t: float) -> None:
         """Finish the move in flight once its source holds none of the model's requests."""

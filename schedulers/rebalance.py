@@ -15,7 +15,8 @@ drives it:
   device groups then relabelled onto the current ones (``align``) so that interchangeable
   devices do not turn a no-op into a reshuffle;
 - ``overloaded``: why the current placement no longer admits the observed rates (empty
-  when it still does: a re-plan would move models for nothing);
+  when it still does: a re-plan would move models for nothing); ``replan_if_needed``
+  puts the two together, as the server and ``DriftPolicy`` decide;
 - ``plan_moves``: the models whose device group changes, in an order where a move into a
   device comes after the moves out of it (they free its memory first);
 - ``DriftPolicy``: the server's decision (track rates, check drift, re-plan, plan moves)
@@ -179,6 +180,22 @@ def overloaded(demands: Sequence[ModelDemand], devices: Sequence[Device], curren
     config = config or PlacementConfig()
     plans = single_replica_plans(demands, devices[0], config)
     return still_fits(demands, plans, devices, current, config)
+
+
+def replan_if_needed(demands: Sequence[ModelDemand], devices: Sequence[Device],
+                     current: Placement, config: PlacementConfig | None = None,
+                     weights: Mapping[str, float] | None = None,
+                     keep_if_fits: bool = True) -> tuple[Placement | None, str]:
+    """The decision once rates drifted past the threshold: ``(new placement, "")``, or
+    ``(None, why current stays)``: it still admits the rates (with ``keep_if_fits``), or
+    the new plan leaves a model unplaced."""
+    if keep_if_fits and not overloaded(demands, devices, current, config):
+        return None, "drift past the threshold, but the current placement still fits"
+    new = replan(demands, devices, current, config, weights)
+    if new.unplaced:
+        return None, ("the new placement leaves " + "; ".join(u.reason for u in new.unplaced)
+                      + " unplaced: keeping the current one")
+    return new, ""
 
 
 def replan(demands: Sequence[ModelDemand], devices: Sequence[Device], current: Placement,
@@ -349,14 +366,11 @@ class DriftPolicy:
         self.decisions.append(dec)
         if not drifted(self.planned, observed, self.threshold, self.min_rate):
             return []
-        demands = [self.demand(m, observed[m]) for m in served]
-        if self.keep_if_fits and not overloaded(demands, self.devices, self.placement,
-                                                self.config):
-            dec["action"] = "kept: the current placement still fits the observed rates"
-            return []
-        new = replan(demands, self.devices, self.placement, self.config, self.weights)
-        if new.unplaced:
-            dec["action"] = "kept: " + "; ".join(u.reason for u in new.unplaced)
+        new, why = replan_if_needed([self.demand(m, observed[m]) for m in served],
+                                    self.devices, self.placement, self.config, self.weights,
+                                    self.keep_if_fits)
+        if new is None:
+            dec["action"] = f"kept: {why}"
             return []
         moves = plan_moves(self.placement, new)
         self.planned = observed

@@ -517,7 +517,7 @@ def simulate(groups: Sequence[GroupSpec], models: Mapping[str, ModelSpec],
             sims[gi].complete(t)
             dirty.add(gi)
         if moves is not None:
-            moves.fire(t, dirty)
+            moves.fire(t)
         while nxt < n and records[nxt].arrival == t:
             rec = records[nxt]
             nxt += 1

@@ -149,7 +149,7 @@ class LiveModels:
                 raise ValueError(f"model {name!r} is already on this engine ({state})")
             self.alloc.add_model(name, blk, reserve_blocks=reserve, cap_blocks=m.cap_blocks)
             m.reserve_blocks = reserve
-            m.max_blocks = self._max_blocks(name, m.cap_blocks)
+            m.max_blocks = self._max_blocks(name)
         try:
             layout = self.alloc.layout(name)
             kv = PagedKVCache(kv_format(m.kv_format), blk, layout.blocks_per_row,
@@ -180,14 +180,12 @@ class LiveModels:
                              daemon=True).start()
         return t
 
-    def _max_blocks(self, name: str, cap: int | None) -> int:
+    def _max_blocks(self, name: str) -> int:
         """Most blocks one sequence of ``name`` may ever get: with the pool empty, all
-        rows but the other models' reserves (KV Slab); otherwise what is free now."""
+        rows but the other models' reserves, within its cap (KV Slab); otherwise what is
+        free now."""
         a = self.alloc
-        if a.kind != "kvslab":
-            return a.free_blocks(name)
-        n = a.max_blocks(name)
-        return n if cap is None else min(n, cap)
+        return a.max_blocks(name) if a.kind == "kvslab" else a.free_blocks(name)
 
     def _warm(self, m, t: Transition) -> None:
         """Compile ``m``'s step shapes ahead of time (background thread), then hand the

@@ -53,9 +53,8 @@ from schedulers.rebalance import (
     ServingDevice,
     apply_move,
     drift,
-    overloaded,
     plan_moves,
-    replan,
+    replan_if_needed,
 )
 
 log = logging.getLogger(__name__)
@@ -248,21 +247,15 @@ class Rebalancer:
         try:
             demands = [self.demand(m, observed.get(m, 0.0)) for m in sorted(self.routes)]
             current = _relabel(self.placement, local)
-            devices = [self.devices[i] for i in idx]
-            if self.config.keep_if_fits and not overloaded(demands, devices, current,
-                                                           self.config.placement):
-                dec.action = "kept"
-                dec.reason = "drift past the threshold, but the current placement still fits"
-                return
-            new = replan(demands, devices, current, self.config.placement,
-                         {d.name: d.weight_bytes for d in demands})
+            new, why = replan_if_needed(demands, [self.devices[i] for i in idx], current,
+                                        self.config.placement,
+                                        {d.name: d.weight_bytes for d in demands},
+                                        self.config.keep_if_fits)
         except (ValueError, KeyError) as e:
             dec.action, dec.reason = "kept", f"planning failed: {e}"
             return
-        if new.unplaced:
-            dec.action = "kept"
-            dec.reason = ("the new placement leaves " + "; ".join(
-                u.reason for u in new.unplaced) + " unplaced: keeping the current one")
+        if new is None:
+            dec.action, dec.reason = "kept", why
             return
         new = _relabel(new, dict(enumerate(idx)))
         dec.moves = plan_moves(self.placement, new)
