@@ -165,8 +165,12 @@ def test_served_fireq_matches_the_oracle(fireq_pair, smollm2_f32, smollm2_tokeni
     """All 30 layers. FP8 rounding is discontinuous: a float32 difference in the last bit
     (NumPy and XLA sum in different orders) flips an occasional rounding, and the flips
     compound with depth, so the two implementations are compared as distributions: the
-    perplexity within 3%, and the served path far closer to the oracle than the unquantized
-    model is (KL divergence per token, and top-1 agreement)."""
+    served path far closer to the oracle than the unquantized model is (KL divergence per
+    token, and top-1 agreement), and the perplexity within 6%. The flips depend on the
+    CPU's instruction set (XLA's code differs between CPUs): per 128-token window the two
+    perplexities differ by -4% to +12% on an AVX-512/AMX Xeon, and over these four windows
+    by +4.1% there (+2.6% over the first two, as on the CPU this test was written on),
+    while the unquantized model is 40% below either."""
     from fineserve_jax.eval import corpus_slice
 
     cfg, oracle, served = fireq_pair
@@ -186,6 +190,6 @@ def test_served_fireq_matches_the_oracle(fireq_pair, smollm2_f32, smollm2_tokeni
         nll["oracle"] -= o[np.arange(127), chunk[1:]].sum()
         nll["served"] -= s[np.arange(127), chunk[1:]].sum()
     ppl_o, ppl_s = math.exp(nll["oracle"] / 508), math.exp(nll["served"] / 508)
-    assert abs(ppl_s / ppl_o - 1) < 0.03, (ppl_s, ppl_o)
+    assert abs(ppl_s / ppl_o - 1) < 0.06, (ppl_s, ppl_o)
     assert kl_served < 0.25 * kl_plain, (kl_served, kl_plain)
     assert top_served > 0.7
