@@ -18,6 +18,16 @@ the factor: a stray step (a garbage-collection pause, a page fault) moves the fa
 most ``weight * log(bounds[1])``, and a broken measurement cannot scale predictions past
 the bounds. Steps whose base prediction is zero (a model without a real cost) are ignored.
 
+One factor per kind carries the bias of whatever batches were seen last into every other
+shape: factors learned while a queue drains at batch 1 then mispredict the batch-16 steps
+of the next burst. So a cost model that knows the engine's compiled shapes (``ProfiledCost``
+with buckets, whose ``bucket_shape`` names the shape a batch pads to) also gets one factor
+per (kind, shape), learned the same way from that shape's steps alone. A shape's prediction
+blends the two in log space, ``(m * log f_shape + k * log f_kind) / (m + k)``, where ``m``
+is how many of that shape's steps count (at most ``1 / weight``) and ``k`` is
+``shape_prior``: a shape seen once leans on the kind's factor, a shape seen often stands on
+its own steps, and a shape never seen uses the kind's factor alone.
+
 ``frozen()`` returns the current correction as a fixed ``ScaledCost``: what the simulator
 replays a trace with, so its prediction uses what the engine had learned before the run.
 
@@ -28,7 +38,7 @@ predictions, so it holds no lock.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from schedulers.costmodel import DECODE, PREFILL, StepCost
 
@@ -37,25 +47,61 @@ __all__ = ["ScaledCost", "OnlineCalibration"]
 KINDS = (PREFILL, DECODE)
 
 
-class ScaledCost:
-    """``base``'s step times times a fixed factor per step kind."""
+def _shape_of(base: StepCost):
+    """``base.bucket_shape`` when ``base`` pads batches to compiled shapes, else None."""
+    if getattr(base, "buckets", None) is None:
+        return None
+    return getattr(base, "bucket_shape", None)
 
-    def __init__(self, base: StepCost, prefill: float = 1.0, decode: float = 1.0):
+
+class ScaledCost:
+    """``base``'s step times times a fixed factor per step kind, and per (kind, shape)
+    where ``shapes`` gives one (``{(kind, rows, tokens, context_blocks): factor}``, the
+    shapes of ``base.bucket_shape``; other shapes take their kind's factor)."""
+
+    def __init__(self, base: StepCost, prefill: float = 1.0, decode: float = 1.0,
+                 shapes: Mapping[tuple, float] | None = None):
         for kind, f in ((PREFILL, prefill), (DECODE, decode)):
             if not (math.isfinite(f) and f > 0):
                 raise ValueError(f"{kind} factor must be a positive number, got {f!r}")
         self.base = base
         self.factors = {PREFILL: float(prefill), DECODE: float(decode)}
+        self._shape = _shape_of(base)
+        self.shapes: dict[tuple, float] = {}
+        for key, f in (shapes or {}).items():
+            key = tuple(key)
+            if len(key) != 4 or key[0] not in KINDS:
+                raise ValueError(f"a shape key is (kind, rows, tokens, context_blocks) with "
+                                 f"kind in {KINDS}, got {key!r}")
+            if not (math.isfinite(f) and f > 0):
+                raise ValueError(f"shape {key} factor must be a positive number, got {f!r}")
+            self.shapes[(key[0], *map(int, key[1:]))] = float(f)
+        if self.shapes and self._shape is None:
+            raise ValueError("per-shape factors need a base cost with engine buckets "
+                             "(bucket_shape)")
+
+    def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
+        """The factor a batch of ``kind`` is predicted with."""
+        if self.shapes:
+            return self.shapes.get((kind, *self._shape(kind, chunks, contexts)),
+                                   self.factors[kind])
+        return self.factors[kind]
 
     def prefill_time(self, chunks: Sequence[int], contexts: Sequence[int]) -> float:
-        return self.base.prefill_time(chunks, contexts) * self.factors[PREFILL]
+        t = self.base.prefill_time(chunks, contexts)
+        return t * self.factor(PREFILL, chunks, contexts) if t else t
 
     def decode_time(self, contexts: Sequence[int]) -> float:
-        return self.base.decode_time(contexts) * self.factors[DECODE]
+        t = self.base.decode_time(contexts)
+        return t * self.factor(DECODE, None, contexts) if t else t
+
+    def shape_factors(self) -> dict[str, float]:
+        """The per-shape factors as JSON-friendly ``{"kind:rows:tokens:blocks": f}``."""
+        return {":".join(map(str, k)): f for k, f in sorted(self.shapes.items())}
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.base!r}, prefill x{self.factors[PREFILL]:.3f}, "
-                f"decode x{self.factors[DECODE]:.3f})")
+                f"decode x{self.factors[DECODE]:.3f}, {len(self.shapes)} shapes)")
 
 
 class OnlineCalibration(ScaledCost):
@@ -63,20 +109,41 @@ class OnlineCalibration(ScaledCost):
 
     ``weight`` (0 < weight <= 1): how far one step moves the factor's logarithm towards
     its own ratio (about the last ``1 / weight`` steps of a kind count). ``bounds``: the
-    range one ratio and the factor are clamped to.
+    range one ratio and the factor are clamped to. ``shape_prior`` (>= 0): how many steps
+    of its own a compiled shape needs before its factor counts as much as its kind's
+    (0: a shape's own factor alone once it has a step; ``None``: per-kind factors only).
     """
 
     def __init__(self, base: StepCost, weight: float = 0.05,
-                 bounds: tuple[float, float] = (0.5, 2.0)):
+                 bounds: tuple[float, float] = (0.5, 2.0), shape_prior: float | None = 4.0):
         super().__init__(base)
         if not 0 < weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {weight!r}")
         lo, hi = bounds
         if not 0 < lo <= 1 <= hi < math.inf:
             raise ValueError(f"bounds must satisfy 0 < low <= 1 <= high < inf, got {bounds!r}")
+        if shape_prior is not None and not (math.isfinite(shape_prior) and shape_prior >= 0):
+            raise ValueError(f"shape_prior must be a number >= 0 or None, got {shape_prior!r}")
         self.weight = float(weight)
         self.bounds = (float(lo), float(hi))
+        self.shape_prior = None if shape_prior is None else float(shape_prior)
         self.observed = {PREFILL: 0, DECODE: 0}  # steps that counted, per kind
+        self._shape_log: dict[tuple, list] = {}  # (kind, *shape) -> [log factor, steps]
+
+    def _blend(self, kind: str, log_shape: float, n: int) -> float:
+        m = min(n, 1.0 / self.weight)
+        log_kind = math.log(self.factors[kind])
+        log_f = (m * log_shape + self.shape_prior * log_kind) / (m + self.shape_prior) \
+            if m + self.shape_prior > 0 else log_kind
+        lo, hi = self.bounds
+        return min(max(math.exp(log_f), lo), hi)
+
+    def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
+        if self._shape_log:
+            got = self._shape_log.get((kind, *self._shape(kind, chunks, contexts)))
+            if got is not None:
+                return self._blend(kind, got[0], got[1])
+        return self.factors[kind]
 
     def observe(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int],
                 seconds: float) -> float:
@@ -89,12 +156,19 @@ class OnlineCalibration(ScaledCost):
         if not (pred > 0 and seconds > 0 and math.isfinite(seconds)):
             return self.factors[kind]
         lo, hi = self.bounds
-        ratio = min(max(seconds / pred, lo), hi)
-        log_f = (1 - self.weight) * math.log(self.factors[kind]) + self.weight * math.log(ratio)
+        log_r = math.log(min(max(seconds / pred, lo), hi))
+        log_f = (1 - self.weight) * math.log(self.factors[kind]) + self.weight * log_r
         self.factors[kind] = min(max(math.exp(log_f), lo), hi)
         self.observed[kind] += 1
+        if self.shape_prior is not None and self._shape is not None:
+            key = (kind, *self._shape(kind, chunks, contexts))
+            got = self._shape_log.setdefault(key, [0.0, 0])
+            got[1] += 1
+            w = max(self.weight, 1.0 / got[1])  # a plain mean until 1 / weight steps
+            got[0] = (1 - w) * got[0] + w * log_r
         return self.factors[kind]
 
     def frozen(self) -> ScaledCost:
-        """The correction as it stands now, fixed."""
-        return ScaledCost(self.base, self.factors[PREFILL], self.factors[DECODE])
+        """The correction as it stands now, fixed (each seen shape's blended factor)."""
+        shapes = {k: self._blend(k[0], lf, n) for k, (lf, n) in self._shape_log.items()}
+        return ScaledCost(self.base, self.factors[PREFILL], self.factors[DECODE], shapes)

@@ -389,3 +389,61 @@ def test_calibration_rejects_bad_settings():
         ScaledCost(_Flat(), decode=-1.0)
     with pytest.raises(ValueError, match="kind"):
         OnlineCalibration(_Flat()).observe("verify", None, [1], 0.1)
+
+
+def test_calibration_learns_a_factor_per_compiled_shape(bucketed):
+    """Batch-1 decodes run 2x the profile and batch-16 ones 0.5x: the kind's factor can
+    only average them, each shape's own factor follows its steps; a shape never seen takes
+    the kind's factor. Hand-computed: weight 0.5 (a shape's steps count up to 2), prior 2."""
+    from schedulers.calibration import OnlineCalibration
+    cost = OnlineCalibration(bucketed, weight=0.5, shape_prior=2.0)
+    one, sixteen, four = [40], [40] * 16, [40] * 3  # context 40 tokens -> 3 blocks -> width 8
+    assert bucketed.bucket_shape("decode", None, one) == (1, 1, 8)
+    cost.observe("decode", None, one, 2 * dec_s(1, 8))
+    # kind: log f = 0.5 log 2; shape (1 step, a plain mean so far): log 2, counting m = 1:
+    # blend (1 * log 2 + 2 * 0.5 log 2) / 3 = 2/3 log 2.
+    assert cost.factors["decode"] == pytest.approx(2 ** 0.5)
+    assert cost.decode_time(one) == pytest.approx(dec_s(1, 8) * 2 ** (2 / 3))
+    assert cost.decode_time(four) == pytest.approx(dec_s(4, 8) * 2 ** 0.5)  # unseen shape
+    for _ in range(20):
+        cost.observe("decode", None, one, 2 * dec_s(1, 8))
+        cost.observe("decode", None, sixteen, 0.5 * dec_s(16, 8))
+    # The kind's factor ends near 1 (it alternates around 0.5x and 2x); each shape's own
+    # log factor is its ratio, blended 2:2 with the kind's.
+    k = math.log(cost.factors["decode"])
+    assert abs(k) < 0.5 * math.log(2)
+    assert cost.decode_time(one) == pytest.approx(dec_s(1, 8) * math.exp((2 * math.log(2) + 2 * k) / 4))
+    assert cost.decode_time(sixteen) == pytest.approx(
+        dec_s(16, 8) * math.exp((-2 * math.log(2) + 2 * k) / 4))
+    assert cost.decode_time(four) == pytest.approx(dec_s(4, 8) * math.exp(k))
+    # Prefill shapes are their own: untouched by the decodes.
+    assert cost.prefill_time([16], [16]) == pytest.approx(pre_s(1, 16, 8))
+    # Frozen: the blended factor of every shape seen, kept while the live one moves on.
+    snap = cost.frozen()
+    assert snap.decode_time(one) == pytest.approx(cost.decode_time(one))
+    assert snap.shape_factors() == pytest.approx(
+        {"decode:1:1:8": math.exp((2 * math.log(2) + 2 * k) / 4),
+         "decode:16:1:8": math.exp((-2 * math.log(2) + 2 * k) / 4)})
+    cost.observe("decode", None, one, dec_s(1, 8))
+    assert snap.decode_time(one) > cost.decode_time(one)
+    # shape_prior=None: one factor per kind, as before.
+    flat = OnlineCalibration(bucketed, weight=0.5, shape_prior=None)
+    flat.observe("decode", None, one, 2 * dec_s(1, 8))
+    assert flat.decode_time(sixteen) == pytest.approx(dec_s(16, 8) * 2 ** 0.5)
+    assert flat.frozen().shapes == {}
+
+
+def test_per_shape_factors_need_a_bucketed_cost_and_positive_values(bucketed):
+    from schedulers.calibration import OnlineCalibration, ScaledCost
+    with pytest.raises(ValueError, match="engine buckets"):
+        ScaledCost(_Flat(), shapes={("decode", 1, 1, 8): 1.5})
+    with pytest.raises(ValueError, match="kind, rows, tokens"):
+        ScaledCost(bucketed, shapes={("verify", 1, 1, 8): 1.5})
+    with pytest.raises(ValueError, match="positive"):
+        ScaledCost(bucketed, shapes={("decode", 1, 1, 8): 0.0})
+    with pytest.raises(ValueError, match="shape_prior"):
+        OnlineCalibration(bucketed, shape_prior=-1.0)
+    # A cost without buckets learns per kind only, with the default prior.
+    flat = OnlineCalibration(_Flat(), weight=0.5)
+    flat.observe("decode", None, [3], 0.02)
+    assert flat.frozen().shapes == {} and flat.decode_time([3]) == pytest.approx(0.01 * 2 ** 0.5)

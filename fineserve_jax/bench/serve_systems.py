@@ -310,11 +310,17 @@ def goodput(rates: list[float], attain: list[float], level: float) -> float | No
     return best
 
 
+def _as_scaled(cost, profile):
+    """An engine's cost snapshot as a ``ScaledCost`` (factors of 1 when the correction
+    is off and the snapshot is the profile itself)."""
+    from schedulers.calibration import ScaledCost
+    return cost if isinstance(cost, ScaledCost) else ScaledCost(profile)
+
+
 def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
     from fineserve_jax.engine.steplog import summarize as summarize_steps
-    from schedulers.calibration import ScaledCost
     from schedulers.local import make_local_scheduler
 
     git = git_state()  # the code that runs, before anything can change under a long run
@@ -339,10 +345,11 @@ def run_systems(args, command: str) -> int:
             e = engines[alloc]
             e.scheduler = make_local_scheduler(sched)
             factors = {n: e.cost_factors(n) for n in MODELS}  # learned before this run
+            learned = {n: e.cost_snapshot(n) for n in MODELS}  # per kind and per shape
             t0, m0 = time.perf_counter(), time.monotonic()
             recs, lag = replay(e, reqs, ids, args.drain_s)
             s = summarize(recs, slos)
-            sim = simulate(args, system, reqs, {n: ScaledCost(costs[n], **factors[n])
+            sim = simulate(args, system, reqs, {n: _as_scaled(learned[n], costs[n])
                                                 for n in MODELS}, slos, formats)
             sim_profile = simulate(args, system, reqs, costs, slos, formats)
             runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
@@ -350,6 +357,8 @@ def run_systems(args, command: str) -> int:
                          "simulated_profile": {k: sim_profile[k] for k in
                                                ("attainment", "output_tok_s", "ttft_p50_s",
                                                 "dropped")},
+                         "cost_shape_factors": {n: learned[n].shape_factors()
+                                                for n in MODELS},
                          "cost_factors": {"start": factors,
                                           "end": {n: e.cost_factors(n) for n in MODELS}},
                          "engine_steps": summarize_steps(e.step_log.between(m0), costs),

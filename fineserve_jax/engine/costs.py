@@ -8,7 +8,8 @@
   (``engine.profile.measure_steps``) and makes the result the model's cost model;
 - the local scheduler predicts with that cost model corrected online from the steps the
   engine runs (``schedulers.calibration.OnlineCalibration``, weight
-  ``EngineConfig.cost_calibration``); ``cost_factors`` reads the correction.
+  ``EngineConfig.cost_calibration``; one factor per step kind and one per compiled shape);
+  ``cost_factors`` reads the per-kind correction, ``cost_snapshot`` the whole of it fixed.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ class CompiledSteps:
             return cost
         from schedulers.calibration import OnlineCalibration
         return OnlineCalibration(cost, weight=self.config.cost_calibration)
+
+    def cost_snapshot(self, name: str):
+        """What the scheduler predicts a model's steps with, fixed as it stands now (the
+        profile times the correction learned so far, per kind and per compiled shape), or
+        the profile itself when the correction is off; None without a cost model."""
+        sched = self._model(name).sched
+        cost = sched.cost if sched is not None else None
+        frozen = getattr(cost, "frozen", None)
+        return frozen() if frozen is not None else cost
 
     def cost_factors(self, name: str) -> dict[str, float]:
         """The online correction of a model's cost model: measured/predicted step time
