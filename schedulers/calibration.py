@@ -30,6 +30,9 @@ its own steps, and a shape never seen uses the kind's factor alone.
 
 ``frozen()`` returns the current correction as a fixed ``ScaledCost``: what the simulator
 replays a trace with, so its prediction uses what the engine had learned before the run.
+``ScaledCost.fit(base, steps)`` is the same kind of correction fitted to steps already run
+(median measured/predicted per kind and shape): replaying a run with it tests the
+simulator's batching and queueing apart from how well the step costs were predicted.
 
 Plain Python (no JAX, no NumPy); one engine loop thread calls ``observe`` and reads the
 predictions, so it holds no lock.
@@ -38,6 +41,7 @@ predictions, so it holds no lock.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Mapping, Sequence
 
 from schedulers.costmodel import DECODE, PREFILL, StepCost
@@ -79,6 +83,29 @@ class ScaledCost:
         if self.shapes and self._shape is None:
             raise ValueError("per-shape factors need a base cost with engine buckets "
                              "(bucket_shape)")
+
+    @classmethod
+    def fit(cls, base: StepCost, steps) -> ScaledCost:
+        """The fixed correction that makes ``base`` describe measured ``steps``
+        (``(kind, chunks, contexts, seconds)`` each; ``chunks`` None for decode): per kind
+        and, where ``base`` has engine buckets, per compiled shape, the median of
+        measured/predicted. Kinds and shapes without steps keep a factor of 1 (the
+        kind's). What a replay of the steps an engine ran uses, as against a prediction."""
+        shape_of = _shape_of(base)
+        ratios: dict[tuple, list[float]] = {}
+        for kind, chunks, contexts, seconds in steps:
+            if kind not in KINDS:
+                raise ValueError(f"step kind must be one of {KINDS}, got {kind!r}")
+            t = base.prefill_time(chunks, contexts) if kind == PREFILL else \
+                base.decode_time(contexts)
+            if not (t > 0 and seconds > 0):
+                continue
+            ratios.setdefault((kind,), []).append(seconds / t)
+            if shape_of is not None:
+                ratios.setdefault((kind, *shape_of(kind, chunks, contexts)), []).append(seconds / t)
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        return cls(base, med.get((PREFILL,), 1.0), med.get((DECODE,), 1.0),
+                   {k: f for k, f in med.items() if len(k) == 4})
 
     def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
         """The factor a batch of ``kind`` is predicted with."""

@@ -321,6 +321,7 @@ def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
     from fineserve_jax.engine.steplog import summarize as summarize_steps
+    from schedulers.calibration import ScaledCost
     from schedulers.local import make_local_scheduler
 
     git = git_state()  # the code that runs, before anything can change under a long run
@@ -352,16 +353,25 @@ def run_systems(args, command: str) -> int:
             sim = simulate(args, system, reqs, {n: _as_scaled(learned[n], costs[n])
                                                 for n in MODELS}, slos, formats)
             sim_profile = simulate(args, system, reqs, costs, slos, formats)
+            steps = e.step_log.between(m0)
+            ran = {n: ScaledCost.fit(costs[n], [(r.kind, r.chunks if r.kind == "prefill"
+                                                 else None, r.contexts, r.run_s)
+                                                for r in steps if r.model == n])
+                   for n in MODELS}  # the step costs this run measured (not a prediction)
+            sim_ran = simulate(args, system, reqs, ran, slos, formats)
             runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
                          "wall_s": time.perf_counter() - t0, "simulated": sim,
                          "simulated_profile": {k: sim_profile[k] for k in
                                                ("attainment", "output_tok_s", "ttft_p50_s",
                                                 "dropped")},
+                         "simulated_measured": {k: sim_ran[k] for k in
+                                                ("attainment", "output_tok_s", "ttft_p50_s",
+                                                 "dropped")},
                          "cost_shape_factors": {n: learned[n].shape_factors()
                                                 for n in MODELS},
                          "cost_factors": {"start": factors,
                                           "end": {n: e.cost_factors(n) for n in MODELS}},
-                         "engine_steps": summarize_steps(e.step_log.between(m0), costs),
+                         "engine_steps": summarize_steps(steps, costs),
                          "requests": recs})
             _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
                  f"{s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']}, "
@@ -374,7 +384,8 @@ def run_systems(args, command: str) -> int:
     for r in runs:  # the simulator against the engine, same trace and configuration
         meas = r["summary"]
         for key, sim in (("sim_error", r["simulated"]),
-                         ("sim_profile_error", r["simulated_profile"])):
+                         ("sim_profile_error", r["simulated_profile"]),
+                         ("sim_measured_error", r["simulated_measured"])):
             r[key] = {"ttft_p50": _rel(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
                       "output_tok_s": _rel(sim["output_tok_s"], meas["output_tok_s"])}
     per_system = {}
@@ -408,7 +419,8 @@ def run_systems(args, command: str) -> int:
             f"{max(abs(r[key]['ttft_p50'] or 0) for r in runs):.0%}, worst tokens/s "
             f"{max(abs(r[key]['output_tok_s'] or 0) for r in runs):.0%}"
             for key, what in (("sim_error", "costs as corrected before each run"),
-                              ("sim_profile_error", "start-up profile"))]
+                              ("sim_profile_error", "start-up profile"),
+                              ("sim_measured_error", "each run's own measured step costs"))]
     if "cpu" in str(any_engine.device).lower():
         foot.append(CPU_FOOTER)
     print(format_table(header, rows, foot))
