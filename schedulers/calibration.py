@@ -87,7 +87,7 @@ class ScaledCost:
     @classmethod
     def fit(cls, base: StepCost, steps) -> ScaledCost:
         """The fixed correction that makes ``base`` describe measured ``steps``
-        (``(kind, chunks, contexts, seconds)`` each; ``chunks`` None for decode): per kind
+        (``(kind, chunks, contexts, seconds)`` each; decode ignores ``chunks``): per kind
         and, where ``base`` has engine buckets, per compiled shape, the median of
         measured/predicted. Kinds and shapes without steps keep a factor of 1 (the
         kind's). What a replay of the steps an engine ran uses, as against a prediction."""
@@ -100,9 +100,10 @@ class ScaledCost:
                 base.decode_time(contexts)
             if not (t > 0 and seconds > 0):
                 continue
-            ratios.setdefault((kind,), []).append(seconds / t)
-            if shape_of is not None:
-                ratios.setdefault((kind, *shape_of(kind, chunks, contexts)), []).append(seconds / t)
+            keys = [(kind,)] if shape_of is None else \
+                [(kind,), (kind, *shape_of(kind, chunks, contexts))]
+            for key in keys:
+                ratios.setdefault(key, []).append(seconds / t)
         med = {k: statistics.median(v) for k, v in ratios.items()}
         return cls(base, med.get((PREFILL,), 1.0), med.get((DECODE,), 1.0),
                    {k: f for k, f in med.items() if len(k) == 4})

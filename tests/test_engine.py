@@ -355,6 +355,8 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     if not weight:
         assert e._models["m"].sched.cost is base
         assert e.cost_factors("m") == {"prefill": 1.0, "decode": 1.0}
+        snap = e.cost_snapshot("m")  # the profile as it is, as a fixed ScaledCost
+        assert snap.base is base and snap.prefill_time([3], [3]) == pytest.approx(1.0)
         return
     log_f = {"prefill": 0.0, "decode": 0.0}
     for r in e.step_log.between(0.0):
@@ -368,6 +370,12 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     assert (st.cost_scale_prefill, st.cost_scale_decode) == pytest.approx(
         (want["prefill"], want["decode"]))
     assert e._models["m"].sched.cost.prefill_time([3], [3]) == pytest.approx(want["prefill"])
+    snap = e.cost_snapshot("m")  # fixed: later steps move the live correction, not this
+    assert snap.factors == pytest.approx(want, rel=1e-9)
+    e.submit("m", [9, 9, 9], GREEDY)
+    e.run_until_idle()
+    assert snap.factors == pytest.approx(want, rel=1e-9)
+    assert e.cost_factors("m")["prefill"] < want["prefill"]  # the new prefill moved it on
 
 
 def test_start_profiles_models_with_slos(tiny):

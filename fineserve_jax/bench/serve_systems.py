@@ -310,13 +310,6 @@ def goodput(rates: list[float], attain: list[float], level: float) -> float | No
     return best
 
 
-def _as_scaled(cost, profile):
-    """An engine's cost snapshot as a ``ScaledCost`` (factors of 1 when the correction
-    is off and the snapshot is the profile itself)."""
-    from schedulers.calibration import ScaledCost
-    return cost if isinstance(cost, ScaledCost) else ScaledCost(profile)
-
-
 def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
@@ -345,17 +338,14 @@ def run_systems(args, command: str) -> int:
             alloc, sched = SYSTEMS[system]
             e = engines[alloc]
             e.scheduler = make_local_scheduler(sched)
-            factors = {n: e.cost_factors(n) for n in MODELS}  # learned before this run
-            learned = {n: e.cost_snapshot(n) for n in MODELS}  # per kind and per shape
+            learned = {n: e.cost_snapshot(n) for n in MODELS}  # before this run
             t0, m0 = time.perf_counter(), time.monotonic()
             recs, lag = replay(e, reqs, ids, args.drain_s)
             s = summarize(recs, slos)
-            sim = simulate(args, system, reqs, {n: _as_scaled(learned[n], costs[n])
-                                                for n in MODELS}, slos, formats)
+            sim = simulate(args, system, reqs, learned, slos, formats)
             sim_profile = simulate(args, system, reqs, costs, slos, formats)
             steps = e.step_log.between(m0)
-            ran = {n: ScaledCost.fit(costs[n], [(r.kind, r.chunks if r.kind == "prefill"
-                                                 else None, r.contexts, r.run_s)
+            ran = {n: ScaledCost.fit(costs[n], [(r.kind, r.chunks, r.contexts, r.run_s)
                                                 for r in steps if r.model == n])
                    for n in MODELS}  # the step costs this run measured (not a prediction)
             sim_ran = simulate(args, system, reqs, ran, slos, formats)
@@ -369,7 +359,7 @@ def run_systems(args, command: str) -> int:
                                                  "dropped")},
                          "cost_shape_factors": {n: learned[n].shape_factors()
                                                 for n in MODELS},
-                         "cost_factors": {"start": factors,
+                         "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
                                           "end": {n: e.cost_factors(n) for n in MODELS}},
                          "engine_steps": summarize_steps(steps, costs),
                          "requests": recs})

@@ -86,13 +86,17 @@ class CompiledSteps:
         return OnlineCalibration(cost, weight=self.config.cost_calibration)
 
     def cost_snapshot(self, name: str):
-        """What the scheduler predicts a model's steps with, fixed as it stands now (the
-        profile times the correction learned so far, per kind and per compiled shape), or
-        the profile itself when the correction is off; None without a cost model."""
+        """What the scheduler predicts a model's steps with, fixed as it stands now: a
+        ``ScaledCost`` of the profile and the correction learned so far, per kind and per
+        compiled shape (factors of 1 when the correction is off); None without a cost
+        model."""
+        from schedulers.calibration import ScaledCost
         sched = self._model(name).sched
         cost = sched.cost if sched is not None else None
+        if cost is None:
+            return None
         frozen = getattr(cost, "frozen", None)
-        return frozen() if frozen is not None else cost
+        return frozen() if frozen is not None else ScaledCost(cost)
 
     def cost_factors(self, name: str) -> dict[str, float]:
         """The online correction of a model's cost model: measured/predicted step time
