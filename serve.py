@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cost-model", metavar="FILE",
                     help="step-time profile (python -m schedulers.profile) the scheduler "
                          "predicts with; models with SLOs that it lacks are profiled at start")
-    ap.add_argument("--profile-reps", type=int, default=3,
+    ap.add_argument("--profile-reps", type=int, default=5,
                     help="timed runs per step shape when profiling at start (0: never)")
     ap.add_argument("--cost-calibration", type=float, default=0.05, metavar="WEIGHT",
                     help="correct each model's step-time predictions online from the steps "

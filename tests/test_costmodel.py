@@ -276,9 +276,21 @@ def test_measure_steps_one_record_per_bucket_shape():
     e.start(thread=False)
     m = e._models["t"]
 
-    recs = measure_steps(e, reps=2)
+    import fineserve_jax.engine.profile as prof
+    ran = []
+    run = prof._run
+
+    def logged(engine, runner, batch):
+        ran.append((*batch.tokens.shape, batch.page_table.shape[1]))
+        return run(engine, runner, batch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prof, "_run", logged)
+        recs = measure_steps(e, reps=2)
     shapes = [(r["rows"], r["tokens"], r["context_blocks"]) for r in recs]
     assert shapes == m.buckets.shapes()
+    # One untimed run of every shape, then the timed runs in rounds of every shape.
+    assert ran == shapes * 3
     assert [r["kind"] for r in recs] == ["decode"] * 4 + ["prefill"] * 2
     assert all(r["seconds"] > 0 and r["model"] == "t" and r["precision"] == "bf16"
                for r in recs)

@@ -122,7 +122,7 @@ def build_engines(args, allocators: set[str]):
                            prefill_token_budget=args.max_prefill_tokens, allocator=alloc,
                            max_prefill_seqs=MAX_PREFILL_SEQS,
                            decode_buckets=(1, 4, args.max_seqs), prefill_row_buckets=(1, 4),
-                           chunk_buckets=(32, args.max_prefill_tokens), profile_reps=3,
+                           chunk_buckets=(32, args.max_prefill_tokens), profile_reps=5,
                            cost_calibration=args.cost_calibration)
         e = Engine(cfg)
         for name in MODELS:

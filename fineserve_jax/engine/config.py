@@ -63,7 +63,7 @@ class EngineConfig:
     on_slo_miss: str = "reject"
     # Timed runs per step shape when ``start`` profiles models that have SLOs and no cost
     # model (``Engine.profile_costs``); 0 = never profile (such models are never shed).
-    profile_reps: int = 3
+    profile_reps: int = 5
     # Online correction of each model's cost model (``schedulers.calibration``): how far
     # one step moves the predicted step time towards the measured one (0 = never correct;
     # about the last 1/weight steps of a kind count).

@@ -52,7 +52,7 @@ class CompiledSteps:
                                                    for n in self._models])
         self.warmup_seconds = time.perf_counter() - t0
 
-    def profile_costs(self, reps: int = 3, models: Sequence[str] | None = None) -> dict:
+    def profile_costs(self, reps: int = 5, models: Sequence[str] | None = None) -> dict:
         """Time every compiled step shape of ``models`` (default: all) on this engine's
         pool and make the result their cost model (``ProfiledCost``), which the local
         scheduler predicts with. Call on a started engine before its loop thread runs

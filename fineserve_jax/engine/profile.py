@@ -31,9 +31,13 @@ def measure_steps(engine, reps: int = 5, models: Iterable[str] | None = None,
     ``engine``: started with ``thread=False`` (the caller owns the loop, so nothing else
     donates the pool meanwhile); warmed up, or the untimed first run of a shape compiles it.
     Each shape runs once untimed, then ``reps`` timed runs, each until its sampled tokens
-    are ready. Returns ``{model, precision, kind: "prefill"|"decode", rows, tokens,
-    context_blocks, seconds}`` records, one per shape, in ``Buckets.shapes()`` order;
-    ``progress`` (optional) is called with each record as it is measured.
+    are ready. The timed runs go in rounds (every shape of the model once per round, not
+    one shape's runs back to back), so a slow spell of the host (another process, a
+    neighbour on a shared machine) lands on one run of many shapes, which the median
+    drops, rather than on every run of one shape. Returns ``{model, precision, kind:
+    "prefill"|"decode", rows, tokens, context_blocks, seconds}`` records, one per shape, in
+    ``Buckets.shapes()`` order; ``progress`` (optional) is called with each record as its
+    model's rounds end.
     """
     if not engine.started:
         raise RuntimeError("start the engine (thread=False) before measuring it")
@@ -54,10 +58,17 @@ def measure_steps(engine, reps: int = 5, models: Iterable[str] | None = None,
         handles = _allocate(engine, name, max(B * P for _, B, _, P in shapes))
         try:
             _fill(engine, m, handles, rng)
-            for kind, B, T, P in shapes:
-                sec = _time_step(engine, m.runner, _batch(m, B, T, P, handles, rng), reps)
+            batches = [_batch(m, B, T, P, handles, rng) for _, B, T, P in shapes]
+            for batch in batches:  # untimed (compiles a shape the warm-up left out)
+                _run(engine, m.runner, batch)
+            times = [[] for _ in shapes]
+            for _ in range(reps):  # one round runs every shape once
+                for ts, batch in zip(times, batches):
+                    ts.append(_run(engine, m.runner, batch))
+            for (kind, B, T, P), ts in zip(shapes, times):
                 out.append({"model": name, "precision": m.precision, "kind": kind,
-                            "rows": B, "tokens": T, "context_blocks": P, "seconds": sec})
+                            "rows": B, "tokens": T, "context_blocks": P,
+                            "seconds": float(statistics.median(ts))})
                 if progress is not None:
                     progress(out[-1])
         finally:
@@ -117,13 +128,9 @@ def _fill(engine, m, handles: Sequence[int], rng: np.random.Generator) -> None:
         engine.pool = engine._mover(engine.pool, moves, engine.alloc.fmt(m.name).block_bytes)
 
 
-def _time_step(engine, runner, batch: StepBatch, reps: int) -> float:
-    nxt, engine.pool, _ = runner.step(engine.pool, batch)  # untimed (compiles if needed)
+def _run(engine, runner, batch: StepBatch) -> float:
+    """Seconds of one step, until its sampled tokens are ready."""
+    t0 = time.perf_counter()
+    nxt, engine.pool, _ = runner.step(engine.pool, batch)
     nxt.block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        nxt, engine.pool, _ = runner.step(engine.pool, batch)
-        nxt.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+    return time.perf_counter() - t0
