@@ -134,12 +134,17 @@ class LocalScheduler:
         """The model to step and its batch (blocks allocated), or None if none can run.
 
         Requests shed on the way are in their model's ``dropped`` list."""
+        scheds = list(scheds)
         busy = [s for s in scheds if s.has_work()]
         got = self._pick(busy, now) if busy else None
         if got is not None:
             sched, work = got
             self.iteration += 1
-            sched.last_step = self.iteration
+            # Turn order lives on the models, not in this object: a scheduler swapped in
+            # on a device that has served (or a model that joins it) carries on the turns
+            # the models had, instead of counting from 0 below their old marks and
+            # serving one model alone until its count catches up.
+            sched.last_step = max(s.last_step for s in scheds) + 1
             for seq, fed in work.rows:
                 if fed == seq.remaining:  # this step samples its next token
                     seq.last_token_at = now

@@ -207,6 +207,31 @@ def test_fcfs_never_drops_and_takes_turns():
     assert a.take_dropped() == [] and b.take_dropped() == []
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "prism", "fineserve"])
+def test_a_scheduler_swapped_in_keeps_the_models_turns(policy):
+    # Two models served for a while by one scheduler object, then another object takes
+    # the device (its own iteration count starts at 0): the turns must go on alternating
+    # as before, not serve one model alone until the new count passes the other's mark.
+    a, b = device(("a", SLO()), ("b", SLO()))
+    for m in (a, b):
+        for i in range(2):
+            m.add(seq(f"{m.name}{i}", 16, 0.0))
+
+    def step(sch, now):
+        m, work = sch.next_step([a, b], now)
+        for s, c in work.rows:
+            m.advance(s, c)
+            s.tokens.append(7)
+        return m.name
+
+    old = FCFS()
+    before = [step(old, 1.0) for _ in range(9)]
+    assert before == ["a", "b"] * 4 + ["a"]
+    new = make_local_scheduler(policy)
+    names = [step(new, 2.0) for _ in range(4)]
+    assert names == ["b", "a", "b", "a"], names
+
+
 def test_no_slo_alternates_prefill_and_decode():
     # Without targets, FineServe neither drops nor starves decodes: after a prefill the
     # model's decode is due.
