@@ -126,9 +126,6 @@ class LocalScheduler:
 
     name = "base"
 
-    def __init__(self):
-        self.iteration = 0
-
     def next_step(self, scheds: Sequence[ModelScheduler], now: float
                   ) -> tuple[ModelScheduler, Scheduled] | None:
         """The model to step and its batch (blocks allocated), or None if none can run.
@@ -139,11 +136,9 @@ class LocalScheduler:
         got = self._pick(busy, now) if busy else None
         if got is not None:
             sched, work = got
-            self.iteration += 1
-            # Turn order lives on the models, not in this object: a scheduler swapped in
-            # on a device that has served (or a model that joins it) carries on the turns
-            # the models had, instead of counting from 0 below their old marks and
-            # serving one model alone until its count catches up.
+            # Turn order lives on the models (a step marks its model one past the
+            # device's latest), not in this object: a scheduler swapped in on a device
+            # that has served carries on the turns the models had.
             sched.last_step = max(s.last_step for s in scheds) + 1
             for seq, fed in work.rows:
                 if fed == seq.remaining:  # this step samples its next token

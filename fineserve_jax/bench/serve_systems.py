@@ -56,6 +56,8 @@ SYSTEMS = {  # name: (allocator, local scheduler)
 }
 MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
 MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
+# What the record keeps of the replays beside the main one (that one keeps every TTFT).
+SIM_BRIEF = ("attainment", "output_tok_s", "ttft_p50_s", "dropped")
 
 
 def add_arguments(p) -> None:
@@ -351,12 +353,8 @@ def run_systems(args, command: str) -> int:
             sim_ran = simulate(args, system, reqs, ran, slos, formats)
             runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
                          "wall_s": time.perf_counter() - t0, "simulated": sim,
-                         "simulated_profile": {k: sim_profile[k] for k in
-                                               ("attainment", "output_tok_s", "ttft_p50_s",
-                                                "dropped")},
-                         "simulated_measured": {k: sim_ran[k] for k in
-                                                ("attainment", "output_tok_s", "ttft_p50_s",
-                                                 "dropped")},
+                         "simulated_profile": {k: sim_profile[k] for k in SIM_BRIEF},
+                         "simulated_measured": {k: sim_ran[k] for k in SIM_BRIEF},
                          "cost_shape_factors": {n: learned[n].shape_factors()
                                                 for n in MODELS},
                          "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
