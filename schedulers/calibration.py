@@ -28,25 +28,39 @@ is how many of that shape's steps count (at most ``1 / weight``) and ``k`` is
 ``shape_prior``: a shape seen once leans on the kind's factor, a shape seen often stands on
 its own steps, and a shape never seen uses the kind's factor alone.
 
+Much of what moves is the device, not the model: on a shared host every step runs slower
+or faster together, prefill and decode and every model alike. ``DeviceSpeed`` is that one
+factor, shared by the corrections of every model on a device (and by several engines on one
+device): each step moves it ``weight`` of the way towards the step's residual (measured
+over what was predicted), and the model's own factors then learn what is left. A model that
+has not stepped for minutes is predicted at the device's speed of now, from the other
+models' steps, instead of the speed of its own last step:
+
+    speed = DeviceSpeed(weight=0.05)
+    a = OnlineCalibration(profiled_a, speed=speed)
+    b = OnlineCalibration(profiled_b, speed=speed)  # b's predictions follow a's steps too
+
 ``frozen()`` returns the current correction as a fixed ``ScaledCost``: what the simulator
 replays a trace with, so its prediction uses what the engine had learned before the run.
 ``ScaledCost.fit(base, steps)`` is the same kind of correction fitted to steps already run
 (median measured/predicted per kind and shape): replaying a run with it tests the
 simulator's batching and queueing apart from how well the step costs were predicted.
 
-Plain Python (no JAX, no NumPy); one engine loop thread calls ``observe`` and reads the
-predictions, so it holds no lock.
+Plain Python (no JAX, no NumPy); one engine loop thread calls a model's ``observe`` and
+reads its predictions, so ``OnlineCalibration`` holds no lock; a ``DeviceSpeed`` shared by
+engines (one loop thread each) takes a lock to update.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import threading
 from typing import Mapping, Sequence
 
 from schedulers.costmodel import DECODE, PREFILL, StepCost
 
-__all__ = ["ScaledCost", "OnlineCalibration"]
+__all__ = ["DeviceSpeed", "ScaledCost", "OnlineCalibration"]
 
 KINDS = (PREFILL, DECODE)
 
@@ -56,6 +70,44 @@ def _shape_of(base: StepCost):
     if getattr(base, "buckets", None) is None:
         return None
     return getattr(base, "bucket_shape", None)
+
+
+def _check(weight: float, bounds: tuple[float, float]) -> tuple[float, tuple[float, float]]:
+    if not 0 < weight <= 1:
+        raise ValueError(f"weight must be in (0, 1], got {weight!r}")
+    lo, hi = bounds
+    if not 0 < lo <= 1 <= hi < math.inf:
+        raise ValueError(f"bounds must satisfy 0 < low <= 1 <= high < inf, got {bounds!r}")
+    return float(weight), (float(lo), float(hi))
+
+
+class DeviceSpeed:
+    """How fast a device runs now against its profiled step costs: one factor, shared by
+    the ``OnlineCalibration`` of every model on the device.
+
+    ``observe(residual)`` takes a step's ``log(measured / predicted)`` (the prediction
+    already at this speed) and moves the factor's logarithm ``weight`` of the way along
+    it; the factor stays within ``bounds``. Safe to share between engine threads."""
+
+    def __init__(self, weight: float = 0.05, bounds: tuple[float, float] = (0.5, 2.0)):
+        self.weight, self.bounds = _check(weight, bounds)
+        self.factor = 1.0
+        self.observed = 0  # steps that counted
+        self._lock = threading.Lock()
+
+    def observe(self, log_residual: float) -> float:
+        """Count one step's residual; returns the new factor."""
+        if not math.isfinite(log_residual):
+            return self.factor
+        lo, hi = self.bounds
+        with self._lock:
+            f = math.exp(math.log(self.factor) + self.weight * log_residual)
+            self.factor = min(max(f, lo), hi)
+            self.observed += 1
+            return self.factor
+
+    def __repr__(self):
+        return f"DeviceSpeed(x{self.factor:.3f}, {self.observed} steps, weight {self.weight})"
 
 
 class ScaledCost:
@@ -69,7 +121,7 @@ class ScaledCost:
             if not (math.isfinite(f) and f > 0):
                 raise ValueError(f"{kind} factor must be a positive number, got {f!r}")
         self.base = base
-        self.factors = {PREFILL: float(prefill), DECODE: float(decode)}
+        self._factors = {PREFILL: float(prefill), DECODE: float(decode)}
         self._shape = _shape_of(base)
         self.shapes: dict[tuple, float] = {}
         for key, f in (shapes or {}).items():
@@ -108,12 +160,17 @@ class ScaledCost:
         return cls(base, med.get((PREFILL,), 1.0), med.get((DECODE,), 1.0),
                    {k: f for k, f in med.items() if len(k) == 4})
 
+    @property
+    def factors(self) -> dict[str, float]:
+        """The factor per step kind (``{"prefill": f, "decode": f}``)."""
+        return self._factors
+
     def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
         """The factor a batch of ``kind`` is predicted with."""
         if self.shapes:
             return self.shapes.get((kind, *self._shape(kind, chunks, contexts)),
-                                   self.factors[kind])
-        return self.factors[kind]
+                                   self._factors[kind])
+        return self._factors[kind]
 
     def prefill_time(self, chunks: Sequence[int], contexts: Sequence[int]) -> float:
         t = self.base.prefill_time(chunks, contexts)
@@ -140,38 +197,57 @@ class OnlineCalibration(ScaledCost):
     range one ratio and the factor are clamped to. ``shape_prior`` (>= 0): how many steps
     of its own a compiled shape needs before its factor counts as much as its kind's
     (0: a shape's own factor alone once it has a step; ``None``: per-kind factors only).
+    ``speed``: a ``DeviceSpeed`` shared with the other models on the device; each step
+    moves it first, and this model's factors learn the ratio left over (predictions are
+    the profile x the device's speed x this model's factor). ``None``: this model's
+    factors alone.
     """
 
     def __init__(self, base: StepCost, weight: float = 0.05,
-                 bounds: tuple[float, float] = (0.5, 2.0), shape_prior: float | None = 4.0):
+                 bounds: tuple[float, float] = (0.5, 2.0), shape_prior: float | None = 4.0,
+                 speed: DeviceSpeed | None = None):
         super().__init__(base)
-        if not 0 < weight <= 1:
-            raise ValueError(f"weight must be in (0, 1], got {weight!r}")
-        lo, hi = bounds
-        if not 0 < lo <= 1 <= hi < math.inf:
-            raise ValueError(f"bounds must satisfy 0 < low <= 1 <= high < inf, got {bounds!r}")
+        self.weight, self.bounds = _check(weight, bounds)
         if shape_prior is not None and not (math.isfinite(shape_prior) and shape_prior >= 0):
             raise ValueError(f"shape_prior must be a number >= 0 or None, got {shape_prior!r}")
-        self.weight = float(weight)
-        self.bounds = (float(lo), float(hi))
+        if speed is not None and not isinstance(speed, DeviceSpeed):
+            raise TypeError(f"speed must be a DeviceSpeed or None, got {type(speed).__name__}")
         self.shape_prior = None if shape_prior is None else float(shape_prior)
+        self.speed = speed
         self.observed = {PREFILL: 0, DECODE: 0}  # steps that counted, per kind
         self._shape_log: dict[tuple, list] = {}  # (kind, *shape) -> [log factor, steps]
 
+    def _clamp(self, f: float) -> float:
+        lo, hi = self.bounds
+        return min(max(f, lo), hi)
+
+    @property
+    def factors(self) -> dict[str, float]:
+        """The factor per step kind that predictions use: this model's own times the
+        device's speed (when shared)."""
+        if self.speed is None:
+            return self._factors
+        s = self.speed.factor
+        return {k: self._clamp(f * s) for k, f in self._factors.items()}
+
     def _blend(self, kind: str, log_shape: float, n: int) -> float:
         m = min(n, 1.0 / self.weight)
-        log_kind = math.log(self.factors[kind])
+        log_kind = math.log(self._factors[kind])
         log_f = (m * log_shape + self.shape_prior * log_kind) / (m + self.shape_prior) \
             if m + self.shape_prior > 0 else log_kind
-        lo, hi = self.bounds
-        return min(max(math.exp(log_f), lo), hi)
+        return self._clamp(math.exp(log_f))
 
-    def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
+    def _own(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
+        """This model's factor for a batch (its shape's blend, else its kind's)."""
         if self._shape_log:
             got = self._shape_log.get((kind, *self._shape(kind, chunks, contexts)))
             if got is not None:
                 return self._blend(kind, got[0], got[1])
-        return self.factors[kind]
+        return self._factors[kind]
+
+    def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
+        f = self._own(kind, chunks, contexts)
+        return f if self.speed is None else self._clamp(f * self.speed.factor)
 
     def observe(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int],
                 seconds: float) -> float:
@@ -183,10 +259,12 @@ class OnlineCalibration(ScaledCost):
                 else self.base.prefill_time(chunks, contexts))
         if not (pred > 0 and seconds > 0 and math.isfinite(seconds)):
             return self.factors[kind]
-        lo, hi = self.bounds
-        log_r = math.log(min(max(seconds / pred, lo), hi))
-        log_f = (1 - self.weight) * math.log(self.factors[kind]) + self.weight * log_r
-        self.factors[kind] = min(max(math.exp(log_f), lo), hi)
+        log_r = math.log(self._clamp(seconds / pred))
+        if self.speed is not None:  # the device's share first, this model's the rest
+            s = self.speed.observe(log_r - math.log(self.factor(kind, chunks, contexts)))
+            log_r -= math.log(s)
+        log_f = (1 - self.weight) * math.log(self._factors[kind]) + self.weight * log_r
+        self._factors[kind] = self._clamp(math.exp(log_f))
         self.observed[kind] += 1
         if self.shape_prior is not None and self._shape is not None:
             key = (kind, *self._shape(kind, chunks, contexts))
@@ -197,6 +275,10 @@ class OnlineCalibration(ScaledCost):
         return self.factors[kind]
 
     def frozen(self) -> ScaledCost:
-        """The correction as it stands now, fixed (each seen shape's blended factor)."""
-        shapes = {k: self._blend(k[0], lf, n) for k, (lf, n) in self._shape_log.items()}
-        return ScaledCost(self.base, self.factors[PREFILL], self.factors[DECODE], shapes)
+        """The correction as it stands now, fixed (each seen shape's blended factor, and
+        the device's speed of now)."""
+        s = 1.0 if self.speed is None else self.speed.factor
+        shapes = {k: self._clamp(self._blend(k[0], lf, n) * s)
+                  for k, (lf, n) in self._shape_log.items()}
+        f = self.factors
+        return ScaledCost(self.base, f[PREFILL], f[DECODE], shapes)

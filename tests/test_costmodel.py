@@ -391,6 +391,53 @@ def test_calibration_is_a_geometric_mean_and_bounded():
     assert cost.observe("decode", None, [1], float("nan")) == cost.factors["decode"]
 
 
+def test_a_shared_device_speed_carries_one_models_steps_to_another():
+    """Hand-computed, weight 0.5: model a's prefill at 2x its profile moves the device's
+    speed half way (log s = 0.5 log 2), then a's own prefill factor half way along what is
+    left (0.5 * 0.5 log 2); b, which never stepped, predicts at the device's speed."""
+    from schedulers.calibration import DeviceSpeed, OnlineCalibration
+    speed = DeviceSpeed(weight=0.5)
+    a = OnlineCalibration(_Flat(), weight=0.5, speed=speed)
+    b = OnlineCalibration(_Flat(), weight=0.5, speed=speed)
+    assert a.observe("prefill", [8], [8], 0.2) == pytest.approx(2 ** 0.75)
+    assert speed.factor == pytest.approx(2 ** 0.5) and speed.observed == 1
+    assert a.prefill_time([8], [8]) == pytest.approx(0.1 * 2 ** 0.75)
+    assert a.decode_time([9]) == pytest.approx(0.01 * 2 ** 0.5)  # a's other kind: the speed
+    assert b.prefill_time([8], [8]) == pytest.approx(0.1 * 2 ** 0.5)
+    assert b.factors == pytest.approx({"prefill": 2 ** 0.5, "decode": 2 ** 0.5})
+    assert b.observed == {"prefill": 0, "decode": 0}
+    # Over many steps a's prediction meets its ratio, and b's a's device share of it; a
+    # step of b that runs as predicted leaves the speed where it is.
+    for _ in range(60):
+        a.observe("prefill", [8], [8], 0.2)
+    assert a.prefill_time([8], [8]) == pytest.approx(0.2, rel=1e-6)
+    s = speed.factor
+    assert 1.0 < s <= 2.0
+    b.observe("decode", None, [9], 0.01 * s)
+    assert speed.factor == pytest.approx(s) and b.factors["decode"] == pytest.approx(s)
+    # A frozen copy carries the speed of when it was taken.
+    snap = b.frozen()
+    a.observe("prefill", [8], [8], 0.05)
+    assert snap.decode_time([9]) == pytest.approx(0.01 * s)
+    assert b.decode_time([9]) < 0.01 * s
+    # A 50x stall counts as 2x (the bound), however it is split between the device and
+    # the model; the speed never leaves the bounds either.
+    for _ in range(100):
+        a.observe("prefill", [8], [8], 5.0)
+    assert a.factors["prefill"] == pytest.approx(2.0)
+    assert s < speed.factor <= 2.0
+    for _ in range(100):
+        speed.observe(math.log(100.0))
+    assert speed.factor == 2.0 and a.factors["prefill"] == 2.0
+    assert speed.observe(float("nan")) == 2.0 and speed.observed == 1 + 60 + 1 + 1 + 100 + 100
+    with pytest.raises(ValueError, match="weight"):
+        DeviceSpeed(weight=2.0)
+    with pytest.raises(ValueError, match="bounds"):
+        DeviceSpeed(bounds=(0.5, 0.9))
+    with pytest.raises(TypeError, match="DeviceSpeed"):
+        OnlineCalibration(_Flat(), speed=1.2)
+
+
 def test_calibration_rejects_bad_settings():
     from schedulers.calibration import OnlineCalibration, ScaledCost
     with pytest.raises(ValueError, match="weight"):

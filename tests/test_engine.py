@@ -353,17 +353,24 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     assert all(len(h.result().token_ids) == 12 for h in handles)
     assert e._models["m"].cost is base and e.model_spec("m").cost is base
     if not weight:
-        assert e._models["m"].sched.cost is base
+        assert e._models["m"].sched.cost is base and e.speed is None
         assert e.cost_factors("m") == {"prefill": 1.0, "decode": 1.0}
         snap = e.cost_snapshot("m")  # the profile as it is, as a fixed ScaledCost
         assert snap.base is base and snap.prefill_time([3], [3]) == pytest.approx(1.0)
         return
-    log_f = {"prefill": 0.0, "decode": 0.0}
+    # The engine's speed moves first (towards each step's residual), the model's own
+    # factor of the step's kind then towards what is left; both stay within the bounds.
+    clamp = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
+    log_s, log_f = 0.0, {"prefill": 0.0, "decode": 0.0}
     for r in e.step_log.between(0.0):
         pred = 1.0 if r.kind == "prefill" else 0.001
-        ratio = min(max(r.run_s / pred, 0.5), 2.0)
-        log_f[r.kind] = (1 - weight) * log_f[r.kind] + weight * math.log(ratio)
-    want = {k: min(max(math.exp(v), 0.5), 2.0) for k, v in log_f.items()}
+        log_r = math.log(clamp(r.run_s / pred))
+        used = math.log(clamp(math.exp(log_f[r.kind] + log_s)))
+        log_s = math.log(clamp(math.exp(log_s + weight * (log_r - used))))
+        log_f[r.kind] = math.log(clamp(math.exp((1 - weight) * log_f[r.kind]
+                                                + weight * (log_r - log_s))))
+    want = {k: clamp(math.exp(v + log_s)) for k, v in log_f.items()}
+    assert e.speed.factor == pytest.approx(math.exp(log_s), rel=1e-9)
     assert e.cost_factors("m") == pytest.approx(want, rel=1e-9)
     assert want["prefill"] < 1.0  # a tiny model's prefill takes far less than a second
     st = e.stats().models["m"]
@@ -372,10 +379,48 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     assert e._models["m"].sched.cost.prefill_time([3], [3]) == pytest.approx(want["prefill"])
     snap = e.cost_snapshot("m")  # fixed: later steps move the live correction, not this
     assert snap.factors == pytest.approx(want, rel=1e-9)
+    seen = e.speed.observed
     e.submit("m", [9, 9, 9], GREEDY)
     e.run_until_idle()
     assert snap.factors == pytest.approx(want, rel=1e-9)
-    assert e.cost_factors("m")["prefill"] < want["prefill"]  # the new prefill moved it on
+    assert e.speed.observed > seen  # the new steps moved the live correction on
+
+
+def test_models_and_engines_on_a_device_share_its_speed(tiny):
+    """Steps of one model move the device's speed, which every model's predictions carry:
+    a model that never stepped, on the same engine or on another engine given the same
+    ``DeviceSpeed``, is predicted at the speed the stepping model measured, while its own
+    factors stay 1."""
+    from schedulers.calibration import DeviceSpeed
+    params, tok = tiny
+    speed = DeviceSpeed(weight=0.3)
+    engines = [Engine(EngineConfig(**{"kv_budget_bytes": 2 * 2**20, **SMALL,
+                                      "cost_calibration": 0.3}), speed=speed)
+               for _ in range(2)]
+    for e in engines:
+        for name in ("busy", "idle"):
+            e.add_model(name, CFG, params, tok, dtype="float32", cost=_SlowPrefill())
+        e.start(thread=False)
+    assert all(e.speed is speed for e in engines)
+    h = engines[0].submit("busy", [1, 2, 3], GREEDY)
+    engines[0].run_until_idle()
+    assert len(h.result().token_ids) == 12
+    assert speed.observed == len(engines[0].step_log.between(0.0)) > 1
+    assert speed.factor != 1.0
+    for e in engines:
+        idle = e._models["idle"].sched.cost
+        assert idle.observed == {"prefill": 0, "decode": 0}
+        assert e.cost_factors("idle") == pytest.approx(
+            {"prefill": speed.factor, "decode": speed.factor}, rel=1e-12)
+        assert idle.decode_time([4]) == pytest.approx(0.001 * speed.factor)
+        assert e.cost_snapshot("idle").decode_time([4]) == pytest.approx(0.001 * speed.factor)
+    # The stepping model's own factors hold the rest: own x speed is what it predicts with.
+    busy = engines[0]._models["busy"].sched.cost
+    assert busy.observed["decode"] > 0
+    assert busy.factors["decode"] == pytest.approx(
+        min(max(busy._factors["decode"] * speed.factor, 0.5), 2.0))
+    # Without calibration an engine has no speed of its own.
+    assert Engine(EngineConfig(cost_calibration=0.0)).speed is None
 
 
 def test_start_profiles_models_with_slos(tiny):

@@ -104,13 +104,15 @@ def _pct(xs, q):
 
 def build_engines(args, allocators: set[str]):
     """One started engine per allocator (threads running), both models on each; the
-    costs profiled on the first are shared with the others."""
+    costs profiled on the first are shared with the others, and so is the device's speed
+    factor (they run on one device: each engine's steps correct the others' predictions)."""
     import jax
 
     import serve
     from checkpoints.cache import default_cache_dir
     from fineserve_jax.engine import Engine, EngineConfig
     from schedulers.batching import SLO
+    from schedulers.calibration import DeviceSpeed
 
     # Compiled steps persist between runs (as serve.py does): a rerun skips most compiling.
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
@@ -118,6 +120,7 @@ def build_engines(args, allocators: set[str]):
     specs = {m["name"]: m for m in serve.parse_args([]).models}
     loaded = serve.load_models(type("A", (), {"cache_dir": None})(), list(specs.values()))
     engines, costs = {}, {}
+    speed = DeviceSpeed(weight=args.cost_calibration) if args.cost_calibration else None
     for alloc in sorted(allocators, key=lambda a: a != "kvslab"):
         cfg = EngineConfig(kv_budget_bytes=args.kv_budget, max_seqs=args.max_seqs,
                            max_model_len=args.max_model_len,
@@ -126,7 +129,7 @@ def build_engines(args, allocators: set[str]):
                            decode_buckets=(1, 4, args.max_seqs), prefill_row_buckets=(1, 4),
                            chunk_buckets=(32, args.max_prefill_tokens), profile_reps=5,
                            cost_calibration=args.cost_calibration)
-        e = Engine(cfg)
+        e = Engine(cfg, speed=speed)
         for name in MODELS:
             model, prec = loaded[name]
             e.add_model(name, model.config, model.params, model.tokenizer,
@@ -341,6 +344,7 @@ def run_systems(args, command: str) -> int:
             e = engines[alloc]
             e.scheduler = make_local_scheduler(sched)
             learned = {n: e.cost_snapshot(n) for n in MODELS}  # before this run
+            speed0 = e.speed.factor if e.speed is not None else None
             t0, m0 = time.perf_counter(), time.monotonic()
             recs, lag = replay(e, reqs, ids, args.drain_s)
             s = summarize(recs, slos)
@@ -359,6 +363,7 @@ def run_systems(args, command: str) -> int:
                                                 for n in MODELS},
                          "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
                                           "end": {n: e.cost_factors(n) for n in MODELS}},
+                         "device_speed": {"start": speed0, "end": e.speed and e.speed.factor},
                          "engine_steps": summarize_steps(steps, costs),
                          "requests": recs})
             _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "

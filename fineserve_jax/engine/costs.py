@@ -8,7 +8,8 @@
   (``engine.profile.measure_steps``) and makes the result the model's cost model;
 - the local scheduler predicts with that cost model corrected online from the steps the
   engine runs (``schedulers.calibration.OnlineCalibration``, weight
-  ``EngineConfig.cost_calibration``; one factor per step kind and one per compiled shape);
+  ``EngineConfig.cost_calibration``; one factor for the device's speed, shared by its
+  models (``Engine.speed``), then one per step kind and one per compiled shape);
   ``cost_factors`` reads the per-kind correction, ``cost_snapshot`` the whole of it fixed.
 """
 
@@ -83,7 +84,7 @@ class CompiledSteps:
         if cost is None or not self.config.cost_calibration:
             return cost
         from schedulers.calibration import OnlineCalibration
-        return OnlineCalibration(cost, weight=self.config.cost_calibration)
+        return OnlineCalibration(cost, weight=self.config.cost_calibration, speed=self.speed)
 
     def cost_snapshot(self, name: str):
         """What the scheduler predicts a model's steps with, fixed as it stands now: a

@@ -52,6 +52,7 @@ from fineserve_jax.sequence import SequenceState
 from fineserve_jax.tokenizer import Tokenizer
 from schedulers.batching import (DECODE, SLO, BatchLimits, ModelScheduler, Scheduled, Seq,
                                  moves_by_model)
+from schedulers.calibration import DeviceSpeed
 from schedulers.local import LocalScheduler, make_local_scheduler
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,21 @@ class Engine(LiveModels, CompiledSteps):
 
     def __init__(self, config: EngineConfig | None = None,
                  scheduler: LocalScheduler | None = None, device: jax.Device | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, speed: DeviceSpeed | None = None):
         """``scheduler``: the device's local scheduler (default: ``config.scheduler``).
         ``device``: where the pool and every model's weights live (default: JAX's).
         ``mesh``: instead, a 1-D ``"tp"`` mesh (``engine.sharding.tp_mesh``): every model
-        is sharded tensor-parallel over its devices and the pool replicated on them."""
+        is sharded tensor-parallel over its devices and the pool replicated on them.
+        ``speed``: the device's speed factor, shared by the online cost corrections of all
+        its models (``schedulers.calibration.DeviceSpeed``); pass one object to engines
+        that share a device. Default: this engine's own (weight
+        ``config.cost_calibration``; none when that is 0)."""
         if device is not None and mesh is not None:
             raise ValueError("Engine: give a device or a mesh, not both")
         self.config = config or EngineConfig()
+        if speed is None and self.config.cost_calibration:
+            speed = DeviceSpeed(weight=self.config.cost_calibration)
+        self.speed = speed
         self._device = device
         self._mesh = mesh
         self.scheduler = scheduler or make_local_scheduler(self.config.scheduler,
