@@ -32,7 +32,9 @@ Much of what moves is the device, not the model: on a shared host every step run
 or faster together, prefill and decode and every model alike. ``DeviceSpeed`` is that one
 factor, shared by the corrections of every model on a device (and by several engines on one
 device): each step moves it ``weight`` of the way towards the step's residual (measured
-over what was predicted), and the model's own factors then learn what is left. A model that
+over what was predicted), and the model's own factors then learn what is left, more
+slowly (``OWN_SHARE`` of the weight), so that they keep the profile's error for that
+model and the speed takes what the whole device does. A model that
 has not stepped for minutes is predicted at the device's speed of now, from the other
 models' steps, instead of the speed of its own last step:
 
@@ -63,6 +65,7 @@ from schedulers.costmodel import DECODE, PREFILL, StepCost
 __all__ = ["DeviceSpeed", "ScaledCost", "OnlineCalibration"]
 
 KINDS = (PREFILL, DECODE)
+OWN_SHARE = 0.25  # a model's own factors learn at this share of the weight, beside a speed
 
 
 def _shape_of(base: StepCost):
@@ -200,14 +203,21 @@ class OnlineCalibration(ScaledCost):
     ``speed``: a ``DeviceSpeed`` shared with the other models on the device; each step
     moves it first, and this model's factors learn the ratio left over (predictions are
     the profile x the device's speed x this model's factor). ``None``: this model's
-    factors alone.
+    factors alone. ``own_weight``: the weight of this model's own factors when the speed
+    is shared (default ``weight * OWN_SHARE``): slower than the speed, so that what the
+    whole device does goes to the speed, which every model reads, and a model's factors
+    keep what is its own (the profile's error for it) instead of a share of whatever phase
+    the device was in when the model last ran.
     """
 
     def __init__(self, base: StepCost, weight: float = 0.05,
                  bounds: tuple[float, float] = (0.5, 2.0), shape_prior: float | None = 4.0,
-                 speed: DeviceSpeed | None = None):
+                 speed: DeviceSpeed | None = None, own_weight: float | None = None):
         super().__init__(base)
         self.weight, self.bounds = _check(weight, bounds)
+        if own_weight is None:
+            own_weight = weight * OWN_SHARE if speed is not None else weight
+        self.own_weight, _ = _check(own_weight, bounds)
         if shape_prior is not None and not (math.isfinite(shape_prior) and shape_prior >= 0):
             raise ValueError(f"shape_prior must be a number >= 0 or None, got {shape_prior!r}")
         if speed is not None and not isinstance(speed, DeviceSpeed):
@@ -231,7 +241,7 @@ class OnlineCalibration(ScaledCost):
         return {k: self._clamp(f * s) for k, f in self._factors.items()}
 
     def _blend(self, kind: str, log_shape: float, n: int) -> float:
-        m = min(n, 1.0 / self.weight)
+        m = min(n, 1.0 / self.own_weight)
         log_kind = math.log(self._factors[kind])
         log_f = (m * log_shape + self.shape_prior * log_kind) / (m + self.shape_prior) \
             if m + self.shape_prior > 0 else log_kind
@@ -263,14 +273,15 @@ class OnlineCalibration(ScaledCost):
         if self.speed is not None:  # the device's share first, this model's the rest
             s = self.speed.observe(log_r - math.log(self.factor(kind, chunks, contexts)))
             log_r -= math.log(s)
-        log_f = (1 - self.weight) * math.log(self._factors[kind]) + self.weight * log_r
+        w = self.own_weight
+        log_f = (1 - w) * math.log(self._factors[kind]) + w * log_r
         self._factors[kind] = self._clamp(math.exp(log_f))
         self.observed[kind] += 1
         if self.shape_prior is not None and self._shape is not None:
             key = (kind, *self._shape(kind, chunks, contexts))
             got = self._shape_log.setdefault(key, [0.0, 0])
             got[1] += 1
-            w = max(self.weight, 1.0 / got[1])  # a plain mean until 1 / weight steps
+            w = max(self.own_weight, 1.0 / got[1])  # a plain mean until 1 / weight steps
             got[0] = (1 - w) * got[0] + w * log_r
         return self.factors[kind]
 

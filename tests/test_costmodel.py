@@ -397,8 +397,11 @@ def test_a_shared_device_speed_carries_one_models_steps_to_another():
     left (0.5 * 0.5 log 2); b, which never stepped, predicts at the device's speed."""
     from schedulers.calibration import DeviceSpeed, OnlineCalibration
     speed = DeviceSpeed(weight=0.5)
-    a = OnlineCalibration(_Flat(), weight=0.5, speed=speed)
-    b = OnlineCalibration(_Flat(), weight=0.5, speed=speed)
+    a = OnlineCalibration(_Flat(), weight=0.5, speed=speed, own_weight=0.5)
+    b = OnlineCalibration(_Flat(), weight=0.5, speed=speed, own_weight=0.5)
+    # Beside a speed a model's own factors learn at a share of the weight by default.
+    assert OnlineCalibration(_Flat(), weight=0.5, speed=speed).own_weight == 0.125
+    assert OnlineCalibration(_Flat(), weight=0.5).own_weight == 0.5
     assert a.observe("prefill", [8], [8], 0.2) == pytest.approx(2 ** 0.75)
     assert speed.factor == pytest.approx(2 ** 0.5) and speed.observed == 1
     assert a.prefill_time([8], [8]) == pytest.approx(0.1 * 2 ** 0.75)
@@ -436,6 +439,8 @@ def test_a_shared_device_speed_carries_one_models_steps_to_another():
         DeviceSpeed(bounds=(0.5, 0.9))
     with pytest.raises(TypeError, match="DeviceSpeed"):
         OnlineCalibration(_Flat(), speed=1.2)
+    with pytest.raises(ValueError, match="weight"):
+        OnlineCalibration(_Flat(), speed=speed, own_weight=0.0)
 
 
 def test_calibration_rejects_bad_settings():

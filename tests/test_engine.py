@@ -360,6 +360,7 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
         return
     # The engine's speed moves first (towards each step's residual), the model's own
     # factor of the step's kind then towards what is left; both stay within the bounds.
+    from schedulers.calibration import OWN_SHARE
     clamp = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
     log_s, log_f = 0.0, {"prefill": 0.0, "decode": 0.0}
     for r in e.step_log.between(0.0):
@@ -367,8 +368,9 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
         log_r = math.log(clamp(r.run_s / pred))
         used = math.log(clamp(math.exp(log_f[r.kind] + log_s)))
         log_s = math.log(clamp(math.exp(log_s + weight * (log_r - used))))
-        log_f[r.kind] = math.log(clamp(math.exp((1 - weight) * log_f[r.kind]
-                                                + weight * (log_r - log_s))))
+        own = weight * OWN_SHARE  # the model's own factors learn more slowly
+        log_f[r.kind] = math.log(clamp(math.exp((1 - own) * log_f[r.kind]
+                                                + own * (log_r - log_s))))
     want = {k: clamp(math.exp(v + log_s)) for k, v in log_f.items()}
     assert e.speed.factor == pytest.approx(math.exp(log_s), rel=1e-9)
     assert e.cost_factors("m") == pytest.approx(want, rel=1e-9)
