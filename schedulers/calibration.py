@@ -247,17 +247,24 @@ class OnlineCalibration(ScaledCost):
             if m + self.shape_prior > 0 else log_kind
         return self._clamp(math.exp(log_f))
 
-    def _own(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
+    def _key(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]):
+        """The (kind, *compiled shape) a batch's own factor is kept under; None when
+        per-shape factors are off."""
+        if self.shape_prior is None or self._shape is None:
+            return None
+        return (kind, *self._shape(kind, chunks, contexts))
+
+    def _own(self, kind: str, key) -> float:
         """This model's factor for a batch (its shape's blend, else its kind's)."""
-        if self._shape_log:
-            got = self._shape_log.get((kind, *self._shape(kind, chunks, contexts)))
-            if got is not None:
-                return self._blend(kind, got[0], got[1])
-        return self._factors[kind]
+        got = self._shape_log.get(key) if key is not None else None
+        return self._factors[kind] if got is None else self._blend(kind, got[0], got[1])
+
+    def _scaled(self, f: float) -> float:
+        return f if self.speed is None else self._clamp(f * self.speed.factor)
 
     def factor(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int]) -> float:
-        f = self._own(kind, chunks, contexts)
-        return f if self.speed is None else self._clamp(f * self.speed.factor)
+        key = self._key(kind, chunks, contexts) if self._shape_log else None
+        return self._scaled(self._own(kind, key))
 
     def observe(self, kind: str, chunks: Sequence[int] | None, contexts: Sequence[int],
                 seconds: float) -> float:
@@ -268,22 +275,22 @@ class OnlineCalibration(ScaledCost):
         pred = (self.base.decode_time(contexts) if kind == DECODE
                 else self.base.prefill_time(chunks, contexts))
         if not (pred > 0 and seconds > 0 and math.isfinite(seconds)):
-            return self.factors[kind]
+            return self._scaled(self._factors[kind])
         log_r = math.log(self._clamp(seconds / pred))
+        key = self._key(kind, chunks, contexts)
         if self.speed is not None:  # the device's share first, this model's the rest
-            s = self.speed.observe(log_r - math.log(self.factor(kind, chunks, contexts)))
-            log_r -= math.log(s)
+            used = self._scaled(self._own(kind, key))
+            log_r -= math.log(self.speed.observe(log_r - math.log(used)))
         w = self.own_weight
         log_f = (1 - w) * math.log(self._factors[kind]) + w * log_r
         self._factors[kind] = self._clamp(math.exp(log_f))
         self.observed[kind] += 1
-        if self.shape_prior is not None and self._shape is not None:
-            key = (kind, *self._shape(kind, chunks, contexts))
+        if key is not None:
             got = self._shape_log.setdefault(key, [0.0, 0])
             got[1] += 1
             w = max(self.own_weight, 1.0 / got[1])  # a plain mean until 1 / weight steps
             got[0] = (1 - w) * got[0] + w * log_r
-        return self.factors[kind]
+        return self._scaled(self._factors[kind])
 
     def frozen(self) -> ScaledCost:
         """The correction as it stands now, fixed (each seen shape's blended factor, and

@@ -363,7 +363,8 @@ def run_systems(args, command: str) -> int:
                                                 for n in MODELS},
                          "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
                                           "end": {n: e.cost_factors(n) for n in MODELS}},
-                         "device_speed": {"start": speed0, "end": e.speed and e.speed.factor},
+                         "device_speed": {"start": speed0,
+                                          "end": e.speed.factor if e.speed else None},
                          "engine_steps": summarize_steps(steps, costs),
                          "requests": recs})
             _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
