@@ -386,10 +386,33 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     models holds more tokens per byte than one of BF16 models). Ties: lowest device index.
     Groups where the models' step times would break one of their TPOT targets
     (``tpot_compatible``) are passed over while any other group fits.
+
+    Every model first: when that order leaves a model with no replica at all (the extra
+    replicas of the large, popular models took the room it needed), the greedy runs again
+    with each model's first replica ahead of every extra replica (each pass largest
+    first), and that placement is kept if it serves more models. A model with no replica
+    misses every request; an extra replica only adds capacity to one that has some.
     """
     _check_inputs(demands, devices)
+    items = _by_memory(_items(demands, plans))
+    out = _slab_greedy(items, devices, config)
+    if any(u.replica == 0 for u in out.unplaced):
+        firsts = sorted(items, key=lambda i: i.replica > 0)  # stable: by memory within
+        alt = _slab_greedy(firsts, devices, config)
+        if _models_served(alt) > _models_served(out):
+            out = alt
+    return out
+
+
+def _models_served(p: Placement) -> int:
+    return len({m for g in p.groups for m in g.models})
+
+
+def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
+                 config: PlacementConfig) -> Placement:
+    """``place_slab_greedy``'s greedy over ``items`` in the order given."""
     cluster, unplaced = _Cluster(devices, config), []
-    for item in _by_memory(_items(demands, plans)):
+    for item in items:
         fit = cluster.candidates(item)
         # Interference: never beside models whose steps break its TPOT (or theirs).
         cands = [(g, it) for g, it in fit if tpot_compatible(g.items + [it])] or fit

@@ -176,6 +176,27 @@ def test_tpot_check_leaves_room_for_the_groups_prompts():
     assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("B", "C")), ((1,), ("A",))]
 
 
+def test_slab_greedy_gives_every_model_a_replica_before_extra_ones():
+    # Two 100 GB devices. A: 60 GB of weights, two replicas at 0.6 of a device each; B:
+    # 30 GB, one replica at 0.5. Largest first, A's replicas take a device each and B
+    # finds no room: beside either replica it fits in memory (60 + 30 <= 100 GB) but not
+    # in compute (0.6 + 0.5 > 0.9). Each model's first replica first instead: A on
+    # device 0, B on device 1 (A's compute is full on 0), and A's second replica is the
+    # one left out (neither device has 0.6 of compute left).
+    demands = [demand("A", 60), demand("B", 30)]
+    plans = {"A": plan(replicas=2, util=0.6), "B": plan(util=0.5)}
+    pl = place_slab_greedy(demands, plans, [device(), device()], NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("A",)), ((1,), ("B",))]
+    (u,) = pl.unplaced
+    assert (u.model, u.replica) == ("A", 1)
+    # With room for all three, the memory order stands (A's replicas on a device each,
+    # B beside the first): a placement that serves every model is not redone.
+    roomy = {"A": plan(replicas=2, util=0.4), "B": plan(util=0.5)}
+    pl = place_slab_greedy(demands, roomy, [device(), device()], NO_RESERVE)
+    assert not pl.unplaced
+    assert sorted(g.models for g in pl.groups) == [("A",), ("A", "B")]
+
+
 def test_kvpr_known_answer_is_precision_blind():
     demands, plans, devices = slab_vs_kvpr_case()
     pl = place_kvpr(demands, plans, devices, NO_RESERVE)
