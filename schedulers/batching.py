@@ -78,6 +78,8 @@ class Seq:
     deadline: float = float("inf")  # first token due (arrival + the model's TTFT SLO)
     slo_missed: bool = False  # judged unable to meet its TTFT SLO and served best-effort
     last_token_at: float | None = None  # start of the step that sampled its latest token
+    paced_from: float | None = None  # start of the step that sampled its first token
+    paced_tokens: int = 0  # tokens sampled since that one (the local scheduler's TPOT pace)
 
     @property
     def arrival(self) -> float:

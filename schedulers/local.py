@@ -38,13 +38,19 @@ Three policies with this interface:
        longest prompt while a member whose prompt completes in this step would miss its
        deadline, and cut (chunk halved, rows dropped) to end before the next running
        decode is due when some cut can (adaptive batch size). The prefill whose earliest member is due first runs, unless running it
-       would make some model's decode late (``last decode + tpot`` minus its step time,
-       ``tpot_margin``): then that decode runs first -- at most once per model
+       would make some model's decode late: then that decode runs first -- at most once per model
        while the batch waits (a decode whose model has sampled since the batch's oldest
        member arrived, or since its partial prompt's first chunk ran, no longer goes
        first; otherwise several models' decodes can tile the device so that no prefill
        ever fits between them). With no prefill to run, the decode due first runs
        (least recently stepped when no TPOT is set).
+
+       A model's decode is due when the sequence furthest behind its pace needs its next
+       token, less the step's time: a sequence's pace is one token per ``tpot``
+       (x ``tpot_margin``) after its first, which is what a mean time-per-output-token
+       target allows. A sequence that got tokens early (a quiet spell) has that much
+       slack for the next burst; pacing each token from the one before would spend that
+       slack on nothing and make the model due again a full ``tpot`` after every step.
 
     Models without SLOs get the same treatment with infinite deadlines: arrival order,
     no drops, and decodes interleaved round-robin.
@@ -112,6 +118,24 @@ def last_token_at(sched: ModelScheduler) -> float:
     return min((t if t is not None else -math.inf) for t in ts) if ts else math.inf
 
 
+def paced_due(sched: ModelScheduler, tpot: float) -> float:
+    """When the decodable sequence furthest behind its TPOT pace needs its next token:
+    ``tpot`` per token after its first (what a mean-TPOT target allows), so a sequence
+    that got tokens early has that much slack. A sequence whose first token the local
+    scheduler did not see is paced from its latest token (-inf when that is unknown
+    too); inf when no sequence decodes."""
+    due = math.inf
+    for q in sched.running:
+        if q.prefilling:
+            continue
+        if q.paced_from is None:
+            t = q.last_token_at + tpot if q.last_token_at is not None else -math.inf
+        else:
+            t = q.paced_from + tpot * (q.paced_tokens + 1)
+        due = min(due, t)
+    return due
+
+
 def decode_time(sched: ModelScheduler) -> float:
     """Seconds of this model's next decode step (its decodable running sequences)."""
     if sched.cost is None:
@@ -143,6 +167,10 @@ class LocalScheduler:
             for seq, fed in work.rows:
                 if fed == seq.remaining:  # this step samples its next token
                     seq.last_token_at = now
+                    if seq.paced_from is None:
+                        seq.paced_from = now
+                    else:
+                        seq.paced_tokens += 1
         return got
 
     def _pick(self, scheds: list[ModelScheduler], now: float):
@@ -304,7 +332,7 @@ class SLOAware(LocalScheduler):
     def _decode_due(self, s: ModelScheduler) -> float:
         if s.slo.tpot_s is None:  # no target: alternate with this model's prefills
             return -math.inf if s.last_kind == PREFILL else math.inf
-        return last_token_at(s) + self.tpot_margin * s.slo.tpot_s - decode_time(s)
+        return paced_due(s, self.tpot_margin * s.slo.tpot_s) - decode_time(s)
 
     # ------------------------------------------------------------- decision
     def _pick(self, scheds, now):

@@ -140,6 +140,43 @@ def test_decode_due_runs_before_a_prefill_that_would_make_it_late():
     assert got[0] is y2 and got[1].kind == PREFILL
 
 
+def test_a_decode_is_due_by_its_sequences_tpot_pace_not_its_last_token():
+    # X (TPOT 0.2 s) got its first token from a step at t=0 and four more since, the
+    # latest from a step at 0.6: on pace it owes its sixth token only by 0 + 5 x 0.2 =
+    # 1.0, so its decode is due at 1.0 - 0.05 = 0.95 (from its latest token alone it
+    # would be 0.6 + 0.2 - 0.05 = 0.75). Y's 20-token prompt arrives at 0.62 (after X's
+    # latest token, so X may go ahead of it once); at now = 0.65 its prefill would end at
+    # 0.65 + 0.3 = 0.95, not past X's due time: the prefill runs first.
+    def case(paced_from):
+        x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(ttft_s=5.0)))
+        s = _decoding(x, "x0", 20, 0.0)
+        s.paced_from, s.paced_tokens, s.last_token_at = paced_from, 4, 0.6
+        y.add(seq("y0", 20, 0.62))
+        return x, y, s, SLOAware().next_step([x, y], now=0.65)
+
+    x, y, s, got = case(0.0)
+    assert got[0] is y and got[1].kind == PREFILL
+    # Behind pace instead: a first token at -0.2 makes the sixth due by -0.2 + 5 x 0.2
+    # = 0.8, the decode at 0.75, before the prefill would end (0.95): X decodes first.
+    x, y, s, got = case(-0.2)
+    assert got[0] is x and got[1].kind == DECODE
+    # The scheduler keeps the pace itself: the decode it chose samples a token.
+    assert (s.paced_from, s.paced_tokens, s.last_token_at) == (-0.2, 5, 0.65)
+
+
+def test_the_pace_starts_at_the_step_that_samples_the_first_token():
+    (m,) = device(("m", SLO(ttft_s=5.0, tpot_s=1.0)))
+    s = seq("a", 20, 0.0)
+    m.add(s)
+    sch = SLOAware()
+    got = sch.next_step([m], now=0.5)  # the whole prompt: samples the first token
+    assert got[1].kind == PREFILL and (s.paced_from, s.paced_tokens) == (0.5, 0)
+    m.advance(s, 20)
+    s.tokens.append(7)
+    sch.next_step([m], now=0.8)  # a decode: the second token
+    assert (s.paced_from, s.paced_tokens, s.last_token_at) == (0.5, 1, 0.8)
+
+
 def test_earliest_deadline_model_prefills_first():
     a, b = device(("a", SLO(ttft_s=2.0)), ("b", SLO(ttft_s=0.5)))
     a.add(seq("a0", 10, 0.0))
