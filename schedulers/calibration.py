@@ -295,8 +295,7 @@ class OnlineCalibration(ScaledCost):
     def frozen(self) -> ScaledCost:
         """The correction as it stands now, fixed (each seen shape's blended factor, and
         the device's speed of now)."""
-        s = 1.0 if self.speed is None else self.speed.factor
-        shapes = {k: self._clamp(self._blend(k[0], lf, n) * s)
+        shapes = {k: self._scaled(self._blend(k[0], lf, n))
                   for k, (lf, n) in self._shape_log.items()}
         f = self.factors
         return ScaledCost(self.base, f[PREFILL], f[DECODE], shapes)

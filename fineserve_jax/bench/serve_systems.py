@@ -364,7 +364,8 @@ def run_systems(args, command: str) -> int:
                          "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
                                           "end": {n: e.cost_factors(n) for n in MODELS}},
                          "device_speed": {"start": speed0,
-                                          "end": e.speed.factor if e.speed else None},
+                                          "end": e.speed.factor if e.speed is not None
+                                          else None},
                          "engine_steps": summarize_steps(steps, costs),
                          "requests": recs})
             _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
