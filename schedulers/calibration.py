@@ -45,8 +45,8 @@ models' steps, instead of the speed of its own last step:
 ``frozen()`` returns the current correction as a fixed ``ScaledCost``: what the simulator
 replays a trace with, so its prediction uses what the engine had learned before the run.
 ``ScaledCost.fit(base, steps)`` is the same kind of correction fitted to steps already run
-(median measured/predicted per kind and shape): replaying a run with it tests the
-simulator's batching and queueing apart from how well the step costs were predicted.
+(measured over predicted seconds, summed per kind and shape): replaying a run with it tests
+the simulator's batching and queueing apart from how well the step costs were predicted.
 
 Plain Python (no JAX, no NumPy); one engine loop thread calls a model's ``observe`` and
 reads its predictions, so ``OnlineCalibration`` holds no lock; a ``DeviceSpeed`` shared by
@@ -56,7 +56,6 @@ engines (one loop thread each) takes a lock to update.
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 from typing import Mapping, Sequence
 
@@ -143,11 +142,17 @@ class ScaledCost:
     def fit(cls, base: StepCost, steps) -> ScaledCost:
         """The fixed correction that makes ``base`` describe measured ``steps``
         (``(kind, chunks, contexts, seconds)`` each; decode ignores ``chunks``): per kind
-        and, where ``base`` has engine buckets, per compiled shape, the median of
-        measured/predicted. Kinds and shapes without steps keep a factor of 1 (the
-        kind's). What a replay of the steps an engine ran uses, as against a prediction."""
+        and, where ``base`` has engine buckets, per compiled shape, the measured seconds
+        over the predicted ones, each summed over the steps. Kinds and shapes without
+        steps keep a factor of 1 (the kind's). What a replay of the steps an engine ran
+        uses, as against a prediction.
+
+        A ratio of sums and not a typical (median) ratio: a replay has to spend the time
+        the engine spent. Step times are skewed to the slow side (a slow spell, a pause),
+        and under load the queue carries every slow step into the next request's wait, so
+        a median of the ratios replays queues that drain too soon."""
         shape_of = _shape_of(base)
-        ratios: dict[tuple, list[float]] = {}
+        sums: dict[tuple, list[float]] = {}  # key -> [measured s, predicted s]
         for kind, chunks, contexts, seconds in steps:
             if kind not in KINDS:
                 raise ValueError(f"step kind must be one of {KINDS}, got {kind!r}")
@@ -158,10 +163,12 @@ class ScaledCost:
             keys = [(kind,)] if shape_of is None else \
                 [(kind,), (kind, *shape_of(kind, chunks, contexts))]
             for key in keys:
-                ratios.setdefault(key, []).append(seconds / t)
-        med = {k: statistics.median(v) for k, v in ratios.items()}
-        return cls(base, med.get((PREFILL,), 1.0), med.get((DECODE,), 1.0),
-                   {k: f for k, f in med.items() if len(k) == 4})
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0] += seconds
+                acc[1] += t
+        fac = {k: m / p for k, (m, p) in sums.items()}
+        return cls(base, fac.get((PREFILL,), 1.0), fac.get((DECODE,), 1.0),
+                   {k: f for k, f in fac.items() if len(k) == 4})
 
     @property
     def factors(self) -> dict[str, float]:

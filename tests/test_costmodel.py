@@ -513,19 +513,22 @@ def test_per_shape_factors_need_a_bucketed_cost_and_positive_values(bucketed):
     assert flat.frozen().shapes == {} and flat.decode_time([3]) == pytest.approx(0.01 * 2 ** 0.5)
 
 
-def test_a_fitted_correction_is_the_median_ratio_per_kind_and_shape(bucketed):
-    """Three batch-1 decodes at 1x, 2x and 3x the profile and one batch-16 decode at 0.5x:
-    the batch-1 shape's factor is their median (2), batch 16's its one step (0.5), the
-    kind's the median of all four ((1 + 2) / 2); prefill, never run, keeps 1."""
+def test_a_fitted_correction_is_measured_over_predicted_time_per_kind_and_shape(bucketed):
+    """Three batch-1 decodes at 1x, 1x and 4x the profile and one batch-16 decode at 0.5x:
+    the batch-1 shape spent 6 profiled steps' time in 3 (factor 2, where their median
+    ratio is 1), batch 16 its one step's 0.5; the kind's factor is all measured time over
+    all predicted, (6 d1 + 0.5 d16) / (3 d1 + d16) with d1 = 1.8 ms and d16 = 16.8 ms;
+    prefill, never run, keeps 1."""
     from schedulers.calibration import ScaledCost
     one, sixteen, four = [40], [40] * 16, [40] * 3
-    steps = [("decode", None, one, f * dec_s(1, 8)) for f in (1.0, 3.0, 2.0)]
+    steps = [("decode", None, one, f * dec_s(1, 8)) for f in (1.0, 4.0, 1.0)]
     steps.append(("decode", None, sixteen, 0.5 * dec_s(16, 8)))
     fit = ScaledCost.fit(bucketed, steps)
+    kind = (6 * 1.8 + 0.5 * 16.8) / (3 * 1.8 + 16.8)
     assert fit.shape_factors() == pytest.approx({"decode:1:1:8": 2.0, "decode:16:1:8": 0.5})
-    assert fit.factors == pytest.approx({"prefill": 1.0, "decode": 1.5})
+    assert fit.factors == pytest.approx({"prefill": 1.0, "decode": kind})
     assert fit.decode_time(one) == pytest.approx(2 * dec_s(1, 8))
-    assert fit.decode_time(four) == pytest.approx(1.5 * dec_s(4, 8))  # a shape not run
+    assert fit.decode_time(four) == pytest.approx(kind * dec_s(4, 8))  # a shape not run
     assert fit.prefill_time([16], [16]) == pytest.approx(pre_s(1, 16, 8))
     # Without buckets: per kind only. A step the base predicts as free counts for nothing.
     flat = ScaledCost.fit(_Flat(), [("decode", None, [3], 0.03), ("decode", None, [3], 0.0)])
