@@ -70,7 +70,8 @@ recipe = with_calibration(get_precision("fireq-g32"), 512)
 path, made = cached_checkpoint("smollm2-135m", recipe, "bfloat16", progress=False)
 print("quantized now" if made else "from the cache:", path.name)
 fireq = LLM(path, dtype="bfloat16", progress=False, kv_budget_bytes=16 * 2**20)
-print(fireq)"""),
+print(f"{fireq.precision}: {fireq.config.num_params() / 1e6:.0f}M parameters, "
+      f"loaded in {fireq.load_seconds:.1f} s")"""),
     ("code", """\
 prompts = ["The capital of France is", "Water boils at a temperature of",
            "The three primary colors are"]
