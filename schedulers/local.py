@@ -37,13 +37,14 @@ Three policies with this interface:
        rows and tokens of one step, prompts in flight), then shrunk by evicting the
        longest prompt while a member whose prompt completes in this step would miss its
        deadline, and cut (chunk halved, rows dropped) to end before the next running
-       decode is due when some cut can (adaptive batch size). The prefill whose earliest member is due first runs, unless running it
-       would make some model's decode late: then that decode runs first -- at most once per model
-       while the batch waits (a decode whose model has sampled since the batch's oldest
-       member arrived, or since its partial prompt's first chunk ran, no longer goes
-       first; otherwise several models' decodes can tile the device so that no prefill
-       ever fits between them). With no prefill to run, the decode due first runs
-       (least recently stepped when no TPOT is set).
+       decode is due when some cut can (adaptive batch size). The prefill whose
+       earliest member is due first runs, unless running it would make some model's
+       decode late: then that decode runs first, as often as it would (a decode run
+       ahead of the prompt banks slack against its pace, so decodes cannot tile the
+       device for long: each one moves its model's due time a whole ``tpot`` on for one
+       step's time, so while the decodes need less than the whole device a prefill
+       soon fits before the next one is due). With no prefill to run, the decode due
+       first runs (least recently stepped when no TPOT is set).
 
        A model's decode is due when the sequence furthest behind its pace needs its next
        token, less the step's time: a sequence's pace is one token per ``tpot``
@@ -352,10 +353,7 @@ class SLOAware(LocalScheduler):
         prefills.sort(key=lambda t: t[:3])
         for _, _, _, s, rows in prefills:
             t_end = now + batch_time(s, rows)
-            waiting_since = min(_waiting_since(q) for q, _ in rows)
-            urgent = [d for d in decodes if due[d.name] < t_end
-                      and last_token_at(d) <= waiting_since]
-            for d in urgent:
+            for d in (d for d in decodes if due[d.name] < t_end):
                 work = d.schedule(DECODE)
                 if work is not None:
                     return d, work
@@ -379,14 +377,6 @@ class SLOAware(LocalScheduler):
 
 
 # ------------------------------------------------------------------- helpers
-def _waiting_since(seq: Seq) -> float:
-    """When a prefill candidate started waiting for its next chunk: its arrival, or the
-    first step that fed it if its prompt is partly in KV."""
-    if seq.num_computed and seq.metrics.first_scheduled is not None:
-        return seq.metrics.first_scheduled
-    return seq.arrival
-
-
 def _check_on_miss(v: str) -> str:
     if v not in ON_MISS:
         raise ValueError(f"on_miss must be one of {ON_MISS}, got {v!r}")

@@ -144,9 +144,9 @@ def test_a_decode_is_due_by_its_sequences_tpot_pace_not_its_last_token():
     # X (TPOT 0.2 s) got its first token from a step at t=0 and four more since, the
     # latest from a step at 0.6: on pace it owes its sixth token only by 0 + 5 x 0.2 =
     # 1.0, so its decode is due at 1.0 - 0.05 = 0.95 (from its latest token alone it
-    # would be 0.6 + 0.2 - 0.05 = 0.75). Y's 20-token prompt arrives at 0.62 (after X's
-    # latest token, so X may go ahead of it once); at now = 0.65 its prefill would end at
-    # 0.65 + 0.3 = 0.95, not past X's due time: the prefill runs first.
+    # would be 0.6 + 0.2 - 0.05 = 0.75). Y's 20-token prompt arrives at 0.62; at now =
+    # 0.65 its prefill would end at 0.65 + 0.3 = 0.95, not past X's due time: the
+    # prefill runs first.
     def case(paced_from):
         x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(ttft_s=5.0)))
         s = _decoding(x, "x0", 20, 0.0)
@@ -162,6 +162,31 @@ def test_a_decode_is_due_by_its_sequences_tpot_pace_not_its_last_token():
     assert got[0] is x and got[1].kind == DECODE
     # The scheduler keeps the pace itself: the decode it chose samples a token.
     assert (s.paced_from, s.paced_tokens, s.last_token_at) == (-0.2, 5, 0.65)
+
+
+def test_a_decode_behind_pace_goes_first_until_its_slack_covers_the_prefill():
+    # X (TPOT 0.2 s, 0.05 s a decode) is paced from -0.4 and has 2 tokens after its
+    # first, the latest at 0.02 -- after Y's prompt arrived (0.0). Its next token is owed
+    # by -0.4 + 3 x 0.2 = 0.2, its decode due at 0.15. Y's 20-token prefill takes 0.3 s
+    # and no cut of it fits (a step is at least 0.1 s and 20 tokens is below the
+    # smallest chunk). Having sampled since Y arrived does not let the prefill make X
+    # late: at 0.05 X decodes (due next at 0.35 < 0.1 + 0.3), at 0.1 X decodes again
+    # (due next at 0.55), and at 0.15 the prefill ends by 0.45 and runs.
+    x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(ttft_s=5.0)))
+    s = _decoding(x, "x0", 20, 0.0)
+    s.paced_from, s.paced_tokens, s.last_token_at = -0.4, 2, 0.02
+    y.add(seq("y0", 20, 0.0))
+    sch = SLOAware()
+    steps = []
+    for now in (0.05, 0.1, 0.15):
+        m, work = sch.next_step([x, y], now=now)
+        steps.append((m.name, work.kind, ids(work.rows)))
+        if work.kind == DECODE:
+            assert x.advance(s, 1)
+            s.tokens.append(7)
+    assert steps == [("x", DECODE, [("x0", 1)]), ("x", DECODE, [("x0", 1)]),
+                     ("y", PREFILL, [("y0", 20)])]
+    assert (s.paced_tokens, s.last_token_at) == (4, 0.1)
 
 
 def test_the_pace_starts_at_the_step_that_samples_the_first_token():

@@ -195,10 +195,11 @@ def test_bad_inputs_name_what_is_wrong():
 def test_fineserve_prefill_is_not_starved_by_several_models_decoding():
     # Three models decode on one device: 2 ms a step against an 8 ms TPOT, so each one's
     # decode is due 8 - 2 = 6 ms after its last token, and the three take 6 ms in
-    # turn. A 3 ms prefill never ends before the next due decode: unless each decoding
-    # model goes ahead of a waiting prompt at most once, the prompt waits until it is
-    # predicted late and is dropped. Here it waits at most for the step in flight and one
-    # decode per model: 2 + 3 * 2 ms, then its 3 ms prefill.
+    # turn if each decodes only when due, and a 3 ms prefill would never end before the
+    # next due decode. But a decode that runs early banks slack against its pace: with
+    # no prompt waiting the decodes run back to back and get ahead of their pace, so
+    # when the prompt arrives it waits at most for the step in flight and one decode
+    # per model (2 + 3 * 2 ms), then its 3 ms prefill.
     slo = SLO(ttft_s=0.05, tpot_s=0.008)
     groups, models = one_device(models=("a", "b", "c"), slo=slo)
     costs = lambda m, g: ConstCost(prefill=0.003, decode=0.002)
