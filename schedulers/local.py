@@ -39,12 +39,14 @@ Three policies with this interface:
        deadline, and cut (chunk halved, rows dropped) to end before the next running
        decode is due when some cut can (adaptive batch size). The prefill whose
        earliest member is due first runs, unless running it would make some model's
-       decode late: then that decode runs first, as often as it would (a decode run
-       ahead of the prompt banks slack against its pace, so decodes cannot tile the
-       device for long: each one moves its model's due time a whole ``tpot`` on for one
-       step's time, so while the decodes need less than the whole device a prefill
-       soon fits before the next one is due). With no prefill to run, the decode due
-       first runs (least recently stepped when no TPOT is set).
+       decode late: then that decode runs first, as often as it would, while the
+       prompt can wait for it (the prefill, run after the decode, still gives its
+       earliest member its first token by its deadline). Between the two deadlines
+       the first token's is the hard one: a TPOT target is a mean, and a decode run
+       ahead of a prompt banks slack against its pace, so decodes cannot tile the
+       device for long (each one moves its model's due time a whole ``tpot`` on for
+       one step's time). With no prefill to run, the decode due first runs (least
+       recently stepped when no TPOT is set).
 
        A model's decode is due when the sequence furthest behind its pace needs its next
        token, less the step's time: a sequence's pace is one token per ``tpot``
@@ -352,8 +354,13 @@ class SLOAware(LocalScheduler):
                     prefills.append((first_due, s.last_step, s.name, s, rows))
         prefills.sort(key=lambda t: t[:3])
         for _, _, _, s, rows in prefills:
-            t_end = now + batch_time(s, rows)
-            for d in (d for d in decodes if due[d.name] < t_end):
+            step = batch_time(s, rows)
+            # A decode goes first only if the prompt can wait for it: its earliest
+            # member (those already counted as misses aside) still meets its deadline.
+            first_due = min((q.deadline for q, _ in rows if not q.slo_missed), default=math.inf)
+            for d in decodes:
+                if due[d.name] >= now + step or now + decode_time(d) + step > first_due:
+                    continue
                 work = d.schedule(DECODE)
                 if work is not None:
                     return d, work

@@ -168,10 +168,11 @@ def test_a_decode_behind_pace_goes_first_until_its_slack_covers_the_prefill():
     # X (TPOT 0.2 s, 0.05 s a decode) is paced from -0.4 and has 2 tokens after its
     # first, the latest at 0.02 -- after Y's prompt arrived (0.0). Its next token is owed
     # by -0.4 + 3 x 0.2 = 0.2, its decode due at 0.15. Y's 20-token prefill takes 0.3 s
-    # and no cut of it fits (a step is at least 0.1 s and 20 tokens is below the
-    # smallest chunk). Having sampled since Y arrived does not let the prefill make X
-    # late: at 0.05 X decodes (due next at 0.35 < 0.1 + 0.3), at 0.1 X decodes again
-    # (due next at 0.55), and at 0.15 the prefill ends by 0.45 and runs.
+    # and no cut of it fits before X is due (the smallest, 16 tokens, takes 0.26 s).
+    # Y's TTFT target (5 s) leaves it time to wait, and having sampled since Y arrived
+    # does not let the prefill make X late: at 0.05 X decodes (due next at 0.35 < 0.1 +
+    # 0.3), at 0.1 X decodes again (due next at 0.55), and at 0.15 the prefill ends by
+    # 0.45 and runs.
     x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(ttft_s=5.0)))
     s = _decoding(x, "x0", 20, 0.0)
     s.paced_from, s.paced_tokens, s.last_token_at = -0.4, 2, 0.02
@@ -187,6 +188,25 @@ def test_a_decode_behind_pace_goes_first_until_its_slack_covers_the_prefill():
     assert steps == [("x", DECODE, [("x0", 1)]), ("x", DECODE, [("x0", 1)]),
                      ("y", PREFILL, [("y0", 20)])]
     assert (s.paced_tokens, s.last_token_at) == (4, 0.1)
+
+
+def test_a_prompt_that_cannot_wait_goes_ahead_of_a_due_decode():
+    # X (TPOT 0.5 s, 0.05 s a decode) owes its next token by -0.65 + 2 x 0.5 = 0.35: its
+    # decode is due at 0.3, before Y's 0.3 s prefill would end (0.35), and no cut fits.
+    # Feasibility keeps Y (0.05 + 0.3 / (1 - 0.05 / 0.5) = 0.383 <= its deadline), but
+    # after X's decode its first token would come at 0.05 + 0.05 + 0.3 = 0.4: with a
+    # 0.39 s TTFT target Y cannot wait and prefills first; with 0.41 s X decodes first.
+    def first(ttft):
+        x, y = device(("x", SLO(tpot_s=0.5)), ("y", SLO(ttft_s=ttft)))
+        s = _decoding(x, "x0", 20, 0.0)
+        s.paced_from, s.paced_tokens = -0.65, 1
+        y.add(seq("y0", 20, 0.0))
+        m, work = SLOAware().next_step([x, y], now=0.05)
+        assert not y.dropped
+        return m.name, work.kind
+
+    assert first(0.39) == ("y", PREFILL)
+    assert first(0.41) == ("x", DECODE)
 
 
 def test_the_pace_starts_at_the_step_that_samples_the_first_token():

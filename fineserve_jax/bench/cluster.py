@@ -73,6 +73,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import cache
+from pathlib import Path
 
 from fineserve_jax.bench.common import (
     _cpu_model,
@@ -431,7 +432,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (8 GPUs, two rates, 4 s, two counts) to check the plumbing")
-    p.add_argument("--plot", default="benchmarks/results/cluster.png", help="PNG ('' = none)")
+    p.add_argument("--plot", default=None,
+                   help="PNG ('' = none; default: the --out path with .png)")
     p.add_argument("--out", default="benchmarks/results/cluster.json", help="JSON record")
 
 
@@ -494,8 +496,9 @@ def run(args) -> int:
     }
     path = write_json(args.out, record)
     _log(f"wrote {path}")
-    if args.plot:
-        _log(f"wrote {plot(record, args.plot)}")
+    png = Path(args.out).with_suffix(".png") if args.plot is None else args.plot
+    if png:
+        _log(f"wrote {plot(record, png)}")
     print(table(record))
     return 0
 
