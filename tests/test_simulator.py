@@ -216,7 +216,7 @@ def test_bench_cluster_quick_record(tmp_path):
     from fineserve_jax.bench.__main__ import main
 
     out = tmp_path / "cluster.json"
-    assert main(["cluster", "--quick", "--out", str(out), "--plot", str(tmp_path / "c.png")]) == 0
+    assert main(["cluster", "--quick", "--out", str(out)]) == 0  # the plot follows --out
     rec = json.loads(out.read_text())
     systems = list(rec["config"]["systems"])
     assert set(systems) == {"fineserve", "static", "dedicated", "fixed-page", "prism"}
@@ -238,7 +238,7 @@ def test_bench_cluster_quick_record(tmp_path):
         f = rec["fewest_gpus"][s]
         assert f["gpus"] is None or (f["gpus"] in rec["config"]["gpu_grid"]
                                      and f["tried"][str(f["gpus"])] >= 0.99)
-    assert (tmp_path / "c.png").stat().st_size > 0
+    assert (tmp_path / "cluster.png").stat().st_size > 0
 
 
 def test_goodput_and_knee_definitions():
