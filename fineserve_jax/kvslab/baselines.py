@@ -68,6 +68,18 @@ class _Owned:
         return len(self.owned)
 
 
+def _disown(model: str, owned: set, handles: Iterable[int], noun: str) -> list[int]:
+    """Checks that ``model`` owns every handle, takes them out of ``owned`` and returns
+    them as a list; nothing changes when one is not its own."""
+    hs = handle_list(handles)
+    bad = [h for h in hs if h not in owned]
+    if bad:
+        raise ValueError(f"{model}: cannot free {noun}s {bad[:8]}: not allocated to it "
+                         f"(double free, or another model's {noun})")
+    owned.difference_update(hs)
+    return hs
+
+
 def _rows_by_fraction(fractions: Mapping[str, float], num_rows: int) -> dict[str, int]:
     """Whole rows per name: floor of each share, leftovers to the largest remainders."""
     exact = {k: f * num_rows for k, f in fractions.items()}
@@ -171,13 +183,7 @@ class StaticPartitionAllocator(PoolTable):
 
     def free(self, model: str, handles: Iterable[int]) -> None:
         m = self._get(model)
-        hs = handle_list(handles)
-        bad = [h for h in hs if h not in m.owned]
-        if bad:
-            raise ValueError(f"{model}: cannot free handles {bad[:8]}: not allocated to it "
-                             f"(double free, or another model's handle)")
-        m.owned.difference_update(hs)
-        m.recycled.extend(hs)
+        m.recycled.extend(_disown(model, m.owned, handles, "handle"))
 
     def stats(self, live_tokens: Mapping[str, int] | None = None) -> PoolStats:
         check_live_names(live_tokens, self._models)
@@ -290,12 +296,7 @@ class FixedPageAllocator(PoolTable):
 
     def free(self, model: str, handles: Iterable[int]) -> None:
         m = self._get(model)
-        hs = handle_list(handles)
-        bad = [h for h in hs if h not in m.owned]
-        if bad:
-            raise ValueError(f"{model}: cannot free pages {bad[:8]}: not allocated to it "
-                             f"(double free, or another model's page)")
-        m.owned.difference_update(hs)
+        hs = _disown(model, m.owned, handles, "page")
         self._page_owner[hs] = -1
         for h in hs:
             heapq.heappush(self._free, h)
