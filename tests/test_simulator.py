@@ -241,6 +241,24 @@ def test_bench_cluster_quick_record(tmp_path):
     assert (tmp_path / "cluster.png").stat().st_size > 0
 
 
+def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+
+    out = tmp_path / "ablation.json"
+    systems = ["static", "kvslab+fcfs", "static+fineserve"]
+    assert main(["cluster", "--quick", "--systems", *systems, "--out", str(out), "--plot", ""]) == 0
+    rec = json.loads(out.read_text())
+    parts = rec["config"]["systems"]
+    assert parts["kvslab+fcfs"] == {"placement": "slab-greedy", "allocator": "kvslab",
+                                    "scheduler": "fcfs"}
+    assert parts["static+fineserve"] == {"placement": "slab-greedy", "allocator": "static",
+                                         "scheduler": "fineserve"}
+    assert sorted({r["system"] for r in rec["results"]}) == sorted(systems)
+    assert not (tmp_path / "ablation.png").exists()  # --plot '' draws nothing
+
+
 def test_goodput_and_knee_definitions():
     from fineserve_jax.bench.cluster import goodput, knee
 

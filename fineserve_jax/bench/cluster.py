@@ -124,7 +124,12 @@ SYSTEMS = {
     "dedicated": System("dedicated", "static", "fcfs"),
     "fixed-page": System("slab-greedy", "fixed-page", "fcfs"),
     "prism": System("kvpr", "kvslab", "prism"),
+    # Ablations (not run unless named in --systems): one of FineServe's two parts each.
+    "kvslab+fcfs": System("slab-greedy", "kvslab", "fcfs"),
+    "static+fineserve": System("slab-greedy", "static", "fineserve"),
 }
+DEFAULT_SYSTEMS = ["fineserve", "static", "dedicated", "fixed-page", "prism"]
+
 
 @dataclass(frozen=True)
 class Lengths:
@@ -428,7 +433,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"log-space sigma of {kind} lengths")
         p.add_argument(f"--{kind}-max", type=int, default=d.hi,
                        help=f"{kind} lengths are clipped to this many tokens")
-    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS,
+                   help="systems to run (default: FineServe and the four baselines; "
+                        "kvslab+fcfs and static+fineserve are ablations, one part each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (8 GPUs, two rates, 4 s, two counts) to check the plumbing")
