@@ -13,6 +13,9 @@ fixed-page+fcfs    one pool of fixed pages     FCFS (MuxServe-like memory)
 prism              KV Slab (one shared pool)   Prism-style deadline checks in queue order
 =================  ==========================  ==========================================
 
+Two ablations run when ``--systems`` names them: ``kvslab+fcfs`` (KV Slab, FCFS) and
+``static+fineserve`` (static partitions, SLO-aware batching).
+
 Workload (``schedulers.workload.WorkloadSpec``): Poisson arrivals (``--cv`` for Gamma)
 over ``--duration`` seconds, rates split between the models by a power law (``--alpha``),
 lognormal prompt and output lengths (``--prompt-len``/``--output-len`` means, sigmas
@@ -53,7 +56,11 @@ SYSTEMS = {  # name: (allocator, local scheduler)
     "static+fcfs": ("static", "fcfs"),
     "fixed-page+fcfs": ("fixed-page", "fcfs"),
     "prism": ("kvslab", "prism"),
+    # Ablations (run when named in --systems): one of FineServe's two parts each.
+    "kvslab+fcfs": ("kvslab", "fcfs"),
+    "static+fineserve": ("static", "fineserve"),
 }
+DEFAULT_SYSTEMS = ["fineserve", "static+fcfs", "fixed-page+fcfs", "prism"]
 MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
 MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
 # What the record keeps of the replays beside the main one (that one keeps every TTFT).
@@ -63,7 +70,9 @@ SIM_BRIEF = ("attainment", "output_tok_s", "ttft_p50_s", "dropped")
 def add_arguments(p) -> None:
     """Options of the systems comparison (the ones the load client does not have)."""
     g = p.add_argument_group("systems comparison (without --url)")
-    g.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    g.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS),
+                   help="systems to run (default: FineServe and the three baselines; "
+                        "kvslab+fcfs and static+fineserve are ablations, one part each)")
     g.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.45],
                    help="total request rates (req/s) to sweep")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
