@@ -332,15 +332,17 @@ class SLOAware(LocalScheduler):
         # steps would only add steps, so the batch runs whole.
         return rows
 
-    def _decode_due(self, s: ModelScheduler) -> float:
+    def _decode_due(self, s: ModelScheduler, step_s: float) -> float:
+        """When ``s``'s decode, taking ``step_s``, must start to keep its TPOT pace."""
         if s.slo.tpot_s is None:  # no target: alternate with this model's prefills
             return -math.inf if s.last_kind == PREFILL else math.inf
-        return paced_due(s, self.tpot_margin * s.slo.tpot_s) - decode_time(s)
+        return paced_due(s, self.tpot_margin * s.slo.tpot_s) - step_s
 
     # ------------------------------------------------------------- decision
     def _pick(self, scheds, now):
         self.check_feasible(scheds, now)
-        due = {s.name: self._decode_due(s) for s in scheds if s.decodable()}
+        step_s = {s.name: decode_time(s) for s in scheds if s.decodable()}
+        due = {s.name: self._decode_due(s, step_s[s.name]) for s in scheds if s.name in step_s}
         decodes = sorted((s for s in scheds if s.name in due),
                          key=lambda s: (due[s.name], s.last_step, s.name))
         timed = [due[d.name] for d in decodes if d.slo.tpot_s is not None]
@@ -357,9 +359,9 @@ class SLOAware(LocalScheduler):
             step = batch_time(s, rows)
             # A decode goes first only if the prompt can wait for it: its earliest
             # member (those already counted as misses aside) still meets its deadline.
-            first_due = min((q.deadline for q, _ in rows if not q.slo_missed), default=math.inf)
+            ttft_due = min((q.deadline for q, _ in rows if not q.slo_missed), default=math.inf)
             for d in decodes:
-                if due[d.name] >= now + step or now + decode_time(d) + step > first_due:
+                if due[d.name] >= now + step or now + step_s[d.name] + step > ttft_due:
                     continue
                 work = d.schedule(DECODE)
                 if work is not None:

@@ -124,11 +124,11 @@ SYSTEMS = {
     "dedicated": System("dedicated", "static", "fcfs"),
     "fixed-page": System("slab-greedy", "fixed-page", "fcfs"),
     "prism": System("kvpr", "kvslab", "prism"),
-    # Ablations (not run unless named in --systems): one of FineServe's two parts each.
-    "kvslab+fcfs": System("slab-greedy", "kvslab", "fcfs"),
-    "static+fineserve": System("slab-greedy", "static", "fineserve"),
 }
-DEFAULT_SYSTEMS = ["fineserve", "static", "dedicated", "fixed-page", "prism"]
+DEFAULT_SYSTEMS = list(SYSTEMS)
+# Ablations (not run unless named in --systems): one of FineServe's two parts each.
+SYSTEMS |= {"kvslab+fcfs": System("slab-greedy", "kvslab", "fcfs"),
+            "static+fineserve": System("slab-greedy", "static", "fineserve")}
 
 
 @dataclass(frozen=True)

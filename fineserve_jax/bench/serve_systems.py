@@ -56,11 +56,10 @@ SYSTEMS = {  # name: (allocator, local scheduler)
     "static+fcfs": ("static", "fcfs"),
     "fixed-page+fcfs": ("fixed-page", "fcfs"),
     "prism": ("kvslab", "prism"),
-    # Ablations (run when named in --systems): one of FineServe's two parts each.
-    "kvslab+fcfs": ("kvslab", "fcfs"),
-    "static+fineserve": ("static", "fineserve"),
 }
-DEFAULT_SYSTEMS = ["fineserve", "static+fcfs", "fixed-page+fcfs", "prism"]
+DEFAULT_SYSTEMS = list(SYSTEMS)
+# Ablations (run when named in --systems): one of FineServe's two parts each.
+SYSTEMS |= {"kvslab+fcfs": ("kvslab", "fcfs"), "static+fineserve": ("static", "fineserve")}
 MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
 MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
 # What the record keeps of the replays beside the main one (that one keeps every TTFT).
