@@ -246,16 +246,17 @@ class _Cluster:
         dev = self.devices[devs[0]]
         return _Group(devs, tp, self.config.usable_bytes(dev), pool=pool_bytes(dev))
 
-    def candidates(self, item: _Item) -> list[tuple[_Group, _Item]]:
+    def candidates(self, item: _Item, widen: bool = False) -> list[tuple[_Group, _Item]]:
         """(group, replica as placed there) for the existing groups and fresh ones that
-        can take ``item``, by device index. When none can at its planned tp, existing
-        groups of a larger tp that can take it sharded over all their devices (its
-        weights spread thinner, no device newly used): a model is widened rather than
-        left unplaced."""
+        can take ``item`` at its planned tp, and existing groups of a larger tp that can
+        take it sharded over all their devices (its weights spread thinner, no device
+        newly used), by device index. Wider groups are offered always with ``widen``,
+        else only when nothing takes it at its planned tp: a model is widened rather
+        than left unplaced."""
         h = self.config.headroom
         cands = [(g, item) for g in self.groups if g.admits(item, h)]
         cands += [(g, item) for g in self.fresh(item.tp) if g.admits(item, h)]
-        if not cands:
+        if widen or not cands:
             for g in self.groups:
                 if g.tp > item.tp:
                     wide = replace(item, tp=g.tp, weights=item.demand.weight_bytes / g.tp)
@@ -379,11 +380,16 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
                       devices: Sequence[Device],
                       config: PlacementConfig = PlacementConfig()) -> Placement:
     """FineServe's placement: replicas by memory need per device (weights / tp + planned
-    KV), largest first; each goes to the feasible group (an existing group of its tp, or
-    ``tp`` unused devices; failing both, an existing wider group it is sharded over) that
-    leaves the most free KV blocks, counted in the block sizes
+    KV), largest first; each goes to the feasible group (an existing group of its tp,
+    ``tp`` unused devices, or an existing wider group it is sharded over) that leaves the
+    most free KV blocks, counted in the block sizes
     of the precisions sharing that pool weighted by their KV demand (a pool of INT4-KV
     models holds more tokens per byte than one of BF16 models). Ties: lowest device index.
+    Wider groups count like the others: a large model's group (a 70B model at tp 2 or 4)
+    often has the most memory left once all devices are taken, and an 8B model sharded
+    over it keeps its weights / tp there instead of crowding a device of 8B models. Its
+    compute share stays the one planned at its own tp (an upper bound: sharded, its steps
+    are shorter).
     Groups where the models' step times would break one of their TPOT targets
     (``tpot_compatible``) are passed over while any other group fits.
 
@@ -413,7 +419,7 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
     """``place_slab_greedy``'s greedy over ``items`` in the order given."""
     cluster, unplaced = _Cluster(devices, config), []
     for item in items:
-        fit = cluster.candidates(item)
+        fit = cluster.candidates(item, widen=True)
         # Interference: never beside models whose steps break its TPOT (or theirs).
         cands = [(g, it) for g, it in fit if tpot_compatible(g.items + [it])] or fit
         if not cands:

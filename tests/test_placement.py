@@ -277,12 +277,35 @@ def test_a_model_is_widened_into_a_wider_group_rather_than_left_out():
         assert not pl.unplaced
         assert [(g.devices, g.tp, g.models) for g in pl.groups] == [((0, 1), 2, ("big", "small"))]
         assert pl.groups[0].kv_budget_bytes == 10 * GB  # 100 - 75 - 15 per device
-        # A free device of its own tp still wins: widening is the fallback only.
+        # A free device of its own tp still wins: alone there it leaves 70 GB, sharded
+        # beside big 10 GB.
         pl = fn(demands, plans, [device()] * 3, NO_RESERVE)
         assert [(g.devices, g.models) for g in pl.groups] == [((0, 1), ("big",)), ((2,), ("small",))]
     # Dedicated placement never shares, so it leaves small out.
     pl = place_dedicated(demands, plans, [device(), device()], NO_RESERVE)
     assert [u.model for u in pl.unplaced] == ["small"]
+
+
+def test_slab_greedy_widens_a_model_onto_a_wider_group_with_more_room():
+    # Three 100 GB devices. "a" (60 GB, tp 1) takes device 0, "big" (100 GB, tp 2) the
+    # pair (1, 2): 50 GB per device (each plans 0.1 GB of KV). "s" (20 GB, tp 1) then has
+    # no fresh device; beside a it leaves 100 - 60 - 20 - 0.2 = 19.8 GB of KV free,
+    # sharded over big's pair 100 - 50 - 10 - 0.2 = 39.8 GB per device: slab-greedy
+    # widens it there. Prism-style
+    # placement only widens a model that fits nowhere at its own tp, so s joins a.
+    demands = [demand("a", 60), demand("big", 100), demand("s", 20)]
+    plans = {"a": plan(), "big": plan(tp=2), "s": plan()}
+    devices = [device()] * 3
+    pl = place_slab_greedy(demands, plans, devices, NO_RESERVE)
+    assert [(g.devices, g.tp, g.models) for g in pl.groups] == [
+        ((0,), 1, ("a",)), ((1, 2), 2, ("big", "s"))]
+    assert pl.groups[1].kv_budget_bytes == 40 * GB  # 100 - 50 - 10 per device
+    pl = place_kvpr(demands, plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("a", "s")), ((1, 2), ("big",))]
+    # With a fourth device s takes it alone (80 GB free) over the pair.
+    pl = place_slab_greedy(demands, plans, [device()] * 4, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [
+        ((0,), ("a",)), ((1, 2), ("big",)), ((3,), ("s",))]
 
 
 def test_replicas_go_to_different_groups():
