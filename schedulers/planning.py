@@ -181,7 +181,10 @@ def plan_parallelism(demand: ModelDemand, device: Device,
     - ``utilisation`` = lambda * S(concurrency): the share of its devices' time it needs
       (lambda * S(batch_rate) <= h if S is not monotone and that is more).
 
-    The degree with the fewest GPUs (tp x replicas) wins, ties to the smaller tp. If no
+    The degree with the fewest GPUs (tp x replicas) wins; ties go to the larger total
+    batch within the SLO (``batch_slo x replicas``: a degree whose KV room after the
+    weights holds a sequence or two per replica loses to a wider one that holds dozens on
+    as many GPUs), then to the smaller tp. If no
     degree meets the SLOs, the fastest one alone (least d(1)) is returned with
     ``meets_slo=False``, ``batch_slo = 1`` and replicas for the rate at batch 1; if no
     degree fits the memory, the largest degree tried with ``fits=False`` (placement then
@@ -224,7 +227,7 @@ def plan_parallelism(demand: ModelDemand, device: Device,
             conc, util = b_rate, lam * st.service(b_rate)
         plan = ParallelPlan(tp, replicas, b_slo, b_rate, conc, util, meets)
         if meets:
-            feasible.append(((plan.gpus, tp), plan))
+            feasible.append(((plan.gpus, -plan.batch_slo * plan.replicas, tp), plan))
         else:
             fallback.append(((st.decode(1), plan.gpus, tp), plan))
     if feasible:

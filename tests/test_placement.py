@@ -94,6 +94,25 @@ def test_plan_picks_fewest_gpus_then_smaller_tp():
     assert plan_parallelism(cheap, device(), (1, 2, 4)).tp == 1
 
 
+def test_plan_ties_on_gpus_go_to_the_larger_batch_in_the_slo():
+    # 190 GB of weights on 100 GB devices, 10 MB of KV per token, mean context 150
+    # tokens (1.5 GB a sequence). At tp 2 the KV room is 100 - 95 = 5 GB: 3 sequences,
+    # S(3) = 0.06 + 100 * 0.0115 / 3 = 0.443 s, 2.03 req/s a replica. At tp 4 the room is
+    # 52.5 GB (35 sequences; TPOT allows 160): S(35) = 0.035 + 100 * 0.01875 / 35 = 0.089 s.
+    # At 3 req/s both take 4 GPUs (tp 2 x 2 replicas, tp 4 x 1); the tie goes to the
+    # degree that runs 35 sequences within the SLO rather than 2 x 3.
+    def big(rate):
+        return demand("big", weights_gb=190, kv_per_token=1e7, rate=rate, prompt=100,
+                      output=100)
+    p = plan_parallelism(big(3.0), device(), (2, 4), NO_RESERVE)
+    assert (p.tp, p.replicas, p.batch_slo) == (4, 1, 35)
+    by_tp = {tp: plan_parallelism(big(3.0), device(), (tp,), NO_RESERVE) for tp in (2, 4)}
+    assert (by_tp[2].replicas, by_tp[2].batch_slo, by_tp[2].gpus) == (2, 3, 4)
+    # At 1 req/s one tp-2 replica keeps up: 2 GPUs, fewer than 4 whatever the batch.
+    p = plan_parallelism(big(1.0), device(), (2, 4), NO_RESERVE)
+    assert (p.tp, p.replicas) == (2, 1)
+
+
 def test_plan_reports_missed_slo_and_no_fit():
     slow = demand("s", tpot=0.005)  # decode alone takes 11 ms
     p = plan_parallelism(slow, device(), (1,))
