@@ -258,7 +258,7 @@ class _Cluster:
         cands += [(g, item) for g in self.fresh(item.tp) if g.admits(item, h)]
         if widen or not cands:
             for g in self.groups:
-                if g.tp > item.tp:
+                if g.tp > item.tp and _runs_at(item.demand, g.tp):
                     wide = replace(item, tp=g.tp, weights=item.demand.weight_bytes / g.tp)
                     if g.admits(wide, h):
                         cands.append((g, wide))
@@ -300,6 +300,16 @@ class _Cluster:
                 int(math.floor(g.kv_budget())), int(math.ceil(g.kv_need())),
                 round(g.util(), 6)))
         return Placement(algorithm, tuple(groups), tuple(unplaced))
+
+
+def _runs_at(d: ModelDemand, tp: int) -> bool:
+    """Whether ``d`` has step costs at ``tp`` (not, e.g., where tp does not divide its
+    heads, or a profiled cost that only knows tp 1)."""
+    try:
+        d.cost(tp)
+    except ValueError:
+        return False
+    return True
 
 
 def _unfit(item: _Item, cluster: _Cluster) -> Unplaced:

@@ -303,6 +303,19 @@ def test_a_model_is_widened_into_a_wider_group_rather_than_left_out():
     # Dedicated placement never shares, so it leaves small out.
     pl = place_dedicated(demands, plans, [device(), device()], NO_RESERVE)
     assert [u.model for u in pl.unplaced] == ["small"]
+    # Nor is a model widened to a degree it has no step cost for (tp not dividing its
+    # heads): it is reported unplaced instead of failing the placement.
+
+    def tp1_only(tp):
+        if tp != 1:
+            raise ValueError("tp must divide the heads")
+        return LinearCost()
+
+    odd = ModelDemand("odd", "bf16", 30 * GB, 1e5, 1.0, 99, 2, 1.0, 0.05, cost=tp1_only)
+    for fn in (place_slab_greedy, place_kvpr):
+        pl = fn([demands[0], odd], {**plans, "odd": plan()}, [device(), device()], NO_RESERVE)
+        assert [(g.devices, g.models) for g in pl.groups] == [((0, 1), ("big",))]
+        assert [u.model for u in pl.unplaced] == ["odd"]
 
 
 def test_slab_greedy_widens_a_model_onto_a_wider_group_with_more_room():
