@@ -188,14 +188,23 @@ def plan_table(demands, plans: dict[str, ParallelPlan]) -> str:
     return "\n".join(rows)
 
 
-def placement_table(pl: Placement, n_devices: int) -> str:
+def placement_table(pl: Placement, n_devices: int,
+                    plans: dict[str, ParallelPlan] | None = None) -> str:
+    """One row per device group; a model sharded over a group wider than its plan's tp
+    is marked ``(planned tp N)``."""
     rows = [f"{'devices':<14} {'tp':>2} {'KV budget GiB':>13} {'KV need GiB':>11} "
             f"{'util':>5}  models"]
+    plans = plans or {}
+
+    def name(m: str, tp: int) -> str:
+        p = plans.get(m)
+        return f"{m} (planned tp {p.tp})" if p is not None and p.tp < tp else m
+
     for g in pl.groups:
         devs = ",".join(map(str, g.devices))
         rows.append(f"{devs:<14} {g.tp:>2} {g.kv_budget_bytes / 2**30:>13.2f} "
                     f"{g.kv_need_bytes / 2**30:>11.2f} {g.utilisation:>5.2f}  "
-                    f"{', '.join(g.models)}")
+                    f"{', '.join(name(m, g.tp) for m in g.models)}")
     rows.append(f"{pl.algorithm}: {pl.devices_used} of {n_devices} devices used, "
                 f"{len(pl.unplaced)} replica(s) unplaced")
     rows += [f"  unplaced {u.model} (replica {u.replica}): {u.reason}" for u in pl.unplaced]
@@ -220,7 +229,7 @@ def run(argv=None) -> tuple[Placement, str]:
     Path(o["out"]).write_text(pl.to_json(), encoding="utf-8")
     report = (f"{o['devices']} x {device.name} ({device.memory_bytes / 2**30:.1f} GiB), "
               f"algorithm {o['algorithm']}\n\n{plan_table(demands, plans)}\n\n"
-              f"{placement_table(pl, o['devices'])}\nwrote {o['out']}")
+              f"{placement_table(pl, o['devices'], plans)}\nwrote {o['out']}")
     return pl, report
 
 

@@ -300,6 +300,10 @@ def test_a_model_is_widened_into_a_wider_group_rather_than_left_out():
         # beside big 10 GB.
         pl = fn(demands, plans, [device()] * 3, NO_RESERVE)
         assert [(g.devices, g.models) for g in pl.groups] == [((0, 1), ("big",)), ((2,), ("small",))]
+    # The CLI's table says which model runs wider than planned.
+    pl = place_slab_greedy(demands, plans, [device(), device()], NO_RESERVE)
+    row = place_cli.placement_table(pl, 2, plans).splitlines()[1]
+    assert row.endswith("big, small (planned tp 1)")
     # Dedicated placement never shares, so it leaves small out.
     pl = place_dedicated(demands, plans, [device(), device()], NO_RESERVE)
     assert [u.model for u in pl.unplaced] == ["small"]
