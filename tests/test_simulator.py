@@ -241,6 +241,29 @@ def test_bench_cluster_quick_record(tmp_path):
     assert (tmp_path / "cluster.png").stat().st_size > 0
 
 
+def test_bench_cluster_more_seeds_are_the_runs_of_those_seeds(tmp_path):
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+
+    common = ["cluster", "--quick", "--systems", "fineserve", "static", "--plot", ""]
+    assert main([*common, "--more-seeds", "3", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--seed", "3", "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert "--more-seeds 3" in a["command"] and "seeds" not in b
+    sd = a["seeds"]
+    assert sd["seeds"] == [0, 3]
+    main_rows = {(r["system"], r["rate"]): r["slo_attainment"] for r in a["results"]}
+    seed3 = {(r["system"], r["rate"]): r["slo_attainment"] for r in b["results"]}
+    assert len(sd["points"]) == len(main_rows) == 4
+    for p in sd["points"]:
+        key = (p["system"], p["rate"])
+        assert p["slo_attainment"] == [main_rows[key], seed3[key]]
+        assert p["mean"] == pytest.approx((main_rows[key] + seed3[key]) / 2)
+    assert sd["by_seed"]["3"]["goodput"] == b["goodput"]
+    assert sd["by_seed"]["0"]["goodput"] == a["goodput"]
+
+
 def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
     import json
 

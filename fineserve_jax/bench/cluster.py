@@ -61,6 +61,10 @@ preemptions. Derived:
 * fewest GPUs: for ``--fixed-rate``, the smallest count in ``--gpu-grid`` at which each
   system reaches 99% attainment (counts are tried in order until one does).
 
+``--more-seeds`` reruns the rate sweep on other seeds' traces and records each system's
+attainment per rate and seed, their mean, and each seed's goodput and headline (under
+``seeds``): a difference of a point or two at one rate is within what one trace varies.
+
 Every figure is simulated time from the roofline cost model, the same on any machine.
 """
 
@@ -400,6 +404,21 @@ def summarize(rows: list[dict], systems: list[str]) -> dict:
     return out
 
 
+def over_seeds(rows_by_seed: dict[int, list[dict]], systems: list[str]) -> dict:
+    """Per (system, rate): attainment on each seed's trace and their mean; per seed the
+    goodput and headline of ``summarize``."""
+    seeds = list(rows_by_seed)
+    att = {}
+    for seed, rows in rows_by_seed.items():
+        for r in rows:
+            att.setdefault((r["system"], r["rate"]), {})[seed] = r["slo_attainment"]
+    points = [{"system": s, "rate": rate, "slo_attainment": [v[k] for k in seeds],
+               "mean": sum(v.values()) / len(v)}
+              for (s, rate), v in sorted(att.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    return {"seeds": seeds, "points": points,
+            "by_seed": {str(k): summarize(rows, systems) for k, rows in rows_by_seed.items()}}
+
+
 # --------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=10,
@@ -437,6 +456,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="systems to run (default: FineServe and the four baselines; "
                         "kvslab+fcfs and static+fineserve are ablations, one part each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--more-seeds", type=int, nargs="+", default=[],
+                   help="also run the rate sweep on these seeds' traces (no fewest-GPUs "
+                        "search, not plotted) and report attainment per seed and its mean: "
+                        "one trace per point is noisy for small differences")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (8 GPUs, two rates, 4 s, two counts) to check the plumbing")
     p.add_argument("--plot", default=None,
@@ -480,6 +503,8 @@ def run(args) -> int:
     lengths = lengths_of(args)
     models = setup_models(args.slo_scale, config, lengths, args.models, args.family)
     rows = sweep(args, models, config, lengths)
+    more = {seed: sweep(argparse.Namespace(**{**vars(args), "seed": seed}), models, config,
+                        lengths) for seed in args.more_seeds}
     fewest = fewest_gpus(args, models, config, lengths)
     record = {
         "benchmark": "cluster",
@@ -499,6 +524,7 @@ def run(args) -> int:
         "results": rows,
         **summarize(rows, args.systems),
         "fewest_gpus": {"rate": args.fixed_rate, **fewest},
+        **({"seeds": over_seeds({args.seed: rows, **more}, args.systems)} if more else {}),
         "total_s": time.perf_counter() - t0,
     }
     path = write_json(args.out, record)
@@ -516,6 +542,8 @@ def command(args) -> str:
                 f"--output-sigma {args.output_sigma:g} --output-max {args.output_max} "
                 f"--models {args.models} --family {args.family} "
                 f"--systems {' '.join(args.systems)} --seed {args.seed}")
+    if args.more_seeds:
+        workload += f" --more-seeds {' '.join(map(str, args.more_seeds))}"
     if args.shift_s is not None:
         workload += f" --shift-s {args.shift_s:g}"
     if args.quick:
@@ -584,4 +612,12 @@ def table(record: dict) -> str:
                        f"{h['attainment']['static']:.3f} "
                        f"({'-' if ar is None else f'{ar:.2f}x'}), output tok/s "
                        f"{'-' if tr is None else f'{tr:.2f}x'}")
+    sd = record.get("seeds")
+    if sd:
+        out.append("")
+        out.append(format_table(
+            ["system", "rate", *[f"seed {k}" for k in sd["seeds"]], "mean"],
+            [[p["system"], f"{p['rate']:g}", *[f"{a:.3f}" for a in p["slo_attainment"]],
+              f"{p['mean']:.3f}"] for p in sd["points"]], left=1,
+            footer=["attainment on each seed's trace (the tables above: the first seed)"]))
     return "\n".join(out)
