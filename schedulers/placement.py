@@ -403,6 +403,12 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     Groups where the models' step times would break one of their TPOT targets
     (``tpot_compatible``) are passed over while any other group fits.
 
+    With ``config.balance_compute`` a group's free blocks count times the compute share
+    it has left with the replica (``headroom`` - utilisation), so replicas spread by
+    compute as well as memory (a device whose models use little of it takes the next
+    one before a device with more free KV that is busier); when that leaves a replica
+    unplaced that the plain rule places, the plain rule's placement is kept.
+
     Every model first: when that order leaves a model with no replica at all (the extra
     replicas of the large, popular models took the room it needed), the greedy runs again
     with each model's first replica ahead of every extra replica (each pass largest
@@ -411,13 +417,20 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     """
     _check_inputs(demands, devices)
     items = _by_memory(_items(demands, plans))
-    out = _slab_greedy(items, devices, config)
-    if any(u.replica == 0 for u in out.unplaced):
-        firsts = sorted(items, key=lambda i: i.replica > 0)  # stable: by memory within
-        alt = _slab_greedy(firsts, devices, config)
-        if _models_served(alt) > _models_served(out):
-            out = alt
-    return out
+    best = None
+    for balance in ((True, False) if config.balance_compute else (False,)):
+        out = _slab_greedy(items, devices, config, balance)
+        if any(u.replica == 0 for u in out.unplaced):
+            firsts = sorted(items, key=lambda i: i.replica > 0)  # stable: by memory within
+            alt = _slab_greedy(firsts, devices, config, balance)
+            if _models_served(alt) > _models_served(out):
+                out = alt
+        if best is None or ((_models_served(out), -len(out.unplaced))
+                            > (_models_served(best), -len(best.unplaced))):
+            best = out
+        if not best.unplaced:
+            break
+    return best
 
 
 def _models_served(p: Placement) -> int:
@@ -425,8 +438,15 @@ def _models_served(p: Placement) -> int:
 
 
 def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
-                 config: PlacementConfig) -> Placement:
-    """``place_slab_greedy``'s greedy over ``items`` in the order given."""
+                 config: PlacementConfig, balance: bool = False) -> Placement:
+    """``place_slab_greedy``'s greedy over ``items`` in the order given; with ``balance``
+    each candidate's free KV blocks count times the compute share its group has left."""
+
+    def score(c: tuple[_Group, _Item]) -> tuple:
+        free = _free_blocks(*c)
+        left = max(config.headroom - c[0].util(c[1]), 0.0)
+        return ((free * left,) if balance else ()) + (free, [-i for i in c[0].devices])
+
     cluster, unplaced = _Cluster(devices, config), []
     for item in items:
         fit = cluster.candidates(item, widen=True)
@@ -435,8 +455,7 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
         if not cands:
             unplaced.append(_unfit(item, cluster))
             continue
-        best = max(cands, key=lambda c: (_free_blocks(*c), [-i for i in c[0].devices]))
-        cluster.add(*best)
+        cluster.add(*max(cands, key=score))
     return cluster.placement("slab-greedy", unplaced)
 
 

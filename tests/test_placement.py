@@ -344,6 +344,36 @@ def test_slab_greedy_widens_a_model_onto_a_wider_group_with_more_room():
         ((0,), ("a",)), ((1, 2), ("big",)), ((3,), ("s",))]
 
 
+def test_balance_compute_weighs_free_blocks_by_compute_left():
+    # Two 100 GB devices, TPOT targets loose enough for any pairing. a (60 GB, 0.1 of a
+    # device) takes device 0, b (50 GB, 0.5) device 1. c (5 GB, 0.3): the plain rule
+    # puts it where the most KV stays free, beside b (100 - 50 - 5 = 45 GB against 35
+    # GB beside a). Weighted by the compute left (headroom 0.9): beside a 35 x 0.5 =
+    # 17.5 against 45 x 0.1 = 4.5, so beside a. d (1 GB, 0.4) then goes beside a in
+    # both: the plain rule's device 1 would be at 1.2.
+    def case(d_util):
+        demands = [demand(n, w, tpot=1.0) for n, w in (("a", 60), ("b", 50), ("c", 5), ("d", 1))]
+        plans = {"a": plan(util=0.1), "b": plan(util=0.5), "c": plan(util=0.3),
+                 "d": plan(util=d_util)}
+        return demands, plans
+
+    def groups(pl):
+        return [(g.devices, g.models) for g in pl.groups]
+
+    balanced = PlacementConfig(reserve_fraction=0.0, balance_compute=True)
+    demands, plans = case(0.4)
+    assert groups(place_slab_greedy(demands, plans, [device()] * 2, NO_RESERVE)) == [
+        ((0,), ("a", "d")), ((1,), ("b", "c"))]
+    assert groups(place_slab_greedy(demands, plans, [device()] * 2, balanced)) == [
+        ((0,), ("a", "c", "d")), ((1,), ("b",))]
+    # d at 0.55 fits nowhere after the balanced choice (0.4 + 0.55 and 0.5 + 0.55 are
+    # over 0.9) but beside a after the plain one: the plain placement is kept.
+    demands, plans = case(0.55)
+    plain = place_slab_greedy(demands, plans, [device()] * 2, NO_RESERVE)
+    assert not plain.unplaced and groups(plain) == [((0,), ("a", "d")), ((1,), ("b", "c"))]
+    assert place_slab_greedy(demands, plans, [device()] * 2, balanced) == plain
+
+
 def test_replicas_go_to_different_groups():
     demands = [demand("r", 10)]
     pl = place_slab_greedy(demands, {"r": plan(replicas=3)}, [device()] * 4, NO_RESERVE)

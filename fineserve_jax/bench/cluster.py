@@ -456,6 +456,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="systems to run (default: FineServe and the four baselines; "
                         "kvslab+fcfs and static+fineserve are ablations, one part each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance-compute", action="store_true",
+                   help="slab-greedy placement weighs free KV blocks by the compute each "
+                        "device group has left (PlacementConfig.balance_compute)")
     p.add_argument("--more-seeds", type=int, nargs="+", default=[],
                    help="also run the rate sweep on these seeds' traces (no fewest-GPUs "
                         "search, not plotted) and report attainment per seed and its mean: "
@@ -499,7 +502,7 @@ def run(args) -> int:
     if "static" not in args.systems or "fineserve" not in args.systems:
         _log("note: the headline ratios need both 'fineserve' and 'static'")
     t0 = time.perf_counter()
-    config = PlacementConfig()
+    config = PlacementConfig(balance_compute=args.balance_compute)
     lengths = lengths_of(args)
     models = setup_models(args.slo_scale, config, lengths, args.models, args.family)
     rows = sweep(args, models, config, lengths)
@@ -544,6 +547,8 @@ def command(args) -> str:
                 f"--systems {' '.join(args.systems)} --seed {args.seed}")
     if args.more_seeds:
         workload += f" --more-seeds {' '.join(map(str, args.more_seeds))}"
+    if args.balance_compute:
+        workload += " --balance-compute"
     if args.shift_s is not None:
         workload += f" --shift-s {args.shift_s:g}"
     if args.quick:
