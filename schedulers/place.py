@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of each device kept off weights and KV (default 0.1)")
     ap.add_argument("--headroom", type=float, help="most planned compute share (default 0.9)")
     ap.add_argument("--max-batch", type=int, help="largest decode batch (default 256)")
+    ap.add_argument("--balance-compute", action="store_true", default=None,
+                    help="slab-greedy weighs free KV blocks by the compute each group has "
+                         "left (default off)")
     ap.add_argument("--cost-model", help="profiled cost-model JSON (tp = 1 only)")
     ap.add_argument("--out", help="placement file to write (default placement.json)")
     return ap
@@ -157,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEFAULTS = {"devices": 8, "device_kind": "h100", "device_memory_gib": None,
             "algorithm": "slab-greedy", "tp": "1,2,4,8", "block_tokens": 16,
-            "reserve_fraction": 0.1, "headroom": 0.9, "max_batch": 256, "cost_model": None,
-            "out": "placement.json"}
+            "reserve_fraction": 0.1, "headroom": 0.9, "max_batch": 256,
+            "balance_compute": False, "cost_model": None, "out": "placement.json"}
 
 
 def options(args: argparse.Namespace, data: dict) -> dict:
@@ -222,7 +225,11 @@ def run(argv=None) -> tuple[Placement, str]:
 
         profiles = CostModel.load(o["cost_model"])
         o["tp"] = (1,)
-    config = PlacementConfig(o["reserve_fraction"], o["headroom"], o["max_batch"])
+    if not isinstance(o["balance_compute"], bool):
+        raise SpecError(f"{args.models}: balance_compute must be true or false, got "
+                        f"{o['balance_compute']!r}")
+    config = PlacementConfig(o["reserve_fraction"], o["headroom"], o["max_batch"],
+                             o["balance_compute"])
     demands = [build_demand(m, device, o["block_tokens"], profiles) for m in data["models"]]
     plans = {d.name: plan_parallelism(d, device, o["tp"], config) for d in demands}
     pl = place(o["algorithm"], demands, plans, [device] * o["devices"], config)

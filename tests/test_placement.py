@@ -488,6 +488,22 @@ def test_cli_places_the_example(tmp_path, capsys):
     assert "slab-greedy" in text and "llama3-70b-bf16" in text
 
 
+def test_cli_balance_compute_from_the_flag_or_the_file(tmp_path, capsys):
+    example = str(ROOT / "examples" / "placement_models.toml")
+    out = tmp_path / "placement.json"
+    assert place_cli.main([example, "--balance-compute", "--out", str(out)]) == 0
+    pl = Placement.from_json(out.read_text())
+    assert not pl.unplaced
+    names = [m["name"] for m in place_cli.read_list(example)["models"]]
+    serve.read_placement(str(out), names, 1)
+    data = place_cli.read_list(example)
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({**data, "balance_compute": "yes"}))
+    capsys.readouterr()
+    assert place_cli.main([str(bad), "--out", str(out)]) == 2
+    assert "balance_compute must be true or false" in capsys.readouterr().err
+
+
 def test_cli_errors_name_the_model_and_key(tmp_path, capsys):
     p = tmp_path / "m.json"
     p.write_text(json.dumps({"models": [{"name": "x", "shape": "llama3-8b", "precision": "bf16",
