@@ -417,20 +417,31 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     """
     _check_inputs(demands, devices)
     items = _by_memory(_items(demands, plans))
-    best = None
-    for balance in ((True, False) if config.balance_compute else (False,)):
-        out = _slab_greedy(items, devices, config, balance)
-        if any(u.replica == 0 for u in out.unplaced):
-            firsts = sorted(items, key=lambda i: i.replica > 0)  # stable: by memory within
-            alt = _slab_greedy(firsts, devices, config, balance)
-            if _models_served(alt) > _models_served(out):
-                out = alt
-        if best is None or ((_models_served(out), -len(out.unplaced))
-                            > (_models_served(best), -len(best.unplaced))):
-            best = out
-        if not best.unplaced:
-            break
-    return best
+    if config.balance_compute:
+        out = _every_model_first(items, devices, config, balance=True)
+        if not out.unplaced:
+            return out
+        plain = _every_model_first(items, devices, config, balance=False)
+        return out if _served(out) >= _served(plain) else plain
+    return _every_model_first(items, devices, config, balance=False)
+
+
+def _every_model_first(items: list[_Item], devices: Sequence[Device], config: PlacementConfig,
+                       balance: bool) -> Placement:
+    """The greedy over ``items``, again with every model's first replica ahead of the
+    extra ones when that order leaves a model with none (kept if it serves more)."""
+    out = _slab_greedy(items, devices, config, balance)
+    if any(u.replica == 0 for u in out.unplaced):
+        firsts = sorted(items, key=lambda i: i.replica > 0)  # stable: by memory within
+        alt = _slab_greedy(firsts, devices, config, balance)
+        if _models_served(alt) > _models_served(out):
+            out = alt
+    return out
+
+
+def _served(p: Placement) -> tuple[int, int]:
+    """Models with a replica, then fewer replicas left out: larger serves more."""
+    return _models_served(p), -len(p.unplaced)
 
 
 def _models_served(p: Placement) -> int:

@@ -283,7 +283,7 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
 
 
 def test_goodput_and_knee_definitions():
-    from fineserve_jax.bench.cluster import goodput, knee
+    from fineserve_jax.bench.cluster_report import goodput, knee
 
     pts = [(10, 1.0), (20, 0.95), (30, 0.5)]
     assert goodput(pts, 0.90) == {"rate": pytest.approx(20 + 0.05 / 0.45 * 10), "saturated": True}
