@@ -66,7 +66,7 @@ are taken to cost nothing.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from schedulers.batching import DECODE, PREFILL, ModelScheduler, Scheduled, Seq
 
@@ -254,19 +254,22 @@ class SLOAware(LocalScheduler):
         self.max_decode_share = max_decode_share
 
     # ---------------------------------------------------------- predictions
-    def decode_share(self, scheds: Sequence[ModelScheduler]) -> float:
-        """Share of the device the running decodes need to keep their TPOT SLOs."""
-        u = sum(decode_time(s) / s.slo.tpot_s for s in scheds
-                if s.slo.tpot_s is not None and s.decodable())
+    def decode_share(self, scheds: Sequence[ModelScheduler],
+                     step_s: Mapping[str, float] | None = None) -> float:
+        """Share of the device the running decodes need to keep their TPOT SLOs
+        (``step_s``: each decodable model's next decode step, if already timed)."""
+        u = sum((step_s[s.name] if step_s is not None else decode_time(s)) / s.slo.tpot_s
+                for s in scheds if s.slo.tpot_s is not None and s.decodable())
         return min(u, self.max_decode_share)
 
-    def check_feasible(self, scheds: Sequence[ModelScheduler], now: float) -> None:
+    def check_feasible(self, scheds: Sequence[ModelScheduler], now: float,
+                       step_s: Mapping[str, float] | None = None) -> None:
         """Drop (or mark) every waiting request predicted to miss its TTFT deadline.
 
         The prefill work ahead of a request is its model's prompt tokens ahead of it
         (plus its own) run as full prefill steps (``batched_prefill_time``: prompts batch,
         so this is less than their solo times added up), plus the other models' work."""
-        stretch = 1.0 / (1.0 - self.decode_share(scheds))
+        stretch = 1.0 / (1.0 - self.decode_share(scheds, step_s))
         tokens = {id(s): sum(q.remaining for q in s.running if q.prefilling) for s in scheds}
         work = {id(s): batched_prefill_time(s, tokens[id(s)]) for s in scheds}
         waiting = sorted(((q.deadline, q.arrival, i, s, q) for i, s in enumerate(scheds)
@@ -340,8 +343,10 @@ class SLOAware(LocalScheduler):
 
     # ------------------------------------------------------------- decision
     def _pick(self, scheds, now):
-        self.check_feasible(scheds, now)
+        # Dropping waiting requests leaves the running ones, so their decode steps are
+        # timed once for both.
         step_s = {s.name: decode_time(s) for s in scheds if s.decodable()}
+        self.check_feasible(scheds, now, step_s)
         due = {s.name: self._decode_due(s, step_s[s.name]) for s in scheds if s.name in step_s}
         decodes = sorted((s for s in scheds if s.name in due),
                          key=lambda s: (due[s.name], s.last_step, s.name))

@@ -150,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of each device kept off weights and KV (default 0.1)")
     ap.add_argument("--headroom", type=float, help="most planned compute share (default 0.9)")
     ap.add_argument("--max-batch", type=int, help="largest decode batch (default 256)")
-    ap.add_argument("--balance-compute", action="store_true", default=None,
+    ap.add_argument("--balance-compute", action=argparse.BooleanOptionalAction, default=None,
                     help="slab-greedy weighs free KV blocks by the compute each group has "
-                         "left (default off)")
+                         "left (default on; --no-balance-compute: free KV blocks alone)")
     ap.add_argument("--cost-model", help="profiled cost-model JSON (tp = 1 only)")
     ap.add_argument("--out", help="placement file to write (default placement.json)")
     return ap
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULTS = {"devices": 8, "device_kind": "h100", "device_memory_gib": None,
             "algorithm": "slab-greedy", "tp": "1,2,4,8", "block_tokens": 16,
             "reserve_fraction": 0.1, "headroom": 0.9, "max_batch": 256,
-            "balance_compute": False, "cost_model": None, "out": "placement.json"}
+            "balance_compute": True, "cost_model": None, "out": "placement.json"}
 
 
 def options(args: argparse.Namespace, data: dict) -> dict:

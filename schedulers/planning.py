@@ -96,7 +96,8 @@ class PlacementConfig:
     headroom: float = 0.90  # most compute utilisation a device group may be planned at
     max_batch: int = 256  # largest decode batch considered
     # slab-greedy weighs a group's free KV blocks by the compute share it has left
-    balance_compute: bool = False
+    # (False: free KV blocks alone, the paper's rule)
+    balance_compute: bool = True
 
     def __post_init__(self):
         if not 0 <= self.reserve_fraction < 1:

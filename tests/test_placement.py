@@ -361,15 +361,17 @@ def test_balance_compute_weighs_free_blocks_by_compute_left():
         return [(g.devices, g.models) for g in pl.groups]
 
     balanced = PlacementConfig(reserve_fraction=0.0, balance_compute=True)
+    unbalanced = PlacementConfig(reserve_fraction=0.0, balance_compute=False)
+    assert PlacementConfig().balance_compute  # the default
     demands, plans = case(0.4)
-    assert groups(place_slab_greedy(demands, plans, [device()] * 2, NO_RESERVE)) == [
+    assert groups(place_slab_greedy(demands, plans, [device()] * 2, unbalanced)) == [
         ((0,), ("a", "d")), ((1,), ("b", "c"))]
     assert groups(place_slab_greedy(demands, plans, [device()] * 2, balanced)) == [
         ((0,), ("a", "c", "d")), ((1,), ("b",))]
     # d at 0.55 fits nowhere after the balanced choice (0.4 + 0.55 and 0.5 + 0.55 are
     # over 0.9) but beside a after the plain one: the plain placement is kept.
     demands, plans = case(0.55)
-    plain = place_slab_greedy(demands, plans, [device()] * 2, NO_RESERVE)
+    plain = place_slab_greedy(demands, plans, [device()] * 2, unbalanced)
     assert not plain.unplaced and groups(plain) == [((0,), ("a", "d")), ((1,), ("b", "c"))]
     assert place_slab_greedy(demands, plans, [device()] * 2, balanced) == plain
 
@@ -491,12 +493,27 @@ def test_cli_places_the_example(tmp_path, capsys):
 def test_cli_balance_compute_from_the_flag_or_the_file(tmp_path, capsys):
     example = str(ROOT / "examples" / "placement_models.toml")
     out = tmp_path / "placement.json"
-    assert place_cli.main([example, "--balance-compute", "--out", str(out)]) == 0
-    pl = Placement.from_json(out.read_text())
-    assert not pl.unplaced
-    names = [m["name"] for m in place_cli.read_list(example)["models"]]
-    serve.read_placement(str(out), names, 1)
     data = place_cli.read_list(example)
+    names = [m["name"] for m in data["models"]]
+    plain_file = tmp_path / "plain.json"
+    plain_file.write_text(json.dumps({**data, "balance_compute": False}))
+    balanced_file = tmp_path / "balanced.json"
+    balanced_file.write_text(json.dumps({**data, "balance_compute": True}))
+
+    def placed(*argv):  # on six devices the two rules place the 8B models differently
+        assert place_cli.main([*argv, "--devices", "6", "--out", str(out)]) == 0
+        pl = Placement.from_json(out.read_text())
+        assert not pl.unplaced
+        serve.read_placement(str(out), names, 1)
+        return pl
+
+    # the flag overrides the file; the default is the balanced rule
+    balanced = placed(example)
+    assert balanced == placed(str(balanced_file)) == placed(str(plain_file), "--balance-compute")
+    plain = placed(str(plain_file))
+    assert plain == placed(example, "--no-balance-compute") == placed(
+        str(balanced_file), "--no-balance-compute")
+    assert plain.groups != balanced.groups
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({**data, "balance_compute": "yes"}))
     capsys.readouterr()

@@ -393,9 +393,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="systems to run (default: FineServe and the four baselines; "
                         "kvslab+fcfs and static+fineserve are ablations, one part each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--balance-compute", action="store_true",
+    p.add_argument("--balance-compute", action=argparse.BooleanOptionalAction,
+                   default=PlacementConfig.balance_compute,
                    help="slab-greedy placement weighs free KV blocks by the compute each "
-                        "device group has left (PlacementConfig.balance_compute)")
+                        "device group has left (PlacementConfig.balance_compute; default "
+                        "on, --no-balance-compute: free KV blocks alone)")
     p.add_argument("--more-seeds", type=int, nargs="+", default=[],
                    help="also run the rate sweep on these seeds' traces (no fewest-GPUs "
                         "search, not plotted) and report attainment per seed and its mean: "
@@ -484,8 +486,8 @@ def command(args) -> str:
                 f"--systems {' '.join(args.systems)} --seed {args.seed}")
     if args.more_seeds:
         workload += f" --more-seeds {' '.join(map(str, args.more_seeds))}"
-    if args.balance_compute:
-        workload += " --balance-compute"
+    if args.balance_compute != PlacementConfig.balance_compute:
+        workload += " --balance-compute" if args.balance_compute else " --no-balance-compute"
     if args.shift_s is not None:
         workload += f" --shift-s {args.shift_s:g}"
     if args.quick:

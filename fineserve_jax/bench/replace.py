@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GB/s a moving model's weights load at")
     p.add_argument("--compile-s", type=float, default=5.0,
                    help="seconds a moving model compiles on its destination")
+    p.add_argument("--balance-compute", action=argparse.BooleanOptionalAction, default=True,
+                   help="slab-greedy weighs free KV blocks by the compute each GPU has left "
+                        "(PlacementConfig.balance_compute; --no-balance-compute: free KV "
+                        "blocks alone)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -166,7 +170,7 @@ def run(args) -> int:
     if min(args.rates) <= 0 or args.duration <= 0 or args.shift_s <= 0 or args.gpus < 1:
         raise SystemExit("need rates > 0, --duration > 0, --shift-s > 0 and --gpus >= 1")
     t_start = time.perf_counter()
-    config, lengths = PlacementConfig(), Lengths()
+    config, lengths = PlacementConfig(balance_compute=args.balance_compute), Lengths()
     models = small_models(args, config, lengths)
     hbm = DeviceSpec.h100_sxm().memory_bytes
     pool = args.kv_pool_gb * 1e9
