@@ -16,6 +16,9 @@ system          placement (global)           KV pool           local scheduler
 ``prism``       KVPR                         KV Slab           ``prism``
 ==============  ===========================  ================  ========================
 
+Slab-greedy weighs free KV blocks by the compute each group has left
+(``PlacementConfig.balance_compute``, the default; ``--no-balance-compute`` counts free
+blocks alone, the paper's rule).
 ``static`` is one engine process per model sharing the devices of our placement, each with
 a fixed share of the pool sized in proportion to the model's planned KV need (what an
 operator sizing ``gpu_memory_utilization`` per process from the same plan would do).
