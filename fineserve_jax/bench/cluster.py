@@ -399,8 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-compute", action=argparse.BooleanOptionalAction,
                    default=PlacementConfig.balance_compute,
                    help="slab-greedy placement weighs free KV blocks by the compute each "
-                        "device group has left (PlacementConfig.balance_compute; default "
-                        "on, --no-balance-compute: free KV blocks alone)")
+                        "device group has left (PlacementConfig.balance_compute; "
+                        "--no-balance-compute: free KV blocks alone)")
     p.add_argument("--more-seeds", type=int, nargs="+", default=[],
                    help="also run the rate sweep on these seeds' traces (no fewest-GPUs "
                         "search, not plotted) and report attainment per seed and its mean: "
