@@ -481,5 +481,9 @@ def test_bench_replace_quick_record(tmp_path):
     assert rows[("replace", 12.0)]["moves"] == []
     moved = [m for m in rows[("replace", 48.0)]["moves"] if m["outcome"] == "moved"]
     assert moved, [r["moves"] for r in rows.values()]
+    # the re-plans that made them are in the record, with their moves
+    replans = [d for d in rows[("replace", 48.0)]["decisions"] if d["action"] == "replanned"]
+    assert len(replans) == rows[("replace", 48.0)]["replans"] >= 1
+    assert {m["model"] for m in moved} <= {mv.split(":")[0] for d in replans for mv in d["moves"]}
     for m in moved:
         assert m["started"] < m["ready"] <= m["drained"] and m["src"] != m["dst"]

@@ -154,6 +154,9 @@ def run_system(system: str, args, models, devices, config, lengths, spec, trace)
     if policy is not None:
         out["checks"] = len(policy.decisions)
         out["replans"] = sum(d["action"] == "replanned" for d in policy.decisions)
+        # every check that found drift past the threshold: what it did and why
+        out["decisions"] = [{k: d[k] for k in ("at", "action", "moves")}
+                            for d in policy.decisions if d["action"] != "none"]
     return out
 
 
