@@ -214,6 +214,13 @@ def placement_table(pl: Placement, n_devices: int,
     return "\n".join(rows)
 
 
+def _rule(o: dict) -> str:
+    if o["algorithm"] != "slab-greedy":
+        return ""
+    return (" (free KV blocks weighted by compute left)" if o["balance_compute"]
+            else " (free KV blocks alone)")
+
+
 def run(argv=None) -> tuple[Placement, str]:
     args = build_parser().parse_args(argv)
     data = read_list(args.models)
@@ -235,7 +242,7 @@ def run(argv=None) -> tuple[Placement, str]:
     pl = place(o["algorithm"], demands, plans, [device] * o["devices"], config)
     Path(o["out"]).write_text(pl.to_json(), encoding="utf-8")
     report = (f"{o['devices']} x {device.name} ({device.memory_bytes / 2**30:.1f} GiB), "
-              f"algorithm {o['algorithm']}\n\n{plan_table(demands, plans)}\n\n"
+              f"algorithm {o['algorithm']}{_rule(o)}\n\n{plan_table(demands, plans)}\n\n"
               f"{placement_table(pl, o['devices'], plans)}\nwrote {o['out']}")
     return pl, report
 

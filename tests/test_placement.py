@@ -502,6 +502,9 @@ def test_cli_balance_compute_from_the_flag_or_the_file(tmp_path, capsys):
 
     def placed(*argv):  # on six devices the two rules place the 8B models differently
         assert place_cli.main([*argv, "--devices", "6", "--out", str(out)]) == 0
+        rule = "alone" if "--no-balance-compute" in argv or (
+            str(plain_file) in argv and "--balance-compute" not in argv) else "weighted"
+        assert f"algorithm slab-greedy (free KV blocks {rule}" in capsys.readouterr().out
         pl = Placement.from_json(out.read_text())
         assert not pl.unplaced
         serve.read_placement(str(out), names, 1)
