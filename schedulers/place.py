@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULTS = {"devices": 8, "device_kind": "h100", "device_memory_gib": None,
             "algorithm": "slab-greedy", "tp": "1,2,4,8", "block_tokens": 16,
             "reserve_fraction": 0.1, "headroom": 0.9, "max_batch": 256,
-            "balance_compute": True, "cost_model": None, "out": "placement.json"}
+            "balance_compute": PlacementConfig.balance_compute, "cost_model": None,
+            "out": "placement.json"}
 
 
 def options(args: argparse.Namespace, data: dict) -> dict:

@@ -74,7 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GB/s a moving model's weights load at")
     p.add_argument("--compile-s", type=float, default=5.0,
                    help="seconds a moving model compiles on its destination")
-    p.add_argument("--balance-compute", action=argparse.BooleanOptionalAction, default=True,
+    from schedulers.planning import PlacementConfig
+
+    p.add_argument("--balance-compute", action=argparse.BooleanOptionalAction,
+                   default=PlacementConfig.balance_compute,
                    help="slab-greedy weighs free KV blocks by the compute each GPU has left "
                         "(PlacementConfig.balance_compute; --no-balance-compute: free KV "
                         "blocks alone)")
