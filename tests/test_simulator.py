@@ -449,6 +449,32 @@ def test_a_move_the_destination_cannot_take_is_skipped_and_serving_goes_on():
         simulate(static, models, lambda m, g: ConstCost(), trace, replacer=Scripted([]))
 
 
+def test_bench_replace_more_seeds_are_the_runs_of_those_seeds(tmp_path):
+    import json
+
+    from fineserve_jax.bench.__main__ import main
+
+    common = ["replace", "--quick", "--no-balance-compute", "--systems", "first-rates",
+              "replace"]
+    assert main([*common, "--more-seeds", "2", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--seed", "2", "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert "--more-seeds 2" in a["command"] and "seeds" not in b
+    sd = a["seeds"]
+    assert sd["seeds"] == [0, 2]
+    first = {(r["system"], r["rate"]): r for r in a["results"]}
+    seed2 = {(r["system"], r["rate"]): r for r in b["results"]}
+    assert len(sd["points"]) == len(first) == 4
+    for p in sd["points"]:
+        key = (p["system"], p["rate"])
+        assert p["slo_attainment"] == [first[key]["slo_attainment"],
+                                       seed2[key]["slo_attainment"]]
+        assert p["moves"] == [len(first[key]["moves"]), len(seed2[key]["moves"])]
+        assert p["mean"] == pytest.approx(sum(p["slo_attainment"]) / 2)
+    # the two traces differ, so the seeds' figures are not one run counted twice
+    assert any(first[k]["requests"] != seed2[k]["requests"] for k in first)
+
+
 def test_bench_replace_quick_record(tmp_path):
     """``bench replace --quick``: three systems on one drifting trace; the re-placing one
     makes moves that each load, switch and drain, and no request fails for a move."""

@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "blocks alone)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--more-seeds", type=int, nargs="+", default=[],
+                   help="also replay the sweep on these seeds' traces and record each "
+                        "system's attainment and moves per rate and seed, and their mean "
+                        "(under 'seeds'; 'results' stays --seed's)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (two rates, 18 s of arrivals) to check the plumbing")
     p.add_argument("--out", default="benchmarks/results/replace.json", help="JSON record")
@@ -184,24 +188,33 @@ def run(args) -> int:
         raise SystemExit(f"--kv-pool-gb must leave room for weights on an {hbm / 1e9:.0f} GB "
                          f"GPU")
     devices = [ServingDevice("h100", hbm, pool)] * args.gpus
-    rows = []
-    for rate in args.rates:
-        spec = WorkloadSpec(tuple(models), rate, args.duration, args.alpha,
-                            prompt=lengths.prompt, output=lengths.output, seed=args.seed,
-                            shift_s=args.shift_s)
-        trace = spec.generate()
-        for system in args.systems:
-            r = run_system(system, args, models, devices, config, lengths, spec, trace)
-            r["rate"] = rate
-            rows.append(r)
-            _log(f"rate {rate:g} req/s, {system}: attainment {r['slo_attainment']:.3f}, "
-                 f"{len(r['moves'])} moves ({r['sim_wall_s']:.1f} s)")
+
+    def sweep(seed: int) -> list[dict]:
+        rows = []
+        for rate in args.rates:
+            spec = WorkloadSpec(tuple(models), rate, args.duration, args.alpha,
+                                prompt=lengths.prompt, output=lengths.output, seed=seed,
+                                shift_s=args.shift_s)
+            trace = spec.generate()
+            for system in args.systems:
+                r = run_system(system, args, models, devices, config, lengths, spec, trace)
+                r["rate"] = rate
+                rows.append(r)
+                _log(f"seed {seed}, rate {rate:g} req/s, {system}: attainment "
+                     f"{r['slo_attainment']:.3f}, {len(r['moves'])} moves "
+                     f"({r['sim_wall_s']:.1f} s)")
+        return rows
+
+    rows = sweep(args.seed)
+    by_seed = {args.seed: rows, **{s: sweep(s) for s in args.more_seeds if s != args.seed}}
     record = {"benchmark": "replace", "command": args._command,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "models": {k: {"precision": v.precision, "weight_bytes": v.weight_bytes,
                              "slo": asdict(v.slo)} for k, v in models.items()},
               "results": rows, "total_s": time.perf_counter() - t_start}
+    if len(by_seed) > 1:
+        record["seeds"] = over_seeds(by_seed)
     _log(f"wrote {write_json(args.out, record)}")
     header = ["rate", *args.systems]
     table = []
@@ -211,4 +224,27 @@ def run(args) -> int:
                                      + (f" ({len(by[s]['moves'])} moves)" if s == "replace"
                                         else "") for s in args.systems]])
     print(format_table(header, table, ["SLO attainment (simulated, roofline H100 costs)"]))
+    if len(by_seed) > 1:
+        mean = {(p["system"], p["rate"]): p for p in record["seeds"]["points"]}
+        print(format_table(header, [[f"{rate:g}", *[
+            f"{mean[(s, rate)]['mean']:.3f}"
+            + (f" ({sum(mean[(s, rate)]['moves'])} moves)" if s == "replace" else "")
+            for s in args.systems]] for rate in args.rates],
+            [f"mean SLO attainment over seeds {', '.join(map(str, by_seed))}"]))
     return 0
+
+
+def over_seeds(rows_by_seed: dict[int, list[dict]]) -> dict:
+    """Per (system, rate): attainment and moves on each seed's trace, and the mean
+    attainment."""
+    seeds = list(rows_by_seed)
+    at: dict[tuple, dict] = {}
+    for seed, rows in rows_by_seed.items():
+        for r in rows:
+            at.setdefault((r["system"], r["rate"]), {})[seed] = r
+    points = [{"system": s, "rate": rate,
+               "slo_attainment": [v[k]["slo_attainment"] for k in seeds],
+               "moves": [len(v[k]["moves"]) for k in seeds],
+               "mean": sum(v[k]["slo_attainment"] for k in seeds) / len(seeds)}
+              for (s, rate), v in sorted(at.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    return {"seeds": seeds, "points": points}
