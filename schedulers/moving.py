@@ -3,8 +3,10 @@ while a trace runs, the way the server's rebalancer moves them between engines.
 
 ``schedulers.simulator.simulate(..., replacer=...)`` drives a ``SimMoves``: every
 ``replacer.interval_s`` it asks the ``Replacer`` (``schedulers.rebalance.DriftPolicy``)
-for moves and runs them one at a time on the groups (``attach``, ``holds`` and ``detach``
-of ``schedulers.simulator._Group``), keeping a ``MoveRecord`` of each.
+for moves and runs them on the groups (``attach``, ``holds`` and ``detach`` of
+``schedulers.simulator._Group``) as the server does: each as soon as the replacer's
+``schedulers.rebalance.MoveSchedule`` lets it (at once where the destination has room),
+keeping a ``MoveRecord`` of each.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ class Replacer(Protocol):
     ``observe`` sees every arrival; ``check`` runs every ``interval_s`` simulated seconds
     (counted from the end of the previous check's moves, as the server's rebalancer
     sleeps between rounds) and returns moves (``.model``, ``.src_group`` and
-    ``.dst_group``: device tuples of the simulated groups) to run one at a time;
-    ``load_s`` is how long loading a model onto a group takes (weights and compilation)
+    ``.dst_group``: device tuples of the simulated groups) in ``plan_moves`` order;
+    ``schedule`` says which of them may run at once (``MoveSchedule``); ``load_s`` is how long loading a model onto a group takes (weights and compilation)
     before it can serve there; ``done`` hears each move's outcome."""
 
     interval_s: float
 
     def observe(self, model: str, t: float) -> None: ...
     def check(self, now: float) -> Sequence[Any]: ...
+    def schedule(self, moves: Sequence[Any]) -> Any: ...
     def load_s(self, model: str, group: GroupSpec) -> float: ...
     def done(self, move: Any, outcome: str, now: float) -> None: ...
 
@@ -51,28 +54,31 @@ class MoveRecord:
 
 
 class SimMoves:
-    """The server's rebalancer (``fineserve_jax.server.rebalance.Rebalancer.move``) on
-    simulated groups: attach on the destination, after ``load_s`` switch the route, retire
-    on the source, and when the source holds none of the model's requests remove it
-    there; then the next move. Requests in flight finish where they are."""
+    """The server's rebalancer (``fineserve_jax.server.rebalance.Rebalancer``) on
+    simulated groups: per move, attach on the destination, after ``load_s`` switch the
+    route, retire on the source, and when the source holds none of the model's requests
+    remove it there. Moves start as the replacer's ``schedule`` allows; the next check comes
+    ``interval_s`` after the last of them ended. Requests in flight finish where they
+    are."""
 
     def __init__(self, replacer: Replacer, sims: list[_Group], models, cost_of,
                  routes: dict[str, list[int]], last_arrival: float):
         self.r, self.sims, self.models, self.cost_of = replacer, sims, models, cost_of
         self.routes, self.last_arrival = routes, last_arrival
         self.by_devices = {g.spec.devices: i for i, g in enumerate(sims)}
-        self.pending: list[Any] = []
-        self.active: tuple[Any, MoveRecord, int, int] | None = None  # move, record, src, dst
+        self.plan = None  # the MoveSchedule of the last check's moves
+        # model -> (move, record, src, dst) of the moves running
+        self.active: dict[str, tuple[Any, MoveRecord, int, int]] = {}
         self.records: list[MoveRecord] = []
-        self.events: list[tuple[float, int, str]] = []  # (time, order, "check" | "ready")
+        self.events: list[tuple[float, int, str, str]] = []  # (time, order, kind, model)
         self._n = 0
         self._at(replacer.interval_s, "check")
 
-    def _at(self, t: float, kind: str) -> None:
+    def _at(self, t: float, kind: str, model: str = "") -> None:
         if kind == "check" and t > self.last_arrival:
             return  # no arrival left to serve better
         self._n += 1
-        heapq.heappush(self.events, (t, self._n, kind))
+        heapq.heappush(self.events, (t, self._n, kind, model))
 
     def next_time(self) -> float:
         return self.events[0][0] if self.events else math.inf
@@ -80,51 +86,61 @@ class SimMoves:
     def fire(self, t: float) -> None:
         """Run the events due at ``t``."""
         while self.events and self.events[0][0] <= t:
-            _, _, kind = heapq.heappop(self.events)
+            _, _, kind, model = heapq.heappop(self.events)
             if kind == "check":
-                self.pending = list(self.r.check(t))
+                self.plan = self.r.schedule(list(self.r.check(t)))
                 self._start(t)
             else:
-                self._ready(t)
+                self._ready(model, t)
         self.poll(t)
 
     def _start(self, t: float) -> None:
-        while self.pending:
-            mv = self.pending.pop(0)
-            src, dst = self.by_devices.get(tuple(mv.src_group)), self.by_devices.get(
-                tuple(mv.dst_group))
-            rec = MoveRecord(mv.model, "?" if src is None else self.sims[src].spec.name,
-                             "?" if dst is None else self.sims[dst].spec.name, t)
-            self.records.append(rec)
-            if src is None or dst is None or self.routes.get(mv.model) != [src]:
-                rec.outcome = "skipped: not served there, or no such group"
-            else:
-                g = self.sims[dst]
-                try:
-                    g.attach(self.models[mv.model], self.cost_of(mv.model, g.spec))
-                except ValueError as e:
-                    rec.outcome = f"skipped, the destination refused it: {e}"
-                else:
-                    self.active = (mv, rec, src, dst)
-                    self._at(t + self.r.load_s(mv.model, g.spec), "ready")
-                    return
-            self.r.done(mv, rec.outcome, t)
-        self._at(t + self.r.interval_s, "check")
+        while True:
+            ready = self.plan.start()
+            if not ready:
+                break
+            for mv in ready:
+                self._begin(mv, t)
+        if self.plan.finished:
+            self._at(t + self.r.interval_s, "check")
 
-    def _ready(self, t: float) -> None:
-        mv, rec, src, dst = self.active
+    def _begin(self, mv, t: float) -> None:
+        src, dst = self.by_devices.get(tuple(mv.src_group)), self.by_devices.get(
+            tuple(mv.dst_group))
+        rec = MoveRecord(mv.model, "?" if src is None else self.sims[src].spec.name,
+                         "?" if dst is None else self.sims[dst].spec.name, t)
+        self.records.append(rec)
+        if src is None or dst is None or self.routes.get(mv.model) != [src]:
+            rec.outcome = "skipped: not served there, or no such group"
+        else:
+            g = self.sims[dst]
+            try:
+                g.attach(self.models[mv.model], self.cost_of(mv.model, g.spec))
+            except ValueError as e:
+                rec.outcome = f"skipped, the destination refused it: {e}"
+            else:
+                self.active[mv.model] = (mv, rec, src, dst)
+                self._at(t + self.r.load_s(mv.model, g.spec), "ready", mv.model)
+                return
+        self.plan.end(mv, moved=False)
+        self.r.done(mv, rec.outcome, t)
+
+    def _ready(self, model: str, t: float) -> None:
+        mv, rec, src, dst = self.active[model]
         rec.ready = t
         self.routes[mv.model] = [dst]  # new requests go to the destination from here
 
     def poll(self, t: float) -> None:
-        """Finish the move in flight once its source holds none of the model's requests."""
-        if self.active is None or self.active[1].ready is None:
-            return
-        mv, rec, src, _ = self.active
-        if self.sims[src].holds(mv.model):
-            return
-        self.sims[src].detach(mv.model)
-        rec.drained, rec.outcome = t, "moved"
-        self.active = None
-        self.r.done(mv, rec.outcome, t)
-        self._start(t)
+        """Finish the moves whose source holds none of the model's requests any more."""
+        ended = False
+        for model, (mv, rec, src, _) in list(self.active.items()):
+            if rec.ready is None or self.sims[src].holds(mv.model):
+                continue
+            self.sims[src].detach(mv.model)
+            rec.drained, rec.outcome = t, "moved"
+            del self.active[model]
+            self.plan.end(mv, moved=True)
+            self.r.done(mv, rec.outcome, t)
+            ended = True
+        if ended:
+            self._start(t)

@@ -19,6 +19,8 @@ drives it:
   puts the two together, as the server and ``DriftPolicy`` decide;
 - ``plan_moves``: the models whose device group changes, in an order where a move into a
   device comes after the moves out of it (they free its memory first);
+- ``MoveSchedule``: which of the planned moves can run now beside the ones running (a move
+  starts when its destination has room for its weights), so that moves run at once;
 - ``DriftPolicy``: the server's decision (track rates, check drift, re-plan, plan moves)
   without engines, for the simulator (``schedulers.simulator.simulate(replacer=...)``).
 """
@@ -41,6 +43,7 @@ from schedulers.placement import (
     plan_parallelism,
     still_fits,
 )
+from schedulers.planning import pool_bytes
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,91 @@ def plan_moves(old: Placement, new: Placement) -> list[Move]:
     return out
 
 
+class MoveSchedule:
+    """Which moves of one re-plan may run at once, as they start and end.
+
+    ``moves`` in ``plan_moves`` order; ``placement``: where the models are when the
+    first one starts (single-device groups); ``weights``: each model's weight bytes;
+    ``room``: per device index, the bytes weights may take there (beside a fixed KV
+    pool). A move starts once its destination has room for its weights beside what the
+    device holds: the models placed there, the ones moving in, and the ones moving out
+    until their source has drained. Without ``weights`` and ``room`` for a move, it
+    starts once no move out of its destination is pending or running (``plan_moves``
+    puts those first because they free the memory). Moves into different devices, or
+    into a device with room, run at once: a re-plan takes about one load and one drain
+    rather than one of each per move. When nothing runs and nothing can start (models
+    swapping devices wait on each other), the first pending move starts, as
+    ``plan_moves`` orders a cycle; its destination may refuse it.
+
+        plan = MoveSchedule(moves, placement, weights, room)
+        while not plan.finished:
+            for mv in plan.start(): ...             # begin these moves
+            ...; plan.end(mv, moved=True)           # one drained (or failed: False)
+    """
+
+    def __init__(self, moves: Sequence[Move], placement: Placement | None = None,
+                 weights: Mapping[str, float] | None = None,
+                 room: Mapping[int, float] | None = None):
+        self.pending: list[Move] = list(moves)
+        self.running: list[Move] = []
+        self.weights = dict(weights or {})
+        self.room = dict(room or {})
+        self.held: dict[int, float] = {}
+        for g in (placement.groups if placement is not None else ()):
+            for m in g.models:
+                self.held[g.devices[0]] = self.held.get(g.devices[0], 0.0) + self.weights.get(
+                    m, 0.0)
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and not self.running
+
+    def _can_start(self, mv: Move) -> bool:
+        dst = mv.dst_group[0]
+        if mv.model in self.weights and dst in self.room:
+            return self.held.get(dst, 0.0) + self.weights[mv.model] <= self.room[dst] * (
+                1 + 1e-9)
+        return all(m.src_group != mv.dst_group for m in (*self.pending, *self.running))
+
+    def _run(self, mv: Move) -> None:
+        self.pending.remove(mv)
+        self.running.append(mv)
+        dst = mv.dst_group[0]
+        self.held[dst] = self.held.get(dst, 0.0) + self.weights.get(mv.model, 0.0)
+
+    def start(self) -> list[Move]:
+        """The pending moves that can start now, in order; they count as running."""
+        out = []
+        for mv in list(self.pending):
+            if self._can_start(mv):
+                self._run(mv)
+                out.append(mv)
+        if not out and not self.running and self.pending:
+            out.append(self.pending[0])
+            self._run(out[0])
+        return out
+
+    def end(self, mv: Move, moved: bool | None) -> None:
+        """``mv`` ended: ``moved`` (its source drained: the memory there is free), not
+        (skipped or refused: what it took on the destination is free again), or None
+        (failed part-way: both sides stay counted)."""
+        self.running.remove(mv)
+        if moved is not None:
+            side = mv.src_group[0] if moved else mv.dst_group[0]
+            self.held[side] = self.held.get(side, 0.0) - self.weights.get(mv.model, 0.0)
+
+
+def weight_room(devices: Mapping[int, Device], config: PlacementConfig) -> dict[int, float]:
+    """Per device index, the bytes weights may take beside its fixed KV pool (devices
+    without a fixed pool are left out: their KV competes for the same memory)."""
+    out = {}
+    for i, dev in devices.items():
+        pool = pool_bytes(dev)
+        if pool is not None:
+            out[i] = config.usable_bytes(dev) - pool
+    return out
+
+
 def apply_move(p: Placement, mv: Move) -> Placement:
     """``p`` with ``mv.model`` taken off its source group and put on its destination (a
     group on new devices is created, one left empty is dropped); budgets unchanged."""
@@ -376,6 +464,12 @@ class DriftPolicy:
         self.planned = observed
         dec["action"], dec["moves"] = "replanned", [str(m) for m in moves]
         return moves
+
+    def schedule(self, moves: Sequence[Move]) -> MoveSchedule:
+        """How ``moves`` (from ``check``) run: ``MoveSchedule`` over the placement they
+        start from, the model weights and the devices' room beside their pools."""
+        return MoveSchedule(moves, self.placement, self.weights,
+                            weight_room(dict(enumerate(self.devices)), self.config))
 
     def done(self, move: Move, outcome: str, now: float) -> None:
         if outcome == "moved":

@@ -13,6 +13,7 @@ from schedulers.rebalance import (
     DriftPolicy,
     FreeSteps,
     Move,
+    MoveSchedule,
     RateTracker,
     ServingDevice,
     align,
@@ -88,6 +89,64 @@ def test_plan_moves_leaves_models_in_place_and_orders_moves_out_first():
         p = apply_move(p, mv)
     assert {g.devices: set(g.models) for g in p.groups} == {
         g.devices: set(g.models) for g in new.groups}
+
+
+def _run_waves(plan: MoveSchedule) -> list[list[str]]:
+    """Every move that can start starts; then they all end (moved) before the next."""
+    waves = []
+    while not plan.finished:
+        ready = plan.start()
+        waves.append([mv.model for mv in ready])
+        for mv in ready:
+            plan.end(mv, moved=True)
+    return waves
+
+
+def test_move_schedule_starts_a_move_where_its_weights_have_room():
+    # devices hold 10 bytes of weights each; every model weighs 4
+    old = _pl({0: ["a", "b"], 1: ["c", "d"], 2: ["e"]})
+    new = _pl({0: ["a", "c"], 1: ["d", "e"], 2: ["b"]})
+    moves = plan_moves(old, new)  # b 0->2, c 1->0, e 2->1, in some order
+    w = dict.fromkeys("abcde", 4.0)
+    plan = MoveSchedule(moves, old, w, {0: 10.0, 1: 10.0, 2: 10.0})
+    # held 8 / 8 / 4 bytes: only device 2 has room for one more model
+    first = plan.start()
+    assert {mv.model for mv in first} == {"b"}  # 4 + 4 <= 10 on device 2 only
+    assert plan.held == {0: 8.0, 1: 8.0, 2: 8.0}
+    assert plan.start() == []  # nothing else fits until b's source drains
+    plan.end(first[0], moved=True)  # device 0 frees b's 4 bytes
+    assert [mv.model for mv in plan.start()] == ["c"]
+    # with room for everything, all three run at once
+    plan = MoveSchedule(moves, old, w, {0: 12.0, 1: 12.0, 2: 12.0})
+    assert _run_waves(plan) == [[mv.model for mv in moves]]
+    # a refused move frees what it took on its destination
+    plan = MoveSchedule(moves, old, w, {0: 12.0, 1: 12.0, 2: 12.0})
+    before = dict(plan.held)
+    ready = plan.start()
+    dst = ready[0].dst_group[0]
+    assert plan.held[dst] == before[dst] + 4.0
+    plan.end(ready[0], moved=False)
+    assert plan.held[dst] == before[dst] and not plan.finished
+
+
+def test_move_schedule_without_sizes_waits_for_the_moves_out_of_a_destination():
+    c_out, a_in, e_in = Move("c", (1,), (2,)), Move("a", (0,), (1,)), Move("e", (3,), (4,))
+    plan = MoveSchedule([c_out, a_in, e_in])
+    # a waits for c, which leaves a's destination; e is independent of both
+    assert plan.start() == [c_out, e_in]
+    plan.end(e_in, moved=True)
+    assert plan.start() == []  # c still running: its source holds memory until drained
+    plan.end(c_out, moved=True)
+    assert plan.start() == [a_in]
+    plan.end(a_in, moved=True)
+    assert plan.finished
+    # a swap waits on itself: the first pending move goes alone, the other after it
+    a_to_1, c_to_0 = Move("a", (0,), (1,)), Move("c", (1,), (0,))
+    assert _run_waves(MoveSchedule([a_to_1, c_to_0])) == [["a"], ["c"]]
+    # a move the schedule knows the size of but not the device's room: the same rule
+    assert _run_waves(MoveSchedule([c_out, a_in, e_in], weights={"a": 1.0})) == [
+        ["c", "e"], ["a"]]
+    assert _run_waves(MoveSchedule([])) == []
 
 
 def test_align_relabels_interchangeable_devices_only():

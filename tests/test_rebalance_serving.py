@@ -474,3 +474,54 @@ def test_server_sends_a_request_for_a_retiring_model_to_its_new_engine(tiny):
         assert placement == {"routes": {"a": e1.device, "c": e1.device}, "rebalancer": None}
     finally:
         e1.shutdown()
+
+
+def test_rebalancer_runs_moves_at_once_where_the_destination_has_room():
+    """``rebalance_once`` starts every move whose destination has room for its weights
+    beside what the device holds, and the others as the moves out of their destination
+    drain: a and b load together; c (into device 0, full until a or b has left) starts
+    when a ends, while b still runs. Moves are stood in for by events the test sets."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fineserve_jax.server.rebalance import Decision, RebalanceConfig, Rebalancer
+    from schedulers.rebalance import Move, ServingDevice
+
+    engines = {i: SimpleNamespace(models=ms, device=f"dev{i}")
+               for i, ms in enumerate([["a", "b"], ["c"], ["d"]])}
+    dev = ServingDevice("gpu", 100.0, 90.0)  # room for 10 bytes of weights
+    rb = Rebalancer(engines, dict.fromkeys(engines, dev), _pl({0: ["a", "b"], 1: ["c"],
+                                                               2: ["d"]}),
+                    RebalanceConfig(placement=PlacementConfig(reserve_fraction=0.0)))
+    rb._weight_bytes = dict.fromkeys("abcd", 4.0)
+    moves = [Move("a", (0,), (1,)), Move("b", (0,), (2,)), Move("c", (1,), (0,))]
+    rb.check = lambda now=None: Decision(0.0, {}, None, {}, "replanned", "", moves)
+    started, finish = [], {m.model: asyncio.Event() for m in moves}
+
+    async def move(mv):
+        started.append(mv.model)
+        await finish[mv.model].wait()
+        return f"{mv}: moved"
+
+    rb.move = move
+
+    async def main():
+        task = asyncio.create_task(rb.rebalance_once())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        at_first = list(started)
+        finish["a"].set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        after_a = list(started)
+        finish["c"].set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        finish["b"].set()
+        return at_first, after_a, await task
+
+    at_first, after_a, dec = asyncio.run(main())
+    assert at_first == ["a", "b"]  # device 1 holds 4 + 4, device 2 4 + 4 of 10
+    assert after_a == ["a", "b", "c"]  # a drained: device 0 holds 4 (b) + 4 (c)
+    assert dec.done == [f"{moves[0]}: moved", f"{moves[2]}: moved", f"{moves[1]}: moved"]
+    assert rb.moving == []

@@ -388,6 +388,11 @@ class Scripted:
         out, self.moves = self.moves, []
         return out
 
+    def schedule(self, moves):
+        from schedulers.rebalance import MoveSchedule
+
+        return MoveSchedule(moves)
+
     def load_s(self, model, group):
         return self._load
 
@@ -426,6 +431,22 @@ def test_hand_computed_move_loads_switches_the_route_and_drains_the_source():
     assert (mv.model, mv.src, mv.dst, mv.started, mv.ready, mv.drained, mv.outcome) == (
         "a", "g0", "g1", 1.0, 1.5, 3.0, "moved")
     assert res.metrics()["moves"][0]["drained"] == 3.0
+
+
+def test_moves_into_a_device_nothing_leaves_run_at_once():
+    from schedulers.rebalance import Move
+    # Nothing leaves g1, so a and b load there together from the check at 1.0; each
+    # switches its route 0.5 s later and drains g0 when its last request there is done.
+    groups, models = two_devices()
+    trace = [Request(0.0, "a", 100, 3), Request(0.0, "b", 100, 3), Request(1.7, "b", 50, 2)]
+    r = Scripted([Move("a", (0,), (1,)), Move("b", (0,), (1,))])
+    res = simulate(groups, models, lambda m, g: ConstCost(), trace, scheduler="fcfs",
+                   replacer=r)
+    assert [(m.model, m.started, m.ready, m.outcome) for m in res.moves] == [
+        ("a", 1.0, 1.5, "moved"), ("b", 1.0, 1.5, "moved")]
+    assert [rec.group for rec in res.records] == ["g0", "g0", "g1"]
+    assert all(rec.status == "finished" for rec in res.records)
+    assert r.checks == [1.0]
 
 
 def test_a_move_the_destination_cannot_take_is_skipped_and_serving_goes_on():
@@ -505,11 +526,16 @@ def test_bench_replace_quick_record(tmp_path):
     assert rows[("replace", 48.0)]["placement"] == rows[("first-rates", 48.0)]["placement"]
     # at 12 req/s the first placement still fits every phase: nothing moves
     assert rows[("replace", 12.0)]["moves"] == []
-    moved = [m for m in rows[("replace", 48.0)]["moves"] if m["outcome"] == "moved"]
-    assert moved, [r["moves"] for r in rows.values()]
+    moves = rows[("replace", 48.0)]["moves"]
+    # each started move switched its route after loading; one that has not drained by
+    # the end of this short run is still running (a hot model drains for seconds)
+    switched = [m for m in moves if m["ready"] is not None]
+    assert switched, moves
+    assert all(m["outcome"] in ("moved", "running") for m in moves), moves
     # the re-plans that made them are in the record, with their moves
     replans = [d for d in rows[("replace", 48.0)]["decisions"] if d["action"] == "replanned"]
     assert len(replans) == rows[("replace", 48.0)]["replans"] >= 1
-    assert {m["model"] for m in moved} <= {mv.split(":")[0] for d in replans for mv in d["moves"]}
-    for m in moved:
-        assert m["started"] < m["ready"] <= m["drained"] and m["src"] != m["dst"]
+    assert {m["model"] for m in moves} <= {mv.split(":")[0] for d in replans for mv in d["moves"]}
+    for m in switched:
+        assert m["started"] < m["ready"] and m["src"] != m["dst"]
+        assert m["outcome"] == "running" or m["ready"] <= m["drained"]

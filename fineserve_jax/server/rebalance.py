@@ -14,7 +14,9 @@ or the configured defaults, its step-cost model if it has one); if the current p
 still admits them (``keep_if_fits``: memory, pools and compute headroom as placement
 counts them) nothing moves, otherwise it runs the global scheduler
 again (``schedulers.rebalance.replan``: slab-greedy over the engines' devices) and executes
-``plan_moves`` one at a time:
+``plan_moves``, each move as soon as ``schedulers.rebalance.MoveSchedule`` lets it: at once
+where the destination has room for the model's weights beside what it holds (models
+moving out hold theirs until drained), otherwise after the moves out of it:
 
 1. attach the model on the destination engine (its weights copied from the source's
    device, its steps compiled there while both engines keep serving), wait until ready;
@@ -49,12 +51,14 @@ from schedulers.placement import Device, ModelDemand, Placement, PlacementConfig
 from schedulers.rebalance import (
     FreeSteps,
     Move,
+    MoveSchedule,
     RateTracker,
     ServingDevice,
     apply_move,
     drift,
     plan_moves,
     replan_if_needed,
+    weight_room,
 )
 
 log = logging.getLogger(__name__)
@@ -106,7 +110,7 @@ class Decision:
     action: str  # "none" | "replanned" | "kept" (a plan that could not be used)
     reason: str
     moves: list[Move] = field(default_factory=list)
-    done: list[str] = field(default_factory=list)  # outcome per move, in order
+    done: list[str] = field(default_factory=list)  # outcome per move, as each ended
 
     def to_dict(self) -> dict:
         return {"at": self.at, "observed_rates": self.observed, "planned_rates": self.planned,
@@ -167,7 +171,7 @@ class Rebalancer:
         self.routes: dict[str, object] = {m: engines[g.devices[0]]
                                           for g in placement.groups for m in g.models}
         self.decisions: deque[Decision] = deque(maxlen=32)
-        self.moving: Move | None = None
+        self.moving: list[Move] = []  # moves in flight
         self._weight_bytes: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
@@ -267,10 +271,29 @@ class Rebalancer:
 
     # -------------------------------------------------------------- executing
     async def rebalance_once(self, now: float | None = None) -> Decision:
-        """``check``, then execute its moves one at a time."""
+        """``check``, then execute its moves, each as soon as ``MoveSchedule`` lets it
+        beside the ones in flight; returns when every move has ended."""
         dec = self.check(now)
-        for mv in dec.moves:
-            dec.done.append(await self.move(mv))
+        plan = MoveSchedule(dec.moves, self.placement, self._weight_bytes,
+                            weight_room(self.devices, self.config.placement))
+        running: dict[asyncio.Task, Move] = {}
+        try:
+            while not plan.finished:
+                for mv in plan.start():
+                    running[asyncio.create_task(self.move(mv), name=f"move {mv}")] = mv
+                ended, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(ended, key=lambda t: dec.moves.index(running[t])):
+                    mv = running.pop(task)
+                    if task.exception() is not None:  # the others go on
+                        log.error("move %s failed", mv, exc_info=task.exception())
+                        dec.done.append(f"{mv}: failed: {task.exception()!r}")
+                        plan.end(mv, moved=None)
+                    else:
+                        dec.done.append(task.result())
+                        plan.end(mv, moved=task.result().startswith(f"{mv}: moved"))
+        finally:  # cancelled (the server stops): the moves in flight stop with it
+            for task in running:
+                task.cancel()
         return dec
 
     async def move(self, mv: Move) -> str:
@@ -280,7 +303,7 @@ class Rebalancer:
         src, dst = self.routes.get(mv.model), self.engines.get(mv.dst_group[0])
         if src is None or dst is None or src is dst:
             return f"{mv}: skipped (route or destination engine not found, or already there)"
-        self.moving = mv
+        self.moving.append(mv)
         t0 = time.perf_counter()
         try:
             spec = src.model_spec(mv.model)
@@ -315,7 +338,7 @@ class Rebalancer:
             log.info("move %s", out)
             return out
         finally:
-            self.moving = None
+            self.moving.remove(mv)
 
     async def run(self) -> None:
         """Check every ``interval_s`` and execute what a check decides, until cancelled."""
@@ -345,7 +368,7 @@ class Rebalancer:
                 "routes": {m: e.device for m, e in sorted(self.routes.items())},
                 "planned_rates": self.planned_rates,
                 "observed_rates": self.tracker.rates(self.clock()),
-                "moving": None if self.moving is None else str(self.moving),
+                "moving": [str(mv) for mv in self.moving],
                 "interval_s": self.config.interval_s, "threshold": self.config.threshold,
                 "decisions": [d.to_dict() for d in self.decisions]}
 
