@@ -28,8 +28,9 @@ class Replacer(Protocol):
     (counted from the end of the previous check's moves, as the server's rebalancer
     sleeps between rounds) and returns moves (``.model``, ``.src_group`` and
     ``.dst_group``: device tuples of the simulated groups) in ``plan_moves`` order;
-    ``schedule`` says which of them may run at once (``MoveSchedule``); ``load_s`` is how long loading a model onto a group takes (weights and compilation)
-    before it can serve there; ``done`` hears each move's outcome."""
+    ``schedule`` says which of them may run at once (a ``MoveSchedule``); ``load_s`` is
+    how long loading a model onto a group takes (weights and compilation) before it can
+    serve there; ``done`` hears each move's outcome."""
 
     interval_s: float
 
@@ -57,9 +58,9 @@ class SimMoves:
     """The server's rebalancer (``fineserve_jax.server.rebalance.Rebalancer``) on
     simulated groups: per move, attach on the destination, after ``load_s`` switch the
     route, retire on the source, and when the source holds none of the model's requests
-    remove it there. Moves start as the replacer's ``schedule`` allows; the next check comes
-    ``interval_s`` after the last of them ended. Requests in flight finish where they
-    are."""
+    remove it there. Moves start as the replacer's ``schedule`` allows; the next check
+    comes ``interval_s`` after the last of them ended. Requests in flight finish where
+    they are."""
 
     def __init__(self, replacer: Replacer, sims: list[_Group], models, cost_of,
                  routes: dict[str, list[int]], last_arrival: float):
