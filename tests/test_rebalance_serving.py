@@ -525,3 +525,88 @@ def test_rebalancer_runs_moves_at_once_where_the_destination_has_room():
     assert after_a == ["a", "b", "c"]  # a drained: device 0 holds 4 (b) + 4 (c)
     assert dec.done == [f"{moves[0]}: moved", f"{moves[2]}: moved", f"{moves[1]}: moved"]
     assert rb.moving == []
+
+
+SWAP_WHILE_SERVING = textwrap.dedent("""
+    import asyncio, json
+    import jax, numpy as np
+    from fineserve_jax.config import ModelConfig
+    from fineserve_jax.engine import Engine, EngineConfig
+    from fineserve_jax.model import init_params
+    from fineserve_jax.sampling import SamplingParams
+    from fineserve_jax.server.rebalance import (Decision, RebalanceConfig, Rebalancer,
+                                                serving_device)
+    from fineserve_jax.tokenizer import Tokenizer
+    from schedulers.placement import Placement, PlacementConfig
+    from schedulers.rebalance import Move
+    from tiny_models import byte_tokenizer_json
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128)
+    tok = Tokenizer.from_json(byte_tokenizer_json(), {"eos_token_ids": [257]})
+    params = {m: jax.tree.map(np.asarray, init_params(cfg, jax.random.key(i)))
+              for i, m in enumerate("abc")}
+    ec = EngineConfig(kv_budget_bytes=2**20, block_tokens=4, max_seqs=4, max_prefill_seqs=2,
+                      prefill_token_budget=16, max_model_len=64, decode_buckets=(4,),
+                      prefill_row_buckets=(2,), chunk_buckets=(16,), context_buckets=(16,),
+                      warmup=False)
+    devs = jax.devices()
+    e0, e1 = Engine(ec, device=devs[0]), Engine(ec, device=devs[1])
+    for e, names in ((e0, "ab"), (e1, "c")):
+        for m in names:
+            e.add_model(m, cfg, params[m], tok, dtype="float32")
+        e.start()
+    placement = Placement.from_dict({"devices": [
+        {"device": 0, "models": ["a", "b"], "kv_budget_bytes": 2**20},
+        {"device": 1, "models": ["c"], "kv_budget_bytes": 2**20}]})
+    pc = PlacementConfig(reserve_fraction=0.0)
+    weights = {m: float(sum(x.nbytes for x in jax.tree.leaves(params[m]))) for m in "abc"}
+    # host devices: room for every model's weights beside the pool
+    spec = serving_device("cpu", None, 2**20, sum(weights.values()), pc)
+    rb = Rebalancer({0: e0, 1: e1}, {0: spec, 1: spec}, placement,
+                    RebalanceConfig(placement=pc))
+    rb._weight_bytes = dict(weights)
+    swap = [Move("b", (0,), (1,)), Move("c", (1,), (0,))]
+    rb.check = lambda now=None: Decision(0.0, {}, None, {}, "replanned", "swap", list(swap))
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    in_flight = {m: rb.routes[m].submit(m, tok.encode("in flight"), greedy) for m in "bc"}
+    seen = []
+
+    async def main():
+        task = asyncio.create_task(rb.rebalance_once())
+        while not task.done():
+            seen.append(sorted(mv.model for mv in rb.moving))
+            await asyncio.sleep(0.01)
+        return await task
+
+    dec = asyncio.run(main())
+    after = {m: rb.routes[m].submit(m, tok.encode("after"), greedy) for m in "bc"}
+    outs = [h.result(timeout=300) for h in (*in_flight.values(), *after.values())]
+    out = {"outcomes": dec.done, "both_at_once": ["b", "c"] in seen,
+           "b_on_1": rb.routes["b"] is e1, "c_on_0": rb.routes["c"] is e0,
+           "e0": sorted(e0.models), "e1": sorted(e1.models),
+           "tokens": [len(o.token_ids) for o in outs],
+           "failed": sum(m.failed for e in (e0, e1) for m in e.stats().models.values())}
+    for e in (e0, e1):
+        e.shutdown()
+    print(json.dumps(out))
+""")
+
+
+def test_two_models_swap_devices_at_once_on_real_engines():
+    """A swap on host devices (room for every model's weights): both moves run at once
+    on real engines; requests submitted before the moves and after them complete, the
+    routes and engines end swapped, nothing fails."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    r = subprocess.run([sys.executable, "-c", SWAP_WHILE_SERVING], env=env, check=False,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    import json
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(": moved" in o for o in out["outcomes"]) and len(out["outcomes"]) == 2, out
+    assert out["both_at_once"], out
+    assert out["b_on_1"] and out["c_on_0"], out
+    assert out["e0"] == ["a", "c"] and out["e1"] == ["b"], out
+    assert out["tokens"] == [24, 24, 24, 24] and out["failed"] == 0, out
