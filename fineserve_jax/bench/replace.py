@@ -21,7 +21,8 @@ system            placement
                   ``schedulers.rebalance.DriftPolicy`` (the server rebalancer's
                   decision: rates over ``--window-s``, checked every ``--interval-s``,
                   re-planned past ``--threshold`` relative drift) and the server's
-                  moves (load on the destination, switch the route, drain the source)
+                  moves (load on the destination, switch the route, drain the source;
+                  moves run at once where the destination has room, ``MoveSchedule``)
 ================  ===========================================================
 
 A move makes the model serve on its destination ``weight bytes / --load-gbps +
@@ -33,7 +34,9 @@ SLOs, lengths, step costs (roofline, ``schedulers.roofline``) and the definition
 attainment are the cluster benchmark's (``fineserve_jax.bench.cluster``). Per system and
 rate: SLO attainment over all requests and per drift phase (requests arriving in it),
 output tokens/s, requests that failed or were unplaced, and every move with when it
-started, served on its destination, and its source drained.
+started, served on its destination, and its source drained. ``--more-seeds`` replays the
+sweep on other seeds' traces (attainment and moves per seed, and the mean): one trace
+varies by a point or more where the GPUs are busy.
 """
 
 from __future__ import annotations
