@@ -56,18 +56,26 @@ def summarize(rows: list[dict], systems: list[str]) -> dict:
     return out
 
 
-def over_seeds(rows_by_seed: dict[int, list[dict]], systems: list[str]) -> dict:
-    """Per (system, rate): attainment on each seed's trace and their mean; per seed the
-    goodput and headline of ``summarize``."""
+def seed_points(rows_by_seed: dict[int, list[dict]], **per_row) -> list[dict]:
+    """Per (system, rate), by rate then system: ``slo_attainment`` on each seed's trace
+    (in ``rows_by_seed`` order), each ``per_row`` figure (name -> function of a result
+    row) per seed, and the mean attainment."""
     seeds = list(rows_by_seed)
-    att = {}
+    at: dict[tuple, dict] = {}
     for seed, rows in rows_by_seed.items():
         for r in rows:
-            att.setdefault((r["system"], r["rate"]), {})[seed] = r["slo_attainment"]
-    points = [{"system": s, "rate": rate, "slo_attainment": [v[k] for k in seeds],
-               "mean": sum(v.values()) / len(v)}
-              for (s, rate), v in sorted(att.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
-    return {"seeds": seeds, "points": points,
+            at.setdefault((r["system"], r["rate"]), {})[seed] = r
+    return [{"system": s, "rate": rate,
+             "slo_attainment": [v[k]["slo_attainment"] for k in seeds],
+             **{name: [f(v[k]) for k in seeds] for name, f in per_row.items()},
+             "mean": sum(v[k]["slo_attainment"] for k in seeds) / len(seeds)}
+            for (s, rate), v in sorted(at.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+
+
+def over_seeds(rows_by_seed: dict[int, list[dict]], systems: list[str]) -> dict:
+    """Per (system, rate): attainment on each seed's trace and their mean
+    (``seed_points``); per seed the goodput and headline of ``summarize``."""
+    return {"seeds": list(rows_by_seed), "points": seed_points(rows_by_seed),
             "by_seed": {str(k): summarize(rows, systems) for k, rows in rows_by_seed.items()}}
 
 

@@ -172,6 +172,7 @@ def run_system(system: str, args, models, devices, config, lengths, spec, trace)
 
 def run(args) -> int:
     from fineserve_jax.bench.cluster import Lengths
+    from fineserve_jax.bench.cluster_report import seed_points
     from fineserve_jax.bench.common import format_table, write_json
     from schedulers.placement import PlacementConfig
     from schedulers.rebalance import ServingDevice
@@ -217,7 +218,8 @@ def run(args) -> int:
                              "slo": asdict(v.slo)} for k, v in models.items()},
               "results": rows, "total_s": time.perf_counter() - t_start}
     if len(by_seed) > 1:
-        record["seeds"] = over_seeds(by_seed)
+        record["seeds"] = {"seeds": list(by_seed), "points": seed_points(
+            by_seed, moves=lambda r: len(r["moves"]))}
     _log(f"wrote {write_json(args.out, record)}")
     header = ["rate", *args.systems]
     table = []
@@ -236,18 +238,3 @@ def run(args) -> int:
             [f"mean SLO attainment over seeds {', '.join(map(str, by_seed))}"]))
     return 0
 
-
-def over_seeds(rows_by_seed: dict[int, list[dict]]) -> dict:
-    """Per (system, rate): attainment and moves on each seed's trace, and the mean
-    attainment."""
-    seeds = list(rows_by_seed)
-    at: dict[tuple, dict] = {}
-    for seed, rows in rows_by_seed.items():
-        for r in rows:
-            at.setdefault((r["system"], r["rate"]), {})[seed] = r
-    points = [{"system": s, "rate": rate,
-               "slo_attainment": [v[k]["slo_attainment"] for k in seeds],
-               "moves": [len(v[k]["moves"]) for k in seeds],
-               "mean": sum(v[k]["slo_attainment"] for k in seeds) / len(seeds)}
-              for (s, rate), v in sorted(at.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
-    return {"seeds": seeds, "points": points}
