@@ -23,7 +23,9 @@ The model list (JSON or TOML) holds a ``models`` list and, optionally, any optio
 Device kinds: ``h100`` (H100 SXM, 80 GB), ``h200`` (141 GB), or any name with
 ``--device-memory-gib`` (and a ``--cost-model`` profiled on it). Prints each model's plan
 (tensor parallelism, replicas, batches, utilisation), then the device groups, then what
-could not be placed; exits 1 if something was left unplaced.
+could not be placed and which models share a group past the compute headroom (no group
+had room for their only replica: ``--no-overcommit`` reports them unplaced instead);
+exits 1 if something was left unplaced.
 """
 
 from __future__ import annotations
@@ -153,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--balance-compute", action=argparse.BooleanOptionalAction, default=None,
                     help="slab-greedy weighs free KV blocks by the compute each group has "
                          "left (default on; --no-balance-compute: free KV blocks alone)")
+    ap.add_argument("--overcommit", action=argparse.BooleanOptionalAction, default=None,
+                    help="slab-greedy serves a model that fits no group within the compute "
+                         "headroom past it, where the load is least (default on; "
+                         "--no-overcommit: it is reported unplaced)")
     ap.add_argument("--cost-model", help="profiled cost-model JSON (tp = 1 only)")
     ap.add_argument("--out", help="placement file to write (default placement.json)")
     return ap
@@ -161,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULTS = {"devices": 8, "device_kind": "h100", "device_memory_gib": None,
             "algorithm": "slab-greedy", "tp": "1,2,4,8", "block_tokens": 16,
             "reserve_fraction": 0.1, "headroom": 0.9, "max_batch": 256,
-            "balance_compute": PlacementConfig.balance_compute, "cost_model": None,
+            "balance_compute": PlacementConfig.balance_compute,
+            "overcommit": PlacementConfig.overcommit, "cost_model": None,
             "out": "placement.json"}
 
 
@@ -212,6 +219,8 @@ def placement_table(pl: Placement, n_devices: int,
     rows.append(f"{pl.algorithm}: {pl.devices_used} of {n_devices} devices used, "
                 f"{len(pl.unplaced)} replica(s) unplaced")
     rows += [f"  unplaced {u.model} (replica {u.replica}): {u.reason}" for u in pl.unplaced]
+    rows += [f"  overcommitted {m}: no group had compute headroom for its only replica; it "
+             f"shares the least loaded one that holds it" for m in pl.overcommitted]
     return "\n".join(rows)
 
 
@@ -233,11 +242,11 @@ def run(argv=None) -> tuple[Placement, str]:
 
         profiles = CostModel.load(o["cost_model"])
         o["tp"] = (1,)
-    if not isinstance(o["balance_compute"], bool):
-        raise SpecError(f"{args.models}: balance_compute must be true or false, got "
-                        f"{o['balance_compute']!r}")
+    for key in ("balance_compute", "overcommit"):
+        if not isinstance(o[key], bool):
+            raise SpecError(f"{args.models}: {key} must be true or false, got {o[key]!r}")
     config = PlacementConfig(o["reserve_fraction"], o["headroom"], o["max_batch"],
-                             o["balance_compute"])
+                             o["balance_compute"], o["overcommit"])
     demands = [build_demand(m, device, o["block_tokens"], profiles) for m in data["models"]]
     plans = {d.name: plan_parallelism(d, device, o["tp"], config) for d in demands}
     pl = place(o["algorithm"], demands, plans, [device] * o["devices"], config)

@@ -30,9 +30,12 @@ The output, ``Placement``, is what ``serve.py --placement`` executes (``to_json`
     {"algorithm": "slab-greedy",
      "devices": [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": N, ...},
                  {"devices": [1, 2], "tp": 2, "models": ["c"], "kv_budget_bytes": N, ...}],
-     "unplaced": [{"model": "d", "replica": 0, "reason": "..."}]}
+     "unplaced": [{"model": "d", "replica": 0, "reason": "..."}],
+     "overcommitted": []}
 
-A model with several replicas appears in several groups.
+A model with several replicas appears in several groups. ``overcommitted`` names the
+models slab-greedy served past the compute headroom (``PlacementConfig.overcommit``): no
+group within it had room for their only replica.
 """
 
 from __future__ import annotations
@@ -93,11 +96,13 @@ class Placement:
     algorithm: str
     groups: tuple[PlacementGroup, ...]
     unplaced: tuple[Unplaced, ...] = ()
+    overcommitted: tuple[str, ...] = ()  # models placed past the compute headroom
 
     def to_dict(self) -> dict:
         return {"algorithm": self.algorithm, "devices": [g.to_dict() for g in self.groups],
                 "unplaced": [{"model": u.model, "replica": u.replica, "reason": u.reason}
-                             for u in self.unplaced]}
+                             for u in self.unplaced],
+                "overcommitted": list(self.overcommitted)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -107,7 +112,8 @@ class Placement:
         return cls(str(d.get("algorithm", "")),
                    tuple(PlacementGroup.from_dict(g) for g in d["devices"]),
                    tuple(Unplaced(u["model"], int(u["replica"]), u["reason"])
-                         for u in d.get("unplaced", ())))
+                         for u in d.get("unplaced", ())),
+                   tuple(str(m) for m in d.get("overcommitted", ())))
 
     @classmethod
     def from_json(cls, text: str) -> Placement:
@@ -246,14 +252,15 @@ class _Cluster:
         dev = self.devices[devs[0]]
         return _Group(devs, tp, self.config.usable_bytes(dev), pool=pool_bytes(dev))
 
-    def candidates(self, item: _Item, widen: bool = False) -> list[tuple[_Group, _Item]]:
+    def candidates(self, item: _Item, widen: bool = False,
+                   headroom: float | None = None) -> list[tuple[_Group, _Item]]:
         """(group, replica as placed there) for the existing groups and fresh ones that
         can take ``item`` at its planned tp, and existing groups of a larger tp that can
         take it sharded over all their devices (its weights spread thinner, no device
         newly used), by device index. Wider groups are offered always with ``widen``,
         else only when nothing takes it at its planned tp: a model is widened rather
-        than left unplaced."""
-        h = self.config.headroom
+        than left unplaced. ``headroom``: the compute limit (default the config's)."""
+        h = self.config.headroom if headroom is None else headroom
         cands = [(g, item) for g in self.groups if g.admits(item, h)]
         cands += [(g, item) for g in self.fresh(item.tp) if g.admits(item, h)]
         if widen or not cands:
@@ -292,14 +299,15 @@ class _Cluster:
         return (f"{d.name}: {need}; no group of tp={item.tp} has room left and "
                 f"{len(self.devices) - len(self.used)} of {len(self.devices)} devices are unused")
 
-    def placement(self, algorithm: str, unplaced: list[Unplaced]) -> Placement:
+    def placement(self, algorithm: str, unplaced: list[Unplaced],
+                  overcommitted: Sequence[str] = ()) -> Placement:
         groups = []
         for g in sorted(self.groups, key=lambda g: g.devices):
             groups.append(PlacementGroup(
                 g.devices, g.tp, tuple(i.demand.name for i in g.items),
                 int(math.floor(g.kv_budget())), int(math.ceil(g.kv_need())),
                 round(g.util(), 6)))
-        return Placement(algorithm, tuple(groups), tuple(unplaced))
+        return Placement(algorithm, tuple(groups), tuple(unplaced), tuple(overcommitted))
 
 
 def _runs_at(d: ModelDemand, tp: int) -> bool:
@@ -414,12 +422,19 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     with each model's first replica ahead of every extra replica (each pass largest
     first), and that placement is kept if it serves more models. A model with no replica
     misses every request; an extra replica only adds capacity to one that has some.
+    When even that leaves a model with none because every group that could hold it is at
+    the compute headroom (the cluster is overloaded), ``config.overcommit`` puts its
+    first replica where its memory fits and the group's compute load with it is lowest,
+    past the headroom (``Placement.overcommitted``): its requests then compete for that
+    group's time, which the local scheduler sheds by deadline, instead of all failing.
+    Between two placements the one serving more models wins, then the one with fewer
+    models overcommitted, then fewer replicas left out.
     """
     _check_inputs(demands, devices)
     items = _by_memory(_items(demands, plans))
     if config.balance_compute:
         out = _every_model_first(items, devices, config, balance=True)
-        if not out.unplaced:
+        if not out.unplaced and not out.overcommitted:
             return out
         plain = _every_model_first(items, devices, config, balance=False)
         return out if _served(out) >= _served(plain) else plain
@@ -436,12 +451,21 @@ def _every_model_first(items: list[_Item], devices: Sequence[Device], config: Pl
         alt = _slab_greedy(firsts, devices, config, balance)
         if _models_served(alt) > _models_served(out):
             out = alt
+        if config.overcommit and _missing(out, items):
+            alt = _slab_greedy(firsts, devices, config, balance, overcommit=True)
+            if _models_served(alt) > _models_served(out):
+                out = alt
     return out
 
 
-def _served(p: Placement) -> tuple[int, int]:
-    """Models with a replica, then fewer replicas left out: larger serves more."""
-    return _models_served(p), -len(p.unplaced)
+def _missing(p: Placement, items: Sequence[_Item]) -> bool:
+    return _models_served(p) < len({i.demand.name for i in items})
+
+
+def _served(p: Placement) -> tuple[int, int, int]:
+    """Models with a replica, then fewer overcommitted, then fewer replicas left out:
+    larger serves more."""
+    return _models_served(p), -len(p.overcommitted), -len(p.unplaced)
 
 
 def _models_served(p: Placement) -> int:
@@ -449,25 +473,38 @@ def _models_served(p: Placement) -> int:
 
 
 def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
-                 config: PlacementConfig, balance: bool = False) -> Placement:
+                 config: PlacementConfig, balance: bool = False,
+                 overcommit: bool = False) -> Placement:
     """``place_slab_greedy``'s greedy over ``items`` in the order given; with ``balance``
-    each candidate's free KV blocks count times the compute share its group has left."""
+    each candidate's free KV blocks count times the compute share its group has left.
+    With ``overcommit`` a replica of a model that has none yet and fits no group within
+    the headroom goes where its memory fits and the group's load with it is lowest."""
 
     def score(c: tuple[_Group, _Item]) -> tuple:
         free = _free_blocks(*c)
         left = max(config.headroom - c[0].util(c[1]), 0.0)
         return ((free * left,) if balance else ()) + (free, [-i for i in c[0].devices])
 
-    cluster, unplaced = _Cluster(devices, config), []
+    def least_loaded(c: tuple[_Group, _Item]) -> tuple:
+        return (-c[0].util(c[1]), _free_blocks(*c), [-i for i in c[0].devices])
+
+    cluster, unplaced, over = _Cluster(devices, config), [], []
+    served: set[str] = set()
     for item in items:
         fit = cluster.candidates(item, widen=True)
+        pick = score
+        if not fit and overcommit and item.demand.name not in served:
+            fit, pick = cluster.candidates(item, widen=True, headroom=math.inf), least_loaded
+            if fit:
+                over.append(item.demand.name)
         # Interference: never beside models whose steps break its TPOT (or theirs).
         cands = [(g, it) for g, it in fit if tpot_compatible(g.items + [it])] or fit
         if not cands:
             unplaced.append(_unfit(item, cluster))
             continue
-        cluster.add(*max(cands, key=score))
-    return cluster.placement("slab-greedy", unplaced)
+        cluster.add(*max(cands, key=pick))
+        served.add(item.demand.name)
+    return cluster.placement("slab-greedy", unplaced, over)
 
 
 def _kvpr(g: _Group, item: _Item | None = None) -> float:

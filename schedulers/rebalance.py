@@ -254,7 +254,7 @@ def align(old: Placement, new: Placement, kinds: Sequence | None = None,
         if g.tp == 1:
             g = replace(g, devices=(target.get(g.devices[0], g.devices[0]),))
         out.append(g)
-    return Placement(new.algorithm, tuple(sorted(out, key=lambda g: g.devices)), new.unplaced)
+    return replace(new, groups=tuple(sorted(out, key=lambda g: g.devices)))
 
 
 # ------------------------------------------------------------------------ moves
@@ -398,7 +398,7 @@ def apply_move(p: Placement, mv: Move) -> Placement:
             groups.append(replace(g, models=models))
     if not seen_dst:
         groups.append(PlacementGroup(mv.dst_group, len(mv.dst_group), (mv.model,), 0))
-    return Placement(p.algorithm, tuple(sorted(groups, key=lambda g: g.devices)), p.unplaced)
+    return replace(p, groups=tuple(sorted(groups, key=lambda g: g.devices)))
 
 
 # ----------------------------------------------------------- policy, simulated

@@ -216,6 +216,37 @@ def test_slab_greedy_gives_every_model_a_replica_before_extra_ones():
     assert sorted(g.models for g in pl.groups) == [("A",), ("A", "B")]
 
 
+def test_slab_greedy_overcommits_a_model_the_headroom_leaves_without_a_replica():
+    # Two 100 GB devices, planned compute A 0.6, B 0.5, C 0.45: A and B take a device
+    # each, and C fits beside neither within the 0.9 headroom (A + C = 1.05, B + C =
+    # 0.95) though its 20 GB fit in memory beside both. Overcommitted, C goes where the
+    # load with it is lowest: beside B (0.95), and the placement names it.
+    demands = [demand("A", 40), demand("B", 30), demand("C", 20)]
+    plans = {"A": plan(util=0.6), "B": plan(util=0.5), "C": plan(util=0.45)}
+    devices = [device(), device()]
+    pl = place_slab_greedy(demands, plans, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("A",)), ((1,), ("B", "C"))]
+    assert pl.overcommitted == ("C",) and not pl.unplaced
+    assert pl.groups[1].utilisation == pytest.approx(0.95)
+    assert Placement.from_json(pl.to_json()) == pl
+    # Without it C is reported unplaced, and nothing is past the headroom.
+    off = PlacementConfig(reserve_fraction=0.0, overcommit=False)
+    pl = place_slab_greedy(demands, plans, devices, off)
+    assert [u.model for u in pl.unplaced] == ["C"] and pl.overcommitted == ()
+    assert all(g.utilisation <= 0.9 for g in pl.groups)
+    # Memory is never overcommitted: with 85 and 82 GB of A and B, C's 20 GB fit
+    # beside neither.
+    big = [demand("A", 85), demand("B", 82), demand("C", 20)]
+    pl = place_slab_greedy(big, plans, devices, NO_RESERVE)
+    assert [u.model for u in pl.unplaced] == ["C"] and pl.overcommitted == ()
+    # A model that has a replica gets no extra one past the headroom: with C at 0.3
+    # (beside B: 0.8) and A planned at two replicas, A's second is left out.
+    two = {"A": plan(replicas=2, util=0.6), "B": plan(util=0.5), "C": plan(util=0.3)}
+    pl = place_slab_greedy(demands, two, devices, NO_RESERVE)
+    assert [(u.model, u.replica) for u in pl.unplaced] == [("A", 1)]
+    assert pl.overcommitted == () and all(g.utilisation <= 0.9 for g in pl.groups)
+
+
 def test_kvpr_known_answer_is_precision_blind():
     demands, plans, devices = slab_vs_kvpr_case()
     pl = place_kvpr(demands, plans, devices, NO_RESERVE)
@@ -250,13 +281,22 @@ def test_dedicated_never_colocates_and_reports_the_rest():
 def test_unplaced_when_nothing_fits_or_compute_is_full():
     demands = [demand("huge", 500), demand("x", 10), demand("y", 10)]
     plans = {"huge": plan(), "x": plan(util=0.6), "y": plan(util=0.6)}
+    no_over = PlacementConfig(reserve_fraction=0.0, overcommit=False)
     for fn in (place_slab_greedy, place_kvpr, place_dedicated):
-        pl = fn(demands, plans, [device()], NO_RESERVE)
+        pl = fn(demands, plans, [device()], no_over)
         reasons = {u.model: u.reason for u in pl.unplaced}
         assert "no device has room for it even empty" in reasons["huge"]
         # x and y each fit, but not both on the one device (0.6 + 0.6 > 0.9 compute).
         assert len(pl.groups) == 1 and len(pl.groups[0].models) == 1
         assert set(reasons) == {"huge", "x", "y"} - set(pl.groups[0].models)
+        # Overcommitting (slab-greedy's default) serves both past the headroom; the
+        # other placements ignore it.
+        pl = fn(demands, plans, [device()], NO_RESERVE)
+        if fn is place_slab_greedy:
+            assert pl.groups[0].models == ("x", "y") and pl.overcommitted == ("y",)
+            assert [u.model for u in pl.unplaced] == ["huge"]
+        else:
+            assert len(pl.groups[0].models) == 1 and not pl.overcommitted
 
 
 def test_a_fixed_pool_is_the_budget_and_weights_only_fit_beside_it():
@@ -403,6 +443,7 @@ def random_case(rng: np.random.Generator):
 def test_random_demands_respect_memory_and_account_for_every_replica(algorithm):
     rng = np.random.default_rng(1234)
     config = PlacementConfig()
+    overcommits = 0
     for _ in range(40):
         demands, devices = random_case(rng)
         plans = {d.name: plan_parallelism(d, devices[0], (1, 2, 4), config) for d in demands}
@@ -419,7 +460,9 @@ def test_random_demands_respect_memory_and_account_for_every_replica(algorithm):
             assert all(plans[m].tp <= g.tp for m in g.models)  # widened at most
             assert weights + g.kv_budget_bytes <= usable * (1 + 1e-12)  # pool beside weights
             assert kv_need <= g.kv_budget_bytes + 1
-            assert sum(plans[m].utilisation for m in g.models) <= config.headroom + 1e-9
+            # past the headroom only to serve a model that had no replica otherwise
+            if sum(plans[m].utilisation for m in g.models) > config.headroom + 1e-9:
+                assert set(g.models) & set(pl.overcommitted), g
             if algorithm == "dedicated":
                 assert len(g.models) == 1
             seen += g.devices
@@ -427,6 +470,11 @@ def test_random_demands_respect_memory_and_account_for_every_replica(algorithm):
         for d in demands:  # every replica is placed or reported, never dropped
             missing = [u for u in pl.unplaced if u.model == d.name]
             assert len(pl.replicas(d.name)) + len(missing) == plans[d.name].replicas
+        for m in pl.overcommitted:
+            assert algorithm == "slab-greedy" and len(pl.replicas(m)) == 1
+        overcommits += len(pl.overcommitted)
+    if algorithm == "slab-greedy":
+        assert overcommits > 0  # the random cases reach the overcommit path
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -522,6 +570,28 @@ def test_cli_balance_compute_from_the_flag_or_the_file(tmp_path, capsys):
     capsys.readouterr()
     assert place_cli.main([str(bad), "--out", str(out)]) == 2
     assert "balance_compute must be true or false" in capsys.readouterr().err
+
+
+def test_cli_overcommits_unless_told_not_to(tmp_path, capsys):
+    # Two 8B models at 30 req/s each need more than one H100's compute headroom (0.76 +
+    # 0.43 at these lengths) but fit its memory together: served past the headroom by
+    # default (exit 0, the file names b), reported unplaced with --no-overcommit (exit 1).
+    model = {"shape": "llama3-8b", "rate": 30, "prompt_tokens": 512, "output_tokens": 256,
+             "ttft_slo_ms": 1000, "tpot_slo_ms": 50}
+    spec = tmp_path / "m.json"
+    spec.write_text(json.dumps({"models": [{**model, "name": "a", "precision": "bf16"},
+                                           {**model, "name": "b", "precision": "fp8"}]}))
+    out = tmp_path / "placement.json"
+    assert place_cli.main([str(spec), "--devices", "1", "--out", str(out)]) == 0
+    assert "overcommitted b:" in capsys.readouterr().out
+    pl = Placement.from_json(out.read_text())
+    assert pl.groups[0].models == ("a", "b") and pl.overcommitted == ("b",)
+    assert pl.groups[0].utilisation > 0.9 and not pl.unplaced
+    serve.read_placement(str(out), ["a", "b"], 1)
+    assert place_cli.main([str(spec), "--devices", "1", "--no-overcommit",
+                           "--out", str(out)]) == 1
+    assert "unplaced b (replica 0)" in capsys.readouterr().out
+    assert Placement.from_json(out.read_text()).overcommitted == ()
 
 
 def test_cli_errors_name_the_model_and_key(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -275,11 +275,35 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
     rec = json.loads(out.read_text())
     parts = rec["config"]["systems"]
     assert parts["kvslab+fcfs"] == {"placement": "slab-greedy", "allocator": "kvslab",
-                                    "scheduler": "fcfs"}
+                                    "scheduler": "fcfs", "overcommit": False}
     assert parts["static+fineserve"] == {"placement": "slab-greedy", "allocator": "static",
-                                         "scheduler": "fineserve"}
+                                         "scheduler": "fineserve", "overcommit": True}
     assert sorted({r["system"] for r in rec["results"]}) == sorted(systems)
     assert not (tmp_path / "ablation.png").exists()  # --plot '' draws nothing
+
+
+def test_bench_cluster_overcommits_only_under_a_scheduler_that_sheds():
+    """At 260 req/s ten GPUs cannot hold every model within the compute headroom: the
+    SLO-aware systems' placement serves the one left over past it, the FCFS systems get
+    the placement that leaves it unplaced (they would serve its group late), and
+    ``--no-overcommit`` gives everyone that one."""
+    from fineserve_jax.bench.cluster import SYSTEMS, Lengths, placements, setup_models
+    from schedulers.placement import PlacementConfig
+
+    config = PlacementConfig()
+    models = setup_models(5.0, config)
+    rates = WorkloadSpec(list(models), 260.0, 30.0, 1.0).mean_rates()
+    _, pl = placements(models, rates, 10, config, Lengths())
+    ours, fcfs = (pl[SYSTEMS[s].placement_key] for s in ("fineserve", "static"))
+    assert ours.overcommitted and not fcfs.overcommitted
+    assert pl[SYSTEMS["static+fineserve"].placement_key] is ours
+    assert pl[SYSTEMS["kvslab+fcfs"].placement_key] is fcfs
+    assert not pl[SYSTEMS["prism"].placement_key].overcommitted
+    for m in ours.overcommitted:  # left with no replica by the FCFS systems' placement
+        assert not fcfs.replicas(m) and len(ours.replicas(m)) == 1
+        assert any(u.model == m and u.replica == 0 for u in fcfs.unplaced)
+    _, off = placements(models, rates, 10, replace(config, overcommit=False), Lengths())
+    assert off[SYSTEMS["fineserve"].placement_key] == fcfs
 
 
 def test_goodput_and_knee_definitions():

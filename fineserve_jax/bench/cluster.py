@@ -18,7 +18,11 @@ system          placement (global)           KV pool           local scheduler
 
 Slab-greedy weighs free KV blocks by the compute each group has left
 (``PlacementConfig.balance_compute``, the default; ``--no-balance-compute`` counts free
-blocks alone, the paper's rule).
+blocks alone, the paper's rule). When the cluster cannot hold a model's only replica
+within the compute headroom, slab-greedy serves it past the headroom where the load is
+least (``PlacementConfig.overcommit``; ``--no-overcommit`` leaves it unplaced) for
+the systems whose scheduler sheds late requests; the FCFS systems get the placement
+without it, which serves them better.
 ``static`` is one engine process per model sharing the devices of our placement, each with
 a fixed share of the pool sized in proportion to the model's planned KV need (what an
 operator sizing ``gpu_memory_utilization`` per process from the same plan would do).
@@ -77,7 +81,7 @@ import argparse
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -122,6 +126,20 @@ class System:
     placement: str  # schedulers.placement algorithm
     allocator: str  # engine.alloc kind
     scheduler: str  # schedulers.local policy
+
+    @property
+    def overcommit(self) -> bool:
+        """Whether slab-greedy may serve a model past the compute headroom when the
+        cluster cannot hold it otherwise (``PlacementConfig.overcommit``): only under a
+        scheduler that sheds what it cannot serve in time. Under FCFS an overcommitted
+        group serves everything late, so the FCFS systems get the placement without it
+        (the one that serves them better: fewer models, none past the headroom). Other
+        placements never overcommit."""
+        return self.placement == "slab-greedy" and self.scheduler != "fcfs"
+
+    @property
+    def placement_key(self) -> str:
+        return self.placement + ("+overcommit" if self.overcommit else "")
 
 
 SYSTEMS = {
@@ -252,12 +270,17 @@ def demands(models: dict[str, ModelSetup], rates: dict[str, float],
 
 def placements(models: dict[str, ModelSetup], rates: dict[str, float], gpus: int,
                config: PlacementConfig, lengths: Lengths) -> tuple[dict, dict[str, Placement]]:
-    """Plans (shared) and each placement algorithm's placement at these rates."""
+    """Plans (shared) and each system's placement at these rates, by
+    ``System.placement_key``."""
     dev = DeviceSpec.h100_sxm()
     ds = demands(models, rates, lengths)
     plans = {d.name: plan_parallelism(d, dev, TP_OPTIONS, config) for d in ds}
-    algos = {s.placement for s in SYSTEMS.values()}
-    return plans, {a: place(a, ds, plans, [dev] * gpus, config) for a in sorted(algos)}
+    out = {}
+    for s in sorted(SYSTEMS.values(), key=lambda s: s.placement_key):
+        if s.placement_key not in out:
+            cfg = replace(config, overcommit=config.overcommit and s.overcommit)
+            out[s.placement_key] = place(s.placement, ds, plans, [dev] * gpus, cfg)
+    return plans, out
 
 
 def kv_need(plan, m: ModelSetup, lengths: Lengths) -> float:
@@ -309,6 +332,7 @@ def run_point(system_name: str, models: dict[str, ModelSetup], plans: dict,
     out["groups"] = len(groups)
     out["gpus_used"] = placement.devices_used
     out["unplaced_replicas"] = [asdict(u) for u in placement.unplaced]
+    out["overcommitted"] = list(placement.overcommitted)
     out["blocks_moved"] = sum(g["blocks_moved"] for g in m["groups"].values())
     out["stalls"] = sum(g["stalls"] for g in m["groups"].values())
     out["steps"] = sum(g["steps"] for g in m["groups"].values())
@@ -325,7 +349,7 @@ def sweep(args, models, config, lengths: Lengths) -> list[dict]:
         trace = spec.generate()
         plans, pl = placements(models, spec.mean_rates(), args.gpus, config, lengths)
         for sname in args.systems:
-            r = run_point(sname, models, plans, pl[SYSTEMS[sname].placement], trace,
+            r = run_point(sname, models, plans, pl[SYSTEMS[sname].placement_key], trace,
                           args.duration + args.drain, lengths)
             r.update(system=sname, rate=rate, gpus=args.gpus)
             if sname == args.systems[0]:
@@ -349,7 +373,7 @@ def fewest_gpus(args, models, config, lengths: Lengths) -> dict:
             break
         plans, pl = placements(models, spec.mean_rates(), n, config, lengths)
         for s in todo:
-            r = run_point(s, models, plans, pl[SYSTEMS[s].placement], trace,
+            r = run_point(s, models, plans, pl[SYSTEMS[s].placement_key], trace,
                           args.duration + args.drain, lengths)
             out[s]["tried"][str(n)] = r["slo_attainment"]
             _log(f"fixed rate {args.fixed_rate:g}: {s} on {n} GPUs: "
@@ -401,6 +425,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="slab-greedy placement weighs free KV blocks by the compute each "
                         "device group has left (PlacementConfig.balance_compute; "
                         "--no-balance-compute: free KV blocks alone)")
+    p.add_argument("--overcommit", action=argparse.BooleanOptionalAction,
+                   default=PlacementConfig.overcommit,
+                   help="slab-greedy serves a model that fits no group within the compute "
+                        "headroom past it, where the load is least, for the systems whose "
+                        "scheduler sheds late requests (PlacementConfig.overcommit; "
+                        "--no-overcommit: it is left unplaced)")
     p.add_argument("--more-seeds", type=int, nargs="+", default=[],
                    help="also run the rate sweep on these seeds' traces (no fewest-GPUs "
                         "search, not plotted) and report attainment per seed and its mean: "
@@ -444,7 +474,7 @@ def run(args) -> int:
     if "static" not in args.systems or "fineserve" not in args.systems:
         _log("note: the headline ratios need both 'fineserve' and 'static'")
     t0 = time.perf_counter()
-    config = PlacementConfig(balance_compute=args.balance_compute)
+    config = PlacementConfig(balance_compute=args.balance_compute, overcommit=args.overcommit)
     lengths = lengths_of(args)
     models = setup_models(args.slo_scale, config, lengths, args.models, args.family)
     rows = sweep(args, models, config, lengths)
@@ -462,8 +492,8 @@ def run(args) -> int:
                    "device": asdict(DeviceSpec.h100_sxm()),
                    "placement": asdict(config), "limits": asdict(LIMITS),
                    "prompt": asdict(lengths.prompt), "output": asdict(lengths.output),
-                   "systems": {k: asdict(v) for k, v in SYSTEMS.items()
-                               if k in args.systems}},
+                   "systems": {k: {**asdict(v), "overcommit": v.overcommit}
+                               for k, v in SYSTEMS.items() if k in args.systems}},
         "models": {k: {**asdict(v), "slo": asdict(v.slo), "block": None,
                        "block_bytes": v.block.block_bytes} for k, v in models.items()},
         "results": rows,
@@ -491,6 +521,8 @@ def command(args) -> str:
         workload += f" --more-seeds {' '.join(map(str, args.more_seeds))}"
     if args.balance_compute != PlacementConfig.balance_compute:
         workload += " --balance-compute" if args.balance_compute else " --no-balance-compute"
+    if args.overcommit != PlacementConfig.overcommit:
+        workload += " --overcommit" if args.overcommit else " --no-overcommit"
     if args.shift_s is not None:
         workload += f" --shift-s {args.shift_s:g}"
     if args.quick:

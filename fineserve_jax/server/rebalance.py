@@ -267,6 +267,9 @@ class Rebalancer:
         why = ("first rates observed" if dec.planned is None else "drift " + ", ".join(
             f"{m} {v:.2f}" for m, v in dec.drift.items() if v > self.config.threshold))
         dec.reason = f"{why}: {len(dec.moves)} move(s) " + ", ".join(map(str, dec.moves))
+        if new.overcommitted:
+            dec.reason += ("; past the compute headroom (no device had room for them): "
+                           + ", ".join(new.overcommitted))
         self.planned_rates = dict(observed)
 
     # -------------------------------------------------------------- executing
@@ -377,6 +380,5 @@ def _relabel(p: Placement, mapping: Mapping[int, int]) -> Placement:
     """``p`` with device indices mapped through ``mapping``."""
     from dataclasses import replace
 
-    return Placement(p.algorithm, tuple(
-        replace(g, devices=tuple(mapping[i] for i in g.devices)) for g in p.groups),
-        p.unplaced)
+    return replace(p, groups=tuple(
+        replace(g, devices=tuple(mapping[i] for i in g.devices)) for g in p.groups))
