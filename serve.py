@@ -291,6 +291,19 @@ def where_is(engine, ids: list[int] | None, devices: list) -> str:
     return "+".join(str(devices[i]) for i in ids)
 
 
+def rebalance_config(args):
+    """The re-placement settings of ``--rebalance-*``. A re-plan overcommits a device's
+    compute (``PlacementConfig.overcommit``) only under a scheduler that sheds late
+    requests: under FCFS a model that fits nowhere stays where it is."""
+    from fineserve_jax.server.rebalance import RebalanceConfig
+    from schedulers.placement import PlacementConfig
+
+    return RebalanceConfig(interval_s=args.rebalance_interval,
+                           threshold=args.rebalance_threshold,
+                           window_s=max(args.rebalance_interval, 60.0),
+                           placement=PlacementConfig(overcommit=args.scheduler != "fcfs"))
+
+
 def make_rebalancer(args, groups: list[dict], engines: list, devices: list):
     """The server's ``Rebalancer`` over the placement's single-device engines. Each device
     is its engine's fixed KV pool within the memory JAX reports (``bytes_limit``), so a
@@ -298,7 +311,7 @@ def make_rebalancer(args, groups: list[dict], engines: list, devices: list):
     report no limit and take any model's weights (``serving_device``)."""
     import jax
 
-    from fineserve_jax.server.rebalance import RebalanceConfig, Rebalancer, serving_device
+    from fineserve_jax.server.rebalance import Rebalancer, serving_device
     from schedulers.placement import Placement
 
     placement = Placement.from_dict({"algorithm": "file", "devices": groups})
@@ -310,9 +323,7 @@ def make_rebalancer(args, groups: list[dict], engines: list, devices: list):
         by_index[ids[0]] = e
     weights = sum(sum(x.nbytes for x in jax.tree.leaves(e.weights(n)))
                   for e in engines for n in e.models)
-    cfg = RebalanceConfig(interval_s=args.rebalance_interval,
-                          threshold=args.rebalance_threshold,
-                          window_s=max(args.rebalance_interval, 60.0))
+    cfg = rebalance_config(args)
     specs = {}
     for i, e in by_index.items():
         stats = devices[i].memory_stats() or {}
@@ -456,11 +467,8 @@ def serve_on_ray(args, specs: dict, groups: list[dict], app_kw: dict) -> int:
         rebalancer = None
         if args.rebalance_interval > 0:
             from fineserve_jax.raycluster.launch import make_rebalancer
-            from fineserve_jax.server.rebalance import RebalanceConfig
 
-            rebalancer = make_rebalancer(engines, RebalanceConfig(
-                interval_s=args.rebalance_interval, threshold=args.rebalance_threshold,
-                window_s=max(args.rebalance_interval, 60.0)))
+            rebalancer = make_rebalancer(engines, rebalance_config(args))
         app = build_app(engines, supervisor=Supervisor(engines), rebalancer=rebalancer,
                         **app_kw)
         where = ", ".join(f"{n} on {e.device}" for e in engines for n in e.models)

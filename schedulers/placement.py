@@ -34,8 +34,8 @@ The output, ``Placement``, is what ``serve.py --placement`` executes (``to_json`
      "overcommitted": []}
 
 A model with several replicas appears in several groups. ``overcommitted`` names the
-models slab-greedy served past the compute headroom (``PlacementConfig.overcommit``): no
-group within it had room for their only replica.
+models slab-greedy served past the planned load (``PlacementConfig.overcommit``): no
+group had compute headroom and planned KV room for their only replica.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Placement:
     algorithm: str
     groups: tuple[PlacementGroup, ...]
     unplaced: tuple[Unplaced, ...] = ()
-    overcommitted: tuple[str, ...] = ()  # models placed past the compute headroom
+    overcommitted: tuple[str, ...] = ()  # models placed past the planned load
 
     def to_dict(self) -> dict:
         return {"algorithm": self.algorithm, "devices": [g.to_dict() for g in self.groups],
@@ -186,13 +186,17 @@ class _Group:
     def _with(self, extra: _Item | None) -> list[_Item]:
         return self.items + ([extra] if extra is not None else [])
 
-    def admits(self, item: _Item, headroom: float) -> bool:
+    def admits(self, item: _Item, headroom: float, planned_kv: bool = True) -> bool:
+        """Whether ``item`` fits beside the group's models: weights and at least one
+        sequence's KV each in memory, and (``planned_kv``) the planned KV demand in
+        the pool, and the planned compute within ``headroom``."""
         if item.tp != self.tp or any(i.demand.name == item.demand.name for i in self.items):
             return False
         budget = self.kv_budget(item)
         if self.pool is not None and self.weights(item) > self.usable - self.pool:
             return False
-        return (budget >= self.kv_need(item) and budget >= max(i.min_kv for i in self._with(item))
+        return ((budget >= self.kv_need(item) or not planned_kv)
+                and budget >= max(i.min_kv for i in self._with(item))
                 and self.util(item) <= headroom + 1e-12)
 
 
@@ -253,21 +257,23 @@ class _Cluster:
         return _Group(devs, tp, self.config.usable_bytes(dev), pool=pool_bytes(dev))
 
     def candidates(self, item: _Item, widen: bool = False,
-                   headroom: float | None = None) -> list[tuple[_Group, _Item]]:
+                   over: bool = False) -> list[tuple[_Group, _Item]]:
         """(group, replica as placed there) for the existing groups and fresh ones that
         can take ``item`` at its planned tp, and existing groups of a larger tp that can
         take it sharded over all their devices (its weights spread thinner, no device
         newly used), by device index. Wider groups are offered always with ``widen``,
         else only when nothing takes it at its planned tp: a model is widened rather
-        than left unplaced. ``headroom``: the compute limit (default the config's)."""
-        h = self.config.headroom if headroom is None else headroom
-        cands = [(g, item) for g in self.groups if g.admits(item, h)]
-        cands += [(g, item) for g in self.fresh(item.tp) if g.admits(item, h)]
+        than left unplaced. ``over``: past the planned load (compute and KV demand),
+        memory for weights and one sequence each still required."""
+        h = math.inf if over else self.config.headroom
+        kv = not over
+        cands = [(g, item) for g in self.groups if g.admits(item, h, kv)]
+        cands += [(g, item) for g in self.fresh(item.tp) if g.admits(item, h, kv)]
         if widen or not cands:
             for g in self.groups:
                 if g.tp > item.tp and _runs_at(item.demand, g.tp):
                     wide = replace(item, tp=g.tp, weights=item.demand.weight_bytes / g.tp)
-                    if g.admits(wide, h):
+                    if g.admits(wide, h, kv):
                         cands.append((g, wide))
         return sorted(cands, key=lambda c: c[0].devices)
 
@@ -422,11 +428,13 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     with each model's first replica ahead of every extra replica (each pass largest
     first), and that placement is kept if it serves more models. A model with no replica
     misses every request; an extra replica only adds capacity to one that has some.
-    When even that leaves a model with none because every group that could hold it is at
-    the compute headroom (the cluster is overloaded), ``config.overcommit`` puts its
-    first replica where its memory fits and the group's compute load with it is lowest,
-    past the headroom (``Placement.overcommitted``): its requests then compete for that
-    group's time, which the local scheduler sheds by deadline, instead of all failing.
+    When even that leaves a model with none because every group that could hold it is
+    planned full (compute at the headroom or the pool at its planned KV demand: the
+    cluster is overloaded), ``config.overcommit`` puts its first replica where its
+    weights and one sequence's KV fit and the group's compute load with it is lowest,
+    past the planned load (``Placement.overcommitted``): its requests then compete for
+    that group's time and pool, which the local scheduler sheds by deadline, instead of
+    all failing.
     Between two placements the one serving more models wins, then the one with fewer
     models overcommitted, then fewer replicas left out.
     """
@@ -478,7 +486,8 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
     """``place_slab_greedy``'s greedy over ``items`` in the order given; with ``balance``
     each candidate's free KV blocks count times the compute share its group has left.
     With ``overcommit`` a replica of a model that has none yet and fits no group within
-    the headroom goes where its memory fits and the group's load with it is lowest."""
+    the planned load goes where its weights and one sequence's KV fit and the group's
+    compute load with it is lowest."""
 
     def score(c: tuple[_Group, _Item]) -> tuple:
         free = _free_blocks(*c)
@@ -494,7 +503,7 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
         fit = cluster.candidates(item, widen=True)
         pick = score
         if not fit and overcommit and item.demand.name not in served:
-            fit, pick = cluster.candidates(item, widen=True, headroom=math.inf), least_loaded
+            fit, pick = cluster.candidates(item, widen=True, over=True), least_loaded
             if fit:
                 over.append(item.demand.name)
         # Interference: never beside models whose steps break its TPOT (or theirs).

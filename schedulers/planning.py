@@ -98,9 +98,9 @@ class PlacementConfig:
     # slab-greedy weighs a group's free KV blocks by the compute share it has left
     # (False: free KV blocks alone, the paper's rule)
     balance_compute: bool = True
-    # slab-greedy serves a model whose first replica fits no group within ``headroom``
-    # on the group with the least compute load where its memory fits, past the headroom,
-    # rather than leave it with no replica (False: report it unplaced)
+    # slab-greedy serves a model whose only replica fits no group within the planned
+    # load (``headroom``, planned KV demand) on the least loaded group where its weights
+    # and one sequence's KV fit, rather than leave it with none (False: unplaced)
     overcommit: bool = True
 
     def __post_init__(self):

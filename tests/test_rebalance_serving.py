@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -230,6 +231,28 @@ def test_rebalancer_keeps_a_placement_that_still_fits(tiny, keep_if_fits):
         assert rb.planned_rates == d.observed
 
 
+@pytest.mark.parametrize("overcommit", [True, False])
+def test_rebalancer_overcommits_a_model_only_when_told(tiny, overcommit):
+    """At 100 req/s each model alone takes a device's whole compute headroom: two
+    devices cannot hold three models within it. The re-plan puts the third past the
+    headroom beside another and says so, or (``overcommit=False``) leaves a model
+    unplaced, so the current placement is kept."""
+    rb, e0, e1, now = _rebalancer(tiny, output_tokens=64, prompt_tokens=64)
+    rb.config = replace(rb.config, placement=PlacementConfig(reserve_fraction=0.0,
+                                                             overcommit=overcommit))
+    for i in range(1000):
+        for m in "abc":
+            now[0] = i / 100
+            rb.observe(m)
+    d = rb.check(10.0)
+    if overcommit:
+        assert d.action == "replanned", d.reason
+        assert "past the compute headroom (no device had room for them)" in d.reason
+    else:
+        assert d.action == "kept" and "unplaced: keeping the current one" in d.reason
+        assert d.moves == []
+
+
 def test_rebalancer_refuses_tensor_parallel_groups_and_wrong_engines(tiny):
     from fineserve_jax.server.rebalance import Rebalancer
 
@@ -259,6 +282,10 @@ def test_serve_options_build_a_rebalancer_over_the_placement(tiny):
     groups = [{"device": 0, "models": ["a", "b"], "kv_budget_bytes": SMALL["kv_budget_bytes"]}]
     rb = serve.make_rebalancer(args, groups, [e], jax.devices())
     assert (rb.config.interval_s, rb.config.threshold, rb.config.window_s) == (30, 0.25, 60)
+    assert rb.config.placement.overcommit  # the SLO-aware scheduler sheds what is late
+    fcfs = serve.parse_args(["--placement", "p.json", "--rebalance-interval", "30",
+                             "--scheduler", "fcfs"])
+    assert not serve.rebalance_config(fcfs).placement.overcommit
     assert rb.routes == {"a": e, "b": e}
     assert rb.devices[0].memory_bytes >= e.stats().pool.pool_bytes
     assert rb.devices[0].kv_pool_bytes == e.stats().pool.pool_bytes  # the running pool, fixed
