@@ -23,8 +23,8 @@ The model list (JSON or TOML) holds a ``models`` list and, optionally, any optio
 Device kinds: ``h100`` (H100 SXM, 80 GB), ``h200`` (141 GB), or any name with
 ``--device-memory-gib`` (and a ``--cost-model`` profiled on it). Prints each model's plan
 (tensor parallelism, replicas, batches, utilisation), then the device groups, then what
-could not be placed and which models share a group past the compute headroom (no group
-had room for their only replica: ``--no-overcommit`` reports them unplaced instead);
+could not be placed and which models share a group past the planned load (no group had
+room for their only replica: ``--no-overcommit`` reports them unplaced instead);
 exits 1 if something was left unplaced.
 """
 
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slab-greedy weighs free KV blocks by the compute each group has "
                          "left (default on; --no-balance-compute: free KV blocks alone)")
     ap.add_argument("--overcommit", action=argparse.BooleanOptionalAction, default=None,
-                    help="slab-greedy serves a model that fits no group within the compute "
-                         "headroom past it, where the load is least (default on; "
+                    help="slab-greedy serves a model that fits no group within the planned "
+                         "load past it, where the load is least (default on; "
                          "--no-overcommit: it is reported unplaced)")
     ap.add_argument("--cost-model", help="profiled cost-model JSON (tp = 1 only)")
     ap.add_argument("--out", help="placement file to write (default placement.json)")
@@ -219,8 +219,8 @@ def placement_table(pl: Placement, n_devices: int,
     rows.append(f"{pl.algorithm}: {pl.devices_used} of {n_devices} devices used, "
                 f"{len(pl.unplaced)} replica(s) unplaced")
     rows += [f"  unplaced {u.model} (replica {u.replica}): {u.reason}" for u in pl.unplaced]
-    rows += [f"  overcommitted {m}: no group had compute headroom for its only replica; it "
-             f"shares the least loaded one that holds it" for m in pl.overcommitted]
+    rows += [f"  overcommitted {m}: no group had room within the planned load for its only "
+             f"replica; it shares the least loaded one that holds it" for m in pl.overcommitted]
     return "\n".join(rows)
 
 

@@ -431,10 +431,11 @@ def place_slab_greedy(demands: Sequence[ModelDemand], plans: Mapping[str, Parall
     When even that leaves a model with none because every group that could hold it is
     planned full (compute at the headroom or the pool at its planned KV demand: the
     cluster is overloaded), ``config.overcommit`` puts its first replica where its
-    weights and one sequence's KV fit and the group's compute load with it is lowest,
-    past the planned load (``Placement.overcommitted``): its requests then compete for
-    that group's time and pool, which the local scheduler sheds by deadline, instead of
-    all failing.
+    weights and one sequence's KV fit and the group is least loaded with it (compute
+    share over the headroom, plus the fraction by which its planned KV demand overflows
+    the pool), past the planned load (``Placement.overcommitted``): its requests then
+    compete for that group's time and pool, which the local scheduler sheds by
+    deadline, instead of all failing.
     Between two placements the one serving more models wins, then the one with fewer
     models overcommitted, then fewer replicas left out.
     """
@@ -486,8 +487,8 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
     """``place_slab_greedy``'s greedy over ``items`` in the order given; with ``balance``
     each candidate's free KV blocks count times the compute share its group has left.
     With ``overcommit`` a replica of a model that has none yet and fits no group within
-    the planned load goes where its weights and one sequence's KV fit and the group's
-    compute load with it is lowest."""
+    the planned load goes where its weights and one sequence's KV fit and the group is
+    least loaded with it (``_load``)."""
 
     def score(c: tuple[_Group, _Item]) -> tuple:
         free = _free_blocks(*c)
@@ -495,7 +496,7 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
         return ((free * left,) if balance else ()) + (free, [-i for i in c[0].devices])
 
     def least_loaded(c: tuple[_Group, _Item]) -> tuple:
-        return (-c[0].util(c[1]), _free_blocks(*c), [-i for i in c[0].devices])
+        return (-_load(*c, config.headroom), _free_blocks(*c), [-i for i in c[0].devices])
 
     cluster, unplaced, over = _Cluster(devices, config), [], []
     served: set[str] = set()
@@ -514,6 +515,15 @@ def _slab_greedy(items: Sequence[_Item], devices: Sequence[Device],
         cluster.add(*max(cands, key=pick))
         served.add(item.demand.name)
     return cluster.placement("slab-greedy", unplaced, over)
+
+
+def _load(g: _Group, item: _Item, headroom: float) -> float:
+    """How loaded ``g`` is with ``item``: its compute share over the headroom, plus the
+    fraction of its pool by which the planned KV demand overflows it (demand within the
+    pool costs nothing; past it, sequences wait for blocks)."""
+    budget = g.kv_budget(item)
+    over = g.kv_need(item) / budget - 1.0 if budget > 0 else math.inf
+    return g.util(item) / headroom + max(over, 0.0)
 
 
 def _kvpr(g: _Group, item: _Item | None = None) -> float:

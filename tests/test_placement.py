@@ -239,6 +239,19 @@ def test_slab_greedy_overcommits_a_model_the_headroom_leaves_without_a_replica()
     big = [demand("A", 85), demand("B", 82), demand("C", 20)]
     pl = place_slab_greedy(big, plans, devices, NO_RESERVE)
     assert [u.model for u in pl.unplaced] == ["C"] and pl.overcommitted == ()
+    # Where it goes: each group's compute over the headroom plus the fraction by which
+    # its planned KV overflows the pool. With A's KV at 55 of its 60 GB, C (10 GB of
+    # KV) beside A would be 0.95 / 0.9 + (65 / 40 - 1) = 1.68; beside B 1.15 / 0.9 =
+    # 1.28 with its KV in the pool: B, though A has more compute to spare.
+    kv_heavy = {"A": plan(conc=5500, util=0.5), "B": plan(util=0.7),
+                "C": plan(conc=1000, util=0.45)}
+    pl = place_slab_greedy(demands, kv_heavy, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("A",)), ((1,), ("B", "C"))]
+    assert pl.overcommitted == ("C",)
+    # ... and with A's KV demand small, beside A (0.95 / 0.9 = 1.06 against 1.28).
+    light = {**kv_heavy, "A": plan(util=0.5)}
+    pl = place_slab_greedy(demands, light, devices, NO_RESERVE)
+    assert [(g.devices, g.models) for g in pl.groups] == [((0,), ("A", "C")), ((1,), ("B",))]
     # A model that has a replica gets no extra one past the headroom: with C at 0.3
     # (beside B: 0.8) and A planned at two replicas, A's second is left out.
     two = {"A": plan(replicas=2, util=0.6), "B": plan(util=0.5), "C": plan(util=0.3)}

@@ -247,7 +247,7 @@ def test_rebalancer_overcommits_a_model_only_when_told(tiny, overcommit):
     d = rb.check(10.0)
     if overcommit:
         assert d.action == "replanned", d.reason
-        assert "past the compute headroom (no device had room for them)" in d.reason
+        assert "past the planned load (no device had room for them)" in d.reason
     else:
         assert d.action == "kept" and "unplaced: keeping the current one" in d.reason
         assert d.moves == []

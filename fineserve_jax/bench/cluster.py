@@ -19,7 +19,7 @@ system          placement (global)           KV pool           local scheduler
 Slab-greedy weighs free KV blocks by the compute each group has left
 (``PlacementConfig.balance_compute``, the default; ``--no-balance-compute`` counts free
 blocks alone, the paper's rule). When the cluster cannot hold a model's only replica
-within the compute headroom, slab-greedy serves it past the headroom where the load is
+within the planned load, slab-greedy serves it past that load where the load is
 least (``PlacementConfig.overcommit``; ``--no-overcommit`` leaves it unplaced) for
 the systems whose scheduler sheds late requests; the FCFS systems get the placement
 without it, which serves them better.
@@ -129,7 +129,7 @@ class System:
 
     @property
     def overcommit(self) -> bool:
-        """Whether slab-greedy may serve a model past the compute headroom when the
+        """Whether slab-greedy may serve a model past the planned load when the
         cluster cannot hold it otherwise (``PlacementConfig.overcommit``): only under a
         scheduler that sheds what it cannot serve in time. Under FCFS an overcommitted
         group serves everything late, so the FCFS systems get the placement without it
@@ -427,8 +427,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--no-balance-compute: free KV blocks alone)")
     p.add_argument("--overcommit", action=argparse.BooleanOptionalAction,
                    default=PlacementConfig.overcommit,
-                   help="slab-greedy serves a model that fits no group within the compute "
-                        "headroom past it, where the load is least, for the systems whose "
+                   help="slab-greedy serves a model that fits no group within the planned "
+                        "load past it, where the load is least, for the systems whose "
                         "scheduler sheds late requests (PlacementConfig.overcommit; "
                         "--no-overcommit: it is left unplaced)")
     p.add_argument("--more-seeds", type=int, nargs="+", default=[],

@@ -268,7 +268,7 @@ class Rebalancer:
             f"{m} {v:.2f}" for m, v in dec.drift.items() if v > self.config.threshold))
         dec.reason = f"{why}: {len(dec.moves)} move(s) " + ", ".join(map(str, dec.moves))
         if new.overcommitted:
-            dec.reason += ("; past the compute headroom (no device had room for them): "
+            dec.reason += ("; past the planned load (no device had room for them): "
                            + ", ".join(new.overcommitted))
         self.planned_rates = dict(observed)
 
