@@ -333,15 +333,19 @@ def test_server_sends_a_request_for_a_retiring_model_to_its_new_engine(tiny):
         e1.shutdown()
 
 
-def test_rebalancer_runs_moves_at_once_where_the_destination_has_room():
+@pytest.mark.parametrize("a_moves", [True, False])
+def test_rebalancer_runs_moves_at_once_where_the_destination_has_room(a_moves):
     """``rebalance_once`` starts every move whose destination has room for its weights
     beside what the device holds, and the others as the moves out of their destination
     drain: a and b load together; c (into device 0, full until a or b has left) starts
-    when a ends, while b still runs. Moves are stood in for by events the test sets."""
+    when a ends, while b still runs. If a's move is skipped instead (``moved=False``), a
+    stays on device 0 and c waits for b. Moves are stood in for by events the test
+    sets."""
     import asyncio
     from types import SimpleNamespace
 
-    from fineserve_jax.server.rebalance import Decision, RebalanceConfig, Rebalancer
+    from fineserve_jax.server.rebalance import (Decision, MoveOutcome, RebalanceConfig,
+                                                Rebalancer)
     from schedulers.rebalance import Move, ServingDevice
 
     engines = {i: SimpleNamespace(models=ms, device=f"dev{i}")
@@ -358,28 +362,37 @@ def test_rebalancer_runs_moves_at_once_where_the_destination_has_room():
     async def move(mv):
         started.append(mv.model)
         await finish[mv.model].wait()
-        return f"{mv}: moved"
+        if mv.model == "a" and not a_moves:
+            return MoveOutcome(f"{mv}: skipped", moved=False)
+        return MoveOutcome(f"{mv}: moved", moved=True)
 
     rb.move = move
 
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return list(started)
+
     async def main():
         task = asyncio.create_task(rb.rebalance_once())
-        for _ in range(5):
-            await asyncio.sleep(0)
-        at_first = list(started)
+        seen = [await settle()]
         finish["a"].set()
-        for _ in range(5):
-            await asyncio.sleep(0)
-        after_a = list(started)
-        finish["c"].set()
-        for _ in range(5):
-            await asyncio.sleep(0)
-        finish["b"].set()
-        return at_first, after_a, await task
+        seen.append(await settle())
+        for m in ("c", "b") if a_moves else ("b", "c"):
+            finish[m].set()
+            seen.append(await settle())
+        return seen, await task
 
-    at_first, after_a, dec = asyncio.run(main())
-    assert at_first == ["a", "b"]  # device 1 holds 4 + 4, device 2 4 + 4 of 10
-    assert after_a == ["a", "b", "c"]  # a drained: device 0 holds 4 (b) + 4 (c)
-    assert dec.done == [f"{moves[0]}: moved", f"{moves[2]}: moved", f"{moves[1]}: moved"]
+    seen, dec = asyncio.run(main())
+    assert seen[0] == ["a", "b"]  # device 1 holds 4 + 4, device 2 4 + 4 of 10
+    done = [f"{moves[0]}: moved" if a_moves else f"{moves[0]}: skipped"]
+    if a_moves:
+        assert seen[1] == ["a", "b", "c"]  # a drained: device 0 holds 4 (b) + 4 (c)
+        done += [f"{moves[2]}: moved", f"{moves[1]}: moved"]
+    else:
+        assert seen[1] == ["a", "b"]  # a stayed: device 0 holds 4 (a) + 4 (b) until b drains
+        assert seen[2] == ["a", "b", "c"]
+        done += [f"{moves[1]}: moved", f"{moves[2]}: moved"]
+    assert dec.done == done and all(isinstance(o, MoveOutcome) for o in dec.done)
     assert rb.moving == []
 

@@ -119,6 +119,19 @@ class Decision:
                 "moves": [str(m) for m in self.moves], "outcomes": self.done}
 
 
+class MoveOutcome(str):
+    """What ``Rebalancer.move`` returns: the text ``Decision.done`` shows, and whether the
+    model moved (its source drained: the memory there is free again) or not (skipped:
+    nothing changed)."""
+
+    moved: bool
+
+    def __new__(cls, text: str, moved: bool) -> MoveOutcome:
+        out = super().__new__(cls, text)
+        out.moved = moved
+        return out
+
+
 def serving_device(kind: str, memory_bytes: float | None, pool_bytes: float,
                    weight_bytes: float, config: PlacementConfig) -> ServingDevice:
     """How the global scheduler sees a device running an engine: its memory (JAX's
@@ -293,19 +306,20 @@ class Rebalancer:
                         plan.end(mv, moved=None)
                     else:
                         dec.done.append(task.result())
-                        plan.end(mv, moved=task.result().startswith(f"{mv}: moved"))
+                        plan.end(mv, moved=task.result().moved)
         finally:  # cancelled (the server stops): the moves in flight stop with it
             for task in running:
                 task.cancel()
         return dec
 
-    async def move(self, mv: Move) -> str:
+    async def move(self, mv: Move) -> MoveOutcome:
         """Move one model: attach on the destination, wait until ready, switch its route,
         retire it on the source, wait until the source's requests finished. Returns the
         outcome ("moved", or why it was skipped); never raises for a move that fails."""
         src, dst = self.routes.get(mv.model), self.engines.get(mv.dst_group[0])
         if src is None or dst is None or src is dst:
-            return f"{mv}: skipped (route or destination engine not found, or already there)"
+            return MoveOutcome(f"{mv}: skipped (route or destination engine not found, or "
+                               f"already there)", moved=False)
         self.moving.append(mv)
         t0 = time.perf_counter()
         try:
@@ -315,7 +329,7 @@ class Rebalancer:
                                                  precompile=self.config.precompile,
                                                  **spec.kwargs())
             except (ValueError, RuntimeError) as e:
-                out = f"{mv}: skipped, the destination refused it: {e}"
+                out = MoveOutcome(f"{mv}: skipped, the destination refused it: {e}", False)
                 log.warning("move %s", out)
                 return out
             try:
@@ -326,7 +340,7 @@ class Rebalancer:
                 why = f"not ready after {self.config.attach_timeout_s:g} s"
             if not ok:
                 dst.retire_model(mv.model)
-                out = f"{mv}: skipped, {why}"
+                out = MoveOutcome(f"{mv}: skipped, {why}", moved=False)
                 log.warning("move %s", out)
                 return out
             ready_s = time.perf_counter() - t0
@@ -336,8 +350,8 @@ class Rebalancer:
             log.info("move %s: serving on %s after %.1f s (attach); draining %s", mv,
                      dst.device, ready_s, src.device)
             await retire.wait_async()
-            out = (f"{mv}: moved (ready in {ready_s:.1f} s, source drained "
-                   f"{retire.seconds:.1f} s later)")
+            out = MoveOutcome(f"{mv}: moved (ready in {ready_s:.1f} s, source drained "
+                              f"{retire.seconds:.1f} s later)", moved=True)
             log.info("move %s", out)
             return out
         finally:
