@@ -268,18 +268,31 @@ class SLOAware(LocalScheduler):
 
         The prefill work ahead of a request is its model's prompt tokens ahead of it
         (plus its own) run as full prefill steps (``batched_prefill_time``: prompts batch,
-        so this is less than their solo times added up), plus the other models' work."""
+        so this is less than their solo times added up), plus the work of each other
+        model that ``next_step`` would run first: a model prefills ahead of the request
+        only if one of its prompts (partly prefilled, or waiting and kept) is due no
+        later than the request, and then with its partly prefilled prompts (its batches
+        take them first) and its waiting prompts due by then."""
         stretch = 1.0 / (1.0 - self.decode_share(scheds, step_s))
-        tokens = {id(s): sum(q.remaining for q in s.running if q.prefilling) for s in scheds}
-        work = {id(s): batched_prefill_time(s, tokens[id(s)]) for s in scheds}
+        partial = {id(s): [q for q in s.running if q.prefilling] for s in scheds}
+        tokens = {id(s): sum(q.remaining for q in partial[id(s)]) for s in scheds}
+        kept: dict[int, list[Seq]] = {id(s): [] for s in scheds}  # waiting, deadline order
         waiting = sorted(((q.deadline, q.arrival, i, s, q) for i, s in enumerate(scheds)
                           for q in s.waiting if not q.slo_missed), key=lambda t: t[:3])
+
+        def ahead(o: ModelScheduler, deadline: float) -> float:
+            due = [q for q in kept[id(o)] if q.deadline <= deadline]
+            if not due and all(q.deadline > deadline for q in partial[id(o)]):
+                return 0.0
+            n = sum(q.remaining for q in partial[id(o)]) + sum(q.remaining for q in due)
+            return batched_prefill_time(o, n)
+
         for deadline, _, _, s, q in waiting:
             mine = batched_prefill_time(s, tokens[id(s)] + q.remaining)
-            others = sum(w for k, w in work.items() if k != id(s))
+            others = sum(ahead(o, deadline) for o in scheds if o is not s)
             if now + (others + mine) * stretch <= deadline:
                 tokens[id(s)] += q.remaining
-                work[id(s)] = mine
+                kept[id(s)].append(q)
             else:
                 _miss(s, q, self.on_miss)
 

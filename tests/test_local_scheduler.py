@@ -393,3 +393,20 @@ def test_feasibility_counts_prompts_batched_and_other_models_work():
     SLOAware().check_feasible([m, n], now=0.0)
     assert [s.id for s, _ in m.take_dropped()] == ["m2"]
     assert n.take_dropped() == []
+
+
+@pytest.mark.parametrize("b_ttft, dropped", [(5.0, []), (0.9, ["a0"])])
+def test_feasibility_counts_another_models_work_only_if_it_is_due_first(b_ttft, dropped):
+    # b's 100-token prompt is 40 tokens in (60 left: 0.7 s) and due at b_ttft; a's
+    # 30-token prompt (0.4 s) is due at 1.0. next_step prefills the earlier deadline
+    # first, so b's rest is ahead of a only when b is due first: due at 5.0 it is not
+    # (0.4 <= 1.0: kept); due at 0.9 it is (0.7 + 0.4 = 1.1 > 1.0: dropped).
+    a, b = device(("a", SLO(ttft_s=1.0)), ("b", SLO(ttft_s=b_ttft)))
+    s = seq("b0", 100, 0.0)
+    b.add(s)
+    b.schedule(PREFILL)
+    assert not b.advance(s, 40) and s.prefilling and s.remaining == 60
+    a.add(seq("a0", 30, 0.0))
+    SLOAware().check_feasible([a, b], now=0.0)
+    assert [q.id for q, _ in a.take_dropped()] == dropped
+    assert b.take_dropped() == []
