@@ -26,8 +26,10 @@ Three policies with this interface:
     1. *Feasibility*, device-wide: waiting requests of every model in deadline order.
        A request's first token is predicted at ``now + W / (1 - u)``, where ``W`` is the
        time to prefill its prompt and those ahead of it in full steps (partly prefilled
-       ones first, then earlier deadlines that are kept; its own model's tokens batched,
-       other models' work added), and ``u`` the share of the device the running decodes need to keep
+       ones first, then earlier deadlines that are kept; its own model's tokens batched),
+       plus each other model's work that step 2 runs first (only a model with a prompt
+       due no later than the request's: its partly prefilled prompts and its kept ones
+       due by then), and ``u`` the share of the device the running decodes need to keep
        their TPOT SLOs (``sum(decode_time / tpot)`` over models, at most 0.9). A request
        whose prediction is past its deadline is dropped at once (``on_miss="reject"``:
        the client hears why) or kept behind every feasible request and counted as a miss
