@@ -276,25 +276,32 @@ class SLOAware(LocalScheduler):
         later than the request, and then with its partly prefilled prompts (its batches
         take them first) and its waiting prompts due by then."""
         stretch = 1.0 / (1.0 - self.decode_share(scheds, step_s))
-        partial = {id(s): [q for q in s.running if q.prefilling] for s in scheds}
-        tokens = {id(s): sum(q.remaining for q in partial[id(s)]) for s in scheds}
-        kept: dict[int, list[Seq]] = {id(s): [] for s in scheds}  # waiting, deadline order
+        # per model: tokens of its partly prefilled prompts plus the waiting ones kept so
+        # far, whether it has kept one, and when its first partly prefilled one is due
+        tokens: dict[int, int] = {}
+        kept: dict[int, bool] = {}
+        first_due: dict[int, float] = {}
+        for s in scheds:
+            partial = [q for q in s.running if q.prefilling]
+            tokens[id(s)] = sum(q.remaining for q in partial)
+            kept[id(s)] = False
+            first_due[id(s)] = min((q.deadline for q in partial), default=math.inf)
         waiting = sorted(((q.deadline, q.arrival, i, s, q) for i, s in enumerate(scheds)
                           for q in s.waiting if not q.slo_missed), key=lambda t: t[:3])
 
         def ahead(o: ModelScheduler, deadline: float) -> float:
-            due = [q for q in kept[id(o)] if q.deadline <= deadline]
-            if not due and all(q.deadline > deadline for q in partial[id(o)]):
+            # requests are visited in deadline order, so every prompt ``o`` has kept is
+            # due no later than this one
+            if not kept[id(o)] and first_due[id(o)] > deadline:
                 return 0.0
-            n = sum(q.remaining for q in partial[id(o)]) + sum(q.remaining for q in due)
-            return batched_prefill_time(o, n)
+            return batched_prefill_time(o, tokens[id(o)])
 
         for deadline, _, _, s, q in waiting:
             mine = batched_prefill_time(s, tokens[id(s)] + q.remaining)
             others = sum(ahead(o, deadline) for o in scheds if o is not s)
             if now + (others + mine) * stretch <= deadline:
                 tokens[id(s)] += q.remaining
-                kept[id(s)].append(q)
+                kept[id(s)] = True
             else:
                 _miss(s, q, self.on_miss)
 
