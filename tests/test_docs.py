@@ -33,7 +33,7 @@ EXERCISED = {
     "fineserve_jax.bench serve": ["test_bench_serve.py::test_counts_latencies_and_failures"],
     "fineserve_jax.bench kernels": ["test_w4a8.py::test_bench_kernels_quick_record",
                                     "test_bench_attention.py::test_attention_bench_quick_record"],
-    "schedulers.place": ["test_placement.py::test_cli_places_the_example"],
+    "schedulers.place": ["test_placement_file.py::test_cli_places_the_example"],
     "schedulers.profile": ["test_docs.py::test_profile_command_writes_a_cost_model"],
     "examples/make_quickstart.py": ["test_notebooks.py::test_quickstart_runs_and_draws_its_plots"],
     "examples/make_quantization.py": [
