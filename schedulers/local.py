@@ -277,31 +277,27 @@ class SLOAware(LocalScheduler):
         take them first) and its waiting prompts due by then."""
         stretch = 1.0 / (1.0 - self.decode_share(scheds, step_s))
         # per model: tokens of its partly prefilled prompts plus the waiting ones kept so
-        # far, whether it has kept one, and when its first partly prefilled one is due
+        # far, the time to prefill them, and when the first of them is due
         tokens: dict[int, int] = {}
-        kept: dict[int, bool] = {}
+        work: dict[int, float] = {}
         first_due: dict[int, float] = {}
         for s in scheds:
             partial = [q for q in s.running if q.prefilling]
             tokens[id(s)] = sum(q.remaining for q in partial)
-            kept[id(s)] = False
+            work[id(s)] = batched_prefill_time(s, tokens[id(s)])
             first_due[id(s)] = min((q.deadline for q in partial), default=math.inf)
         waiting = sorted(((q.deadline, q.arrival, i, s, q) for i, s in enumerate(scheds)
                           for q in s.waiting if not q.slo_missed), key=lambda t: t[:3])
-
-        def ahead(o: ModelScheduler, deadline: float) -> float:
-            # requests are visited in deadline order, so every prompt ``o`` has kept is
-            # due no later than this one
-            if not kept[id(o)] and first_due[id(o)] > deadline:
-                return 0.0
-            return batched_prefill_time(o, tokens[id(o)])
-
         for deadline, _, _, s, q in waiting:
             mine = batched_prefill_time(s, tokens[id(s)] + q.remaining)
-            others = sum(ahead(o, deadline) for o in scheds if o is not s)
+            # requests come in deadline order, so every prompt another model has kept is
+            # due no later than this one: its work is ahead once any of it is due first
+            others = sum(work[id(o)] for o in scheds
+                         if o is not s and first_due[id(o)] <= deadline)
             if now + (others + mine) * stretch <= deadline:
                 tokens[id(s)] += q.remaining
-                kept[id(s)] = True
+                work[id(s)] = mine
+                first_due[id(s)] = min(first_due[id(s)], deadline)
             else:
                 _miss(s, q, self.on_miss)
 
