@@ -33,6 +33,8 @@ class CompiledSteps:
     def warmup(self) -> None:
         """Compile every (rows, tokens, context) bucket of every model."""
         t0 = time.perf_counter()
+        shapes = sum(len(list(m.buckets.shapes())) for m in self._models.values())
+        log.info("warm-up: compiling %d step shapes of %d models", shapes, len(self._models))
         for m in self._models.values():
             for (B, T, P) in m.buckets.shapes():
                 for mode in ((GREEDY, RANDOM, FILTERED) if P == m.buckets.context[0] else

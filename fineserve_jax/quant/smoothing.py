@@ -100,7 +100,9 @@ def key_stats(cfg: ModelConfig, params, sequences: np.ndarray, progress: bool = 
     pm = jnp.zeros((L, H, D // 2), jnp.float32)
     cm = jnp.zeros((L, H, D), jnp.float32)
     for i in tqdm(range(n), desc="calibration", disable=not progress, leave=False):
-        pm, cm = run(params, jnp.asarray(sequences[i:i + 1]), pm, cm)
+        # Wait for each sequence: dispatch is asynchronous, and without the wait the loop
+        # (and its bar) ends at once while the forward passes still run.
+        pm, cm = jax.block_until_ready(run(params, jnp.asarray(sequences[i:i + 1]), pm, cm))
     return KeyStats(np.asarray(pm), np.asarray(cm), n * S)
 
 
