@@ -13,10 +13,10 @@ Left to itself (``schedule()``) the two kinds alternate while both have work, so
 of long prompts delays decodes by at most one prefill step; a device's local scheduler
 (``schedulers.local``) may instead name the kind and the order of the prompts to admit,
 and shed requests (``drop``). When a decode needs a block and the pool has none for this
-model, the newest running sequence is preempted by recompute: its blocks are freed and
-it goes back to the front of the queue with its prompt *and* generated tokens, which
-are prefilled again when memory returns; the sampler's per-step keys make the result
-the same as without the preemption.
+model, the newest running sequence (one served best-effort, if any, first) is preempted
+by recompute: its blocks are freed and it goes back to the front of the queue with its
+prompt *and* generated tokens, which are prefilled again when memory returns; the
+sampler's per-step keys make the result the same as without the preemption.
 """
 
 from __future__ import annotations
@@ -304,7 +304,9 @@ class ModelScheduler:
             if seq.prefilling or seq not in self.running:
                 continue
             while not self._grow(seq, seq.num_computed + 1):
-                victim = self.running[-1]  # newest admitted
+                # newest admitted, best-effort ones (already counted as misses) first
+                victim = next((q for q in reversed(self.running) if q.slo_missed),
+                              self.running[-1])
                 self.preempt(victim)
                 if victim is seq:
                     break

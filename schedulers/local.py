@@ -33,7 +33,10 @@ Three policies with this interface:
        their TPOT SLOs (``sum(decode_time / tpot)`` over models, at most 0.9). A request
        whose prediction is past its deadline is dropped at once (``on_miss="reject"``:
        the client hears why) or kept behind every feasible request and counted as a miss
-       (``on_miss="best-effort"``).
+       (``on_miss="best-effort"``): its prompt runs after every prompt, on any model, that
+       can still meet its deadline, in steps cut to end within ``best_effort_share`` of the
+       tightest TTFT target on the device; once decoding it sets no TPOT pace; and a
+       decode short of KV blocks preempts it before any other sequence of its model.
     2. *Which step*: each model with prompts offers a prefill batch, built in deadline
        order (partly prefilled sequences first) under the guards (running sequences,
        rows and tokens of one step, prompts in flight), then shrunk by evicting the
@@ -128,10 +131,12 @@ def paced_due(sched: ModelScheduler, tpot: float) -> float:
     ``tpot`` per token after its first (what a mean-TPOT target allows), so a sequence
     that got tokens early has that much slack. A sequence whose first token the local
     scheduler did not see is paced from its latest token (-inf when that is unknown
-    too); inf when no sequence decodes."""
+    too); inf when no sequence decodes. A sequence already counted as a miss
+    (best-effort) sets no pace: it decodes with its model's others, or when nothing
+    else is due."""
     due = math.inf
     for q in sched.running:
-        if q.prefilling:
+        if q.prefilling or q.slo_missed:
             continue
         if q.paced_from is None:
             t = q.last_token_at + tpot if q.last_token_at is not None else -math.inf
@@ -245,9 +250,14 @@ class SLOAware(LocalScheduler):
     name = "fineserve"
 
     def __init__(self, on_miss: str = "reject", tpot_margin: float = 1.0,
-                 max_decode_share: float = 0.9, min_prefill_tokens: int = 16):
+                 max_decode_share: float = 0.9, min_prefill_tokens: int = 16,
+                 best_effort_share: float = 0.5):
         super().__init__()
         self.on_miss = _check_on_miss(on_miss)
+        # A prefill step's best-effort rows are cut to end within this share of the
+        # tightest TTFT target on the device: a prompt arriving while it runs keeps the
+        # rest of its time (steps cannot be interrupted).
+        self.best_effort_share = best_effort_share
         self.min_prefill_tokens = min_prefill_tokens  # a prefill step feeds at least this
         # A decode is due to end ``tpot_margin * tpot`` after its sequences' last token.
         # 1.0 (the target itself): in the cluster simulation 0.8 left too little room for
@@ -261,7 +271,8 @@ class SLOAware(LocalScheduler):
         """Share of the device the running decodes need to keep their TPOT SLOs
         (``step_s``: each decodable model's next decode step, if already timed)."""
         u = sum((step_s[s.name] if step_s is not None else decode_time(s)) / s.slo.tpot_s
-                for s in scheds if s.slo.tpot_s is not None and s.decodable())
+                for s in scheds if s.slo.tpot_s is not None and s.decodable()
+                and any(not q.prefilling and not q.slo_missed for q in s.running))
         return min(u, self.max_decode_share)
 
     def check_feasible(self, scheds: Sequence[ModelScheduler], now: float,
@@ -281,8 +292,8 @@ class SLOAware(LocalScheduler):
         tokens: dict[int, int] = {}
         work: dict[int, float] = {}
         first_due: dict[int, float] = {}
-        for s in scheds:
-            partial = [q for q in s.running if q.prefilling]
+        for s in scheds:  # best-effort prompts run after these: not ahead of any
+            partial = [q for q in s.running if q.prefilling and not q.slo_missed]
             tokens[id(s)] = sum(q.remaining for q in partial)
             work[id(s)] = batched_prefill_time(s, tokens[id(s)])
             first_due[id(s)] = min((q.deadline for q in partial), default=math.inf)
@@ -301,20 +312,25 @@ class SLOAware(LocalScheduler):
             else:
                 _miss(s, q, self.on_miss)
 
-    def prefill_batch(self, sched: ModelScheduler, now: float,
-                      slot_s: float = math.inf) -> list[tuple[Seq, int]]:
+    def prefill_batch(self, sched: ModelScheduler, now: float, slot_s: float = math.inf,
+                      best_effort_s: float = math.inf) -> list[tuple[Seq, int]]:
         """The prefill rows this model would run now: deadline order under the guards,
-        shrunk while a completing member would miss its deadline, then, if the step would
+        shrunk while a completing member would miss its deadline, best-effort rows (the
+        last) cut while the step would outlast ``best_effort_s``, then, if the step would
         outlast ``slot_s`` (the time until some running decode is due), cut (last chunk
         halved, then the last row dropped, down to ``min_prefill_tokens``) to the first
         cut that fits; when no cut fits the batch runs whole."""
         lim = sched.limits
         partial = [s for s in sched.running if s.prefilling]
-        waiting = sorted(sched.waiting, key=lambda q: (q.slo_missed, q.deadline, q.arrival))
+        waiting = sorted(sched.waiting, key=lambda q: (q.deadline, q.arrival))
+        # Best-effort prompts (already counted as misses), partly prefilled or not, come
+        # after every prompt that can still meet its deadline.
+        order = ([q for q in partial if not q.slo_missed] + [q for q in waiting if not q.slo_missed]
+                 + [q for q in partial if q.slo_missed] + [q for q in waiting if q.slo_missed])
         budget, rows = lim.prefill_token_budget, []
         in_flight = len(partial)
         room = lim.max_seqs - len(sched.running)
-        for seq in partial + waiting:
+        for seq in order:
             if len(rows) == lim.max_prefill_seqs or budget == 0:
                 break
             if seq not in partial:
@@ -331,11 +347,20 @@ class SLOAware(LocalScheduler):
                     and t_end > s.deadline]
             if not late:
                 break
-            new = [(s, c) for s, c in rows if s not in partial]
+            new = [(s, c) for s, c in rows if s not in partial or s.slo_missed]
             if not new:
                 break
-            victim = max(new, key=lambda r: (r[0].remaining, r[0].arrival))
+            # best-effort rows first, then the longest new prompt
+            victim = max(new, key=lambda r: (r[0].slo_missed, r[0].remaining, r[0].arrival))
             rows.remove(victim)
+        while rows and rows[-1][0].slo_missed and batch_time(sched, rows) > best_effort_s:
+            seq, c = rows[-1]
+            if c > self.min_prefill_tokens:
+                rows[-1] = (seq, max(self.min_prefill_tokens, c // 2))
+            elif len(rows) > 1:
+                rows.pop()
+            else:
+                break
         if not rows or batch_time(sched, rows) <= slot_s:
             return rows
         cut = list(rows)
@@ -370,12 +395,15 @@ class SLOAware(LocalScheduler):
                          key=lambda s: (due[s.name], s.last_step, s.name))
         timed = [due[d.name] for d in decodes if d.slo.tpot_s is not None]
         slot = min(timed) - now if timed else math.inf
+        best_effort_s = self.best_effort_share * min(
+            (s.slo.ttft_s for s in scheds if s.slo.ttft_s is not None), default=math.inf)
         prefills = []
         for s in scheds:
             if s.has_prefill():
-                rows = self.prefill_batch(s, now, slot)
-                if rows:
-                    first_due = min(q.deadline for q, _ in rows)
+                rows = self.prefill_batch(s, now, slot, best_effort_s)
+                if rows:  # a batch of best-effort prompts alone runs after the others
+                    first_due = min((q.deadline for q, _ in rows if not q.slo_missed),
+                                    default=math.inf)
                     prefills.append((first_due, s.last_step, s.name, s, rows))
         prefills.sort(key=lambda t: t[:3])
         for _, _, _, s, rows in prefills:

@@ -75,13 +75,76 @@ def test_best_effort_keeps_the_miss_last_and_counts_it():
     assert ids(got[1].rows) == [("A", 50), ("C", 20)]
     assert m.take_dropped() == [] and m.slo_misses == 1
     assert [s.id for s in m.waiting] == ["B"] and m.waiting[0].slo_missed
-    # Next step (A and C decode, not due for 8 s): B runs, best-effort, counted once.
+    # Next step (A and C decode, not due for 8 s): B runs, best-effort, counted once, in
+    # a step cut to end within half the 1 s TTFT target (a prompt arriving meanwhile
+    # keeps the other half): 100 tokens (1.1 s) -> 50 (0.6 s) -> 25 (0.35 s).
     for s, c in got[1].rows:
         assert m.advance(s, c)
         s.tokens.append(7)
     got = SLOAware(on_miss="best-effort").next_step([m], now=1.0)
-    assert got[1].kind == PREFILL and ids(got[1].rows) == [("B", 100)]
+    assert got[1].kind == PREFILL and ids(got[1].rows) == [("B", 25)]
     assert m.slo_misses == 1
+
+
+def test_best_effort_prompts_run_after_every_other_models_prompts():
+    # now = 0.05, TTFT SLO 1 s. A's 100-token prompt (arrived 0.0, due 1.0) alone would
+    # end at 0.05 + 1.1 = 1.15: a miss, kept best-effort. B's 20-token prompt (due 1.02)
+    # ends at 0.05 + 0.3 = 0.35. A's deadline is the earlier one, but A's prompt can no
+    # longer meet it: B prefills first, then A.
+    a, b = device(("a", SLO(ttft_s=1.0, tpot_s=10.0)), ("b", SLO(ttft_s=1.0, tpot_s=10.0)))
+    a.add(seq("A", 100, 0.0))
+    b.add(seq("B", 20, 0.02))
+    sch = SLOAware(on_miss="best-effort")
+    m, work = sch.next_step([a, b], now=0.05)
+    assert (m.name, work.kind, ids(work.rows)) == ("b", PREFILL, [("B", 20)])
+    assert a.waiting[0].slo_missed and (a.slo_misses, b.slo_misses) == (1, 0)
+    s = work.rows[0][0]
+    assert b.advance(s, 20)
+    s.tokens.append(7)
+    # B decodes next by 0.05 + 10 (its TPOT pace): A's prompt runs now, its step cut to
+    # end within half the tightest TTFT target (0.5 s): 100 -> 50 -> 25 tokens (0.35 s).
+    m, work = sch.next_step([a, b], now=0.35)
+    assert (m.name, work.kind, ids(work.rows)) == ("a", PREFILL, [("A", 25)])
+
+
+def test_a_best_effort_sequence_sets_no_decode_pace():
+    # As in test_decode_due_runs_before_a_prefill_that_would_make_it_late: X's decode
+    # would be due at 0.15, before Y's prefill ends (0.35), so X decodes first. When X's
+    # only sequence is already a miss (best-effort) it sets no pace and takes no share of
+    # the device: Y's prefill runs first.
+    for missed, first in ((False, "x"), (True, "y")):
+        x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(ttft_s=5.0)))
+        _decoding(x, "x0", 20, 0.0).slo_missed = missed
+        y.add(seq("y0", 20, 0.0))
+        sch = SLOAware(on_miss="best-effort")
+        assert sch.decode_share([x, y]) == pytest.approx(0.0 if missed else 0.25)
+        m, _ = sch.next_step([x, y], now=0.05)
+        assert m.name == first
+
+
+def test_a_decode_short_of_blocks_preempts_a_best_effort_sequence_first():
+    # A pool of 4 blocks of 16 tokens; A, B, C (admitted in that order) hold one block
+    # each with 16 prompt tokens in KV and need a second block for their next token. A
+    # takes the last free block; B finds none. The newest (C) would be preempted, but B
+    # is best-effort: B goes, and its block lets C grow. (Without the mark, C is
+    # preempted and A and B decode.)
+    def decode(missed: str | None):
+        alloc = KVSlabAllocator(4 * FMT.block_bytes, [FMT], slab_bytes=FMT.block_bytes)
+        alloc.add_model("m", FMT)
+        m = ModelScheduler("m", alloc, FMT, LIMITS, slo=SLO(ttft_s=5.0, tpot_s=1.0))
+        for i, rid in enumerate("ABC"):
+            m.add(seq(rid, 16, float(i)))
+        work = m.schedule(PREFILL)
+        assert ids(work.rows) == [("A", 16), ("B", 16), ("C", 16)]
+        for q, c in work.rows:
+            assert m.advance(q, c)
+            q.tokens.append(7)
+            q.slo_missed = q.id == missed
+        work = m.schedule(DECODE)
+        return [q.id for q, _ in work.rows], [q.id for q in m.waiting], m.preemptions
+
+    assert decode(None) == (["A", "B"], ["C"], 1)
+    assert decode("B") == (["A", "C"], ["B"], 1)
 
 
 def test_evict_longest_prompt_while_batch_breaks_a_deadline():

@@ -108,6 +108,13 @@ def test_fineserve_sheds_a_hopeless_burst_fcfs_serves_it_late():
     assert ours["slo_met"] >= 7
     # Dropped requests count in the denominator, as misses.
     assert ours["slo_attainment"] == pytest.approx(ours["slo_met"] / 16)
+    # Best-effort serves the burst after the others instead: the same requests meet their
+    # SLOs (each late one still in time: the burst's steps are cut to half the TTFT
+    # target), and the rest finish late instead of being dropped.
+    late = simulate(groups, models, costs, trace, scheduler="fineserve", on_miss="best-effort")
+    m = late.metrics()
+    assert m["dropped"] == 0 and m["finished"] == 16 and m["slo_met"] == ours["slo_met"]
+    assert all(r.slo_met for r in late.records if r.arrival >= 2.0)
 
 
 def test_routing_to_least_outstanding_replica_and_unplaced_models():
@@ -270,15 +277,23 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
     from fineserve_jax.bench.__main__ import main
 
     out = tmp_path / "ablation.json"
-    systems = ["static", "kvslab+fcfs", "static+fineserve"]
+    systems = ["static", "kvslab+fcfs", "static+fineserve", "fineserve",
+               "fineserve+best-effort"]
     assert main(["cluster", "--quick", "--systems", *systems, "--out", str(out), "--plot", ""]) == 0
     rec = json.loads(out.read_text())
     parts = rec["config"]["systems"]
     assert parts["kvslab+fcfs"] == {"placement": "slab-greedy", "allocator": "kvslab",
-                                    "scheduler": "fcfs", "overcommit": False}
+                                    "scheduler": "fcfs", "on_miss": "reject",
+                                    "overcommit": False}
     assert parts["static+fineserve"] == {"placement": "slab-greedy", "allocator": "static",
-                                         "scheduler": "fineserve", "overcommit": True}
+                                         "scheduler": "fineserve", "on_miss": "reject",
+                                         "overcommit": True}
+    assert parts["fineserve+best-effort"] == {**parts["fineserve"], "on_miss": "best-effort"}
     assert sorted({r["system"] for r in rec["results"]}) == sorted(systems)
+    res = {(r["system"], r["rate"]): r for r in rec["results"]}
+    for rate in rec["config"]["rates"]:  # best-effort sheds nothing
+        assert res["fineserve+best-effort", rate]["dropped"] == 0
+        assert res["fineserve+best-effort", rate]["requests"] == res["fineserve", rate]["requests"]
     assert not (tmp_path / "ablation.png").exists()  # --plot '' draws nothing
 
 

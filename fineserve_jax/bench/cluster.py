@@ -31,6 +31,10 @@ devices (``place_dedicated``); replicas that find no free devices are unplaced.
 ``fixed-page`` is MuxServe-like: one pool whose page is the largest block of the group.
 ``prism`` shares memory across models at page granularity (virtual memory), which the
 precision-aware slab pool models, so it isolates Prism's placement and batching.
+Named in ``--systems`` only: the ablations ``kvslab+fcfs`` and ``static+fineserve`` (one of
+FineServe's two parts each) and ``fineserve+best-effort`` (FineServe serving the requests
+it predicts to miss their TTFT SLO after the others, ``on_miss="best-effort"``, instead
+of shedding them).
 
 Workload (``schedulers.workload``): per-model Poisson arrivals (``--cv`` 1) with power-law
 rates (``--alpha``) over ``MODELS``' order, ShareGPT-like lengths (lognormal, means 161 /
@@ -126,6 +130,7 @@ class System:
     placement: str  # schedulers.placement algorithm
     allocator: str  # engine.alloc kind
     scheduler: str  # schedulers.local policy
+    on_miss: str = "reject"  # its requests predicted to miss their TTFT SLO
 
     @property
     def overcommit(self) -> bool:
@@ -150,9 +155,12 @@ SYSTEMS = {
     "prism": System("kvpr", "kvslab", "prism"),
 }
 DEFAULT_SYSTEMS = list(SYSTEMS)
-# Ablations (not run unless named in --systems): one of FineServe's two parts each.
+# Ablations (not run unless named in --systems): one of FineServe's two parts each; and
+# FineServe serving its predicted misses after the others instead of shedding them.
 SYSTEMS |= {"kvslab+fcfs": System("slab-greedy", "kvslab", "fcfs"),
-            "static+fineserve": System("slab-greedy", "static", "fineserve")}
+            "static+fineserve": System("slab-greedy", "static", "fineserve"),
+            "fineserve+best-effort": System("slab-greedy", "kvslab", "fineserve",
+                                            on_miss="best-effort")}
 
 
 @dataclass(frozen=True)
@@ -320,7 +328,8 @@ def run_point(system_name: str, models: dict[str, ModelSetup], plans: dict,
     specs = {k: v for k, v in specs.items() if any(k in g.models for g in groups)}
     t0 = time.perf_counter()
     res = simulate(groups, specs, lambda m, g: cost(models[m].shape, models[m].precision, g.tp),
-                   trace, scheduler=system.scheduler, horizon_s=horizon_s)
+                   trace, scheduler=system.scheduler, on_miss=system.on_miss,
+                   horizon_s=horizon_s)
     m = res.metrics()
     wall = time.perf_counter() - t0
     out = {k: m[k] for k in ("requests", "slo_attainment", "slo_met", "finished", "dropped",
@@ -418,7 +427,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{kind} lengths are clipped to this many tokens")
     p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS,
                    help="systems to run (default: FineServe and the four baselines; "
-                        "kvslab+fcfs and static+fineserve are ablations, one part each)")
+                        "kvslab+fcfs and static+fineserve are ablations, one part each; "
+                        "fineserve+best-effort serves the requests FineServe would shed "
+                        "after the others)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balance-compute", action=argparse.BooleanOptionalAction,
                    default=PlacementConfig.balance_compute,
