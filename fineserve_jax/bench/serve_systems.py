@@ -14,7 +14,9 @@ prism              KV Slab (one shared pool)   Prism-style deadline checks in qu
 =================  ==========================  ==========================================
 
 Two ablations run when ``--systems`` names them: ``kvslab+fcfs`` (KV Slab, FCFS) and
-``static+fineserve`` (static partitions, SLO-aware batching).
+``static+fineserve`` (static partitions, SLO-aware batching); and ``fineserve+best-effort``,
+FineServe serving the requests it predicts to miss their TTFT SLO after the others instead
+of shedding them (``serve.py --on-slo-miss best-effort``).
 
 Workload (``schedulers.workload.WorkloadSpec``): Poisson arrivals (``--cv`` for Gamma)
 over ``--duration`` seconds, rates split between the models by a power law (``--alpha``),
@@ -51,15 +53,18 @@ from pathlib import Path
 
 import numpy as np
 
-SYSTEMS = {  # name: (allocator, local scheduler)
-    "fineserve": ("kvslab", "fineserve"),
-    "static+fcfs": ("static", "fcfs"),
-    "fixed-page+fcfs": ("fixed-page", "fcfs"),
-    "prism": ("kvslab", "prism"),
+SYSTEMS = {  # name: (allocator, local scheduler, what it does with a predicted TTFT miss)
+    "fineserve": ("kvslab", "fineserve", "reject"),
+    "static+fcfs": ("static", "fcfs", "reject"),
+    "fixed-page+fcfs": ("fixed-page", "fcfs", "reject"),
+    "prism": ("kvslab", "prism", "reject"),
 }
 DEFAULT_SYSTEMS = list(SYSTEMS)
-# Ablations (run when named in --systems): one of FineServe's two parts each.
-SYSTEMS |= {"kvslab+fcfs": ("kvslab", "fcfs"), "static+fineserve": ("static", "fineserve")}
+# Run when named in --systems: the ablations, one of FineServe's two parts each, and
+# FineServe serving its predicted misses after the others instead of shedding them.
+SYSTEMS |= {"kvslab+fcfs": ("kvslab", "fcfs", "reject"),
+            "static+fineserve": ("static", "fineserve", "reject"),
+            "fineserve+best-effort": ("kvslab", "fineserve", "best-effort")}
 MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
 MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
 # What the record keeps of the replays beside the main one (that one keeps every TTFT).
@@ -71,7 +76,9 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("systems comparison (without --url)")
     g.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS),
                    help="systems to run (default: FineServe and the three baselines; "
-                        "kvslab+fcfs and static+fineserve are ablations, one part each)")
+                        "kvslab+fcfs and static+fineserve are ablations, one part each; "
+                        "fineserve+best-effort serves the requests FineServe would shed "
+                        "after the others)")
     g.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.45],
                    help="total request rates (req/s) to sweep")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
@@ -279,12 +286,12 @@ def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
     from schedulers.batching import BatchLimits
     from schedulers.simulator import FINISHED, GroupSpec, ModelSpec, simulate as sim
 
-    alloc, sched = SYSTEMS[system]
+    alloc, sched, on_miss = SYSTEMS[system]
     limits = BatchLimits(args.max_seqs, MAX_PREFILL_SEQS, args.max_prefill_tokens)
     models = {n: ModelSpec(n, block_formats[n], limits, slos[n], max_model_len=args.max_model_len)
               for n in MODELS}
     group = GroupSpec("device", MODELS, args.kv_budget, allocator=alloc)
-    res = sim([group], models, lambda m, g: costs[m], reqs, scheduler=sched)
+    res = sim([group], models, lambda m, g: costs[m], reqs, scheduler=sched, on_miss=on_miss)
     recs = res.records
     ends = [r.finished for r in recs if r.finished is not None]
     toks = sum(r.generated for r in recs if r.status == FINISHED)
@@ -348,9 +355,9 @@ def run_systems(args, command: str) -> int:
         reqs = workload(args, rate).generate()
         ids = prompt_ids(toks, reqs, args.seed)
         for system in args.systems:
-            alloc, sched = SYSTEMS[system]
+            alloc, sched, on_miss = SYSTEMS[system]
             e = engines[alloc]
-            e.scheduler = make_local_scheduler(sched)
+            e.scheduler = make_local_scheduler(sched, on_miss)
             learned = {n: e.cost_snapshot(n) for n in MODELS}  # before this run
             speed0 = e.speed.factor if e.speed is not None else None
             t0, m0 = time.perf_counter(), time.monotonic()
@@ -401,8 +408,8 @@ def run_systems(args, command: str) -> int:
     record = {"benchmark": "serve-systems", "command": command,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "git": git, "device": any_engine.device,
-              "systems": {s: {"allocator": SYSTEMS[s][0], "scheduler": SYSTEMS[s][1]}
-                          for s in args.systems},
+              "systems": {s: {"allocator": SYSTEMS[s][0], "scheduler": SYSTEMS[s][1],
+                              "on_miss": SYSTEMS[s][2]} for s in args.systems},
               "slos": {n: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for n, s in slos.items()},
               "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "rates": args.rates, "per_system": per_system, "runs": runs}
