@@ -51,7 +51,9 @@ Three policies with this interface:
        ahead of a prompt banks slack against its pace, so decodes cannot tile the
        device for long (each one moves its model's due time a whole ``tpot`` on for
        one step's time). With no prefill to run, the decode due first runs (least
-       recently stepped when no TPOT is set).
+       recently stepped when no TPOT is set); a model whose decoding sequences are all
+       best-effort, never due, takes its turn before the decodes that are not yet due
+       when its step ends before the next one is.
 
        A model's decode is due when the sequence furthest behind its pace needs its next
        token, less the step's time: a sequence's pace is one token per ``tpot``
@@ -421,7 +423,14 @@ class SLOAware(LocalScheduler):
                               budget=sum(c for _, c in rows))
             if work is not None:
                 return s, work
-        for d in decodes:
+        # No prefill to run: the decodes due now, then a model whose decoding sequences
+        # are all best-effort (none paced, so never due: without this turn they would
+        # wait for an idle device) if its step ends before the next decode is due, then
+        # the others ahead of their pace.
+        late = [d for d in decodes if due[d.name] == math.inf and d.slo.tpot_s is not None
+                and step_s[d.name] <= slot]
+        for d in ([d for d in decodes if due[d.name] <= now] + late[:1]
+                  + [d for d in decodes if due[d.name] > now]):
             work = d.schedule(DECODE)
             if work is not None:
                 return d, work

@@ -122,6 +122,20 @@ def test_a_best_effort_sequence_sets_no_decode_pace():
         assert m.name == first
 
 
+def test_best_effort_decodes_take_a_turn_before_decodes_ahead_of_pace():
+    # X decodes only a best-effort sequence (no pace, so never due); Y's sequence, its
+    # last token at 0, is due to decode at 0 + tpot - 0.05. At now = 0.1, with Y's TPOT
+    # 1 s, Y is not due until 0.95 and X's 0.05 s step ends well before: X decodes (it
+    # would otherwise wait for an idle device). With Y's TPOT 0.12 s, Y is due (0.07):
+    # Y decodes first.
+    for y_tpot, first in ((1.0, "x"), (0.12, "y")):
+        x, y = device(("x", SLO(tpot_s=0.2)), ("y", SLO(tpot_s=y_tpot)))
+        _decoding(x, "x0", 20, 0.0).slo_missed = True
+        _decoding(y, "y0", 20, 0.0)
+        m, work = SLOAware(on_miss="best-effort").next_step([x, y], now=0.1)
+        assert (m.name, work.kind) == (first, DECODE)
+
+
 def test_a_decode_short_of_blocks_preempts_a_best_effort_sequence_first():
     # A pool of 4 blocks of 16 tokens; A, B, C (admitted in that order) hold one block
     # each with 16 prompt tokens in KV and need a second block for their next token. A
