@@ -273,7 +273,7 @@ class SLOAware(LocalScheduler):
         """Share of the device the running decodes need to keep their TPOT SLOs
         (``step_s``: each decodable model's next decode step, if already timed)."""
         u = sum((step_s[s.name] if step_s is not None else decode_time(s)) / s.slo.tpot_s
-                for s in scheds if s.slo.tpot_s is not None and s.decodable()
+                for s in scheds if s.slo.tpot_s is not None
                 and any(not q.prefilling and not q.slo_missed for q in s.running))
         return min(u, self.max_decode_share)
 
@@ -326,9 +326,8 @@ class SLOAware(LocalScheduler):
         partial = [s for s in sched.running if s.prefilling]
         waiting = sorted(sched.waiting, key=lambda q: (q.deadline, q.arrival))
         # Best-effort prompts (already counted as misses), partly prefilled or not, come
-        # after every prompt that can still meet its deadline.
-        order = ([q for q in partial if not q.slo_missed] + [q for q in waiting if not q.slo_missed]
-                 + [q for q in partial if q.slo_missed] + [q for q in waiting if q.slo_missed])
+        # after every prompt that can still meet its deadline (a stable sort).
+        order = sorted(partial + waiting, key=lambda q: q.slo_missed)
         budget, rows = lim.prefill_token_budget, []
         in_flight = len(partial)
         room = lim.max_seqs - len(sched.running)
@@ -355,30 +354,31 @@ class SLOAware(LocalScheduler):
             # best-effort rows first, then the longest new prompt
             victim = max(new, key=lambda r: (r[0].slo_missed, r[0].remaining, r[0].arrival))
             rows.remove(victim)
-        while rows and rows[-1][0].slo_missed and batch_time(sched, rows) > best_effort_s:
-            seq, c = rows[-1]
-            if c > self.min_prefill_tokens:
-                rows[-1] = (seq, max(self.min_prefill_tokens, c // 2))
-            elif len(rows) > 1:
-                rows.pop()
-            else:
-                break
+        while (rows and rows[-1][0].slo_missed and batch_time(sched, rows) > best_effort_s
+               and self._cut(rows)):
+            pass
         if not rows or batch_time(sched, rows) <= slot_s:
             return rows
         cut = list(rows)
-        while True:  # smaller steps, until one ends within the slot
-            seq, c = cut[-1]
-            if c > self.min_prefill_tokens:
-                cut[-1] = (seq, max(self.min_prefill_tokens, c // 2))
-            elif len(cut) > 1:
-                cut.pop()
-            else:
-                break
+        while self._cut(cut):  # smaller steps, until one ends within the slot
             if batch_time(sched, cut) <= slot_s:
                 return cut
         # No cut fits (a step's time is mostly fixed, e.g. reading the weights): smaller
         # steps would only add steps, so the batch runs whole.
         return rows
+
+    def _cut(self, rows: list[tuple[Seq, int]]) -> bool:
+        """Make the step of ``rows`` one cut smaller, in place: the last chunk halved
+        (down to ``min_prefill_tokens``), else the last row dropped. False if neither
+        can be."""
+        seq, c = rows[-1]
+        if c > self.min_prefill_tokens:
+            rows[-1] = (seq, max(self.min_prefill_tokens, c // 2))
+        elif len(rows) > 1:
+            rows.pop()
+        else:
+            return False
+        return True
 
     def _decode_due(self, s: ModelScheduler, step_s: float) -> float:
         """When ``s``'s decode, taking ``step_s``, must start to keep its TPOT pace."""
