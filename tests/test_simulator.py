@@ -9,7 +9,7 @@ import pytest
 from fineserve_jax.kvslab import BlockFormat
 from schedulers.batching import SLO, BatchLimits
 from schedulers.simulator import GroupSpec, ModelSpec, simulate
-from schedulers.workload import Request, WorkloadSpec
+from schedulers.workload import LengthDist, Request, WorkloadSpec
 
 BLOCK = BlockFormat(2, 2, 16, 16, 2, 0, "bf16")  # 2 KiB per 16-token block
 LIMITS = BatchLimits(max_seqs=8, max_prefill_seqs=4, prefill_token_budget=256)
@@ -284,10 +284,10 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
     parts = rec["config"]["systems"]
     assert parts["kvslab+fcfs"] == {"placement": "slab-greedy", "allocator": "kvslab",
                                     "scheduler": "fcfs", "on_miss": "reject",
-                                    "overcommit": False}
+                                    "placements": ["slab-greedy", "slab-greedy+overcommit"]}
     assert parts["static+fineserve"] == {"placement": "slab-greedy", "allocator": "static",
                                          "scheduler": "fineserve", "on_miss": "reject",
-                                         "overcommit": True}
+                                         "placements": ["slab-greedy+overcommit"]}
     assert parts["fineserve+best-effort"] == {**parts["fineserve"], "on_miss": "best-effort"}
     assert sorted({r["system"] for r in rec["results"]}) == sorted(systems)
     res = {(r["system"], r["rate"]): r for r in rec["results"]}
@@ -299,8 +299,8 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
 
 def test_bench_cluster_overcommits_only_under_a_scheduler_that_sheds():
     """At 260 req/s ten GPUs cannot hold every model within the compute headroom: the
-    SLO-aware systems' placement serves the one left over past it, the FCFS systems get
-    the placement that leaves it unplaced (they would serve its group late), and
+    SLO-aware systems' placement serves the one left over past it, the FCFS systems'
+    first placement leaves it unplaced (they would serve its group late), and
     ``--no-overcommit`` gives everyone that one."""
     from fineserve_jax.bench.cluster import SYSTEMS, Lengths, placements, setup_models
     from schedulers.placement import PlacementConfig
@@ -319,6 +319,50 @@ def test_bench_cluster_overcommits_only_under_a_scheduler_that_sheds():
         assert any(u.model == m and u.replica == 0 for u in fcfs.unplaced)
     _, off = placements(models, rates, 10, replace(config, overcommit=False), Lengths())
     assert off[SYSTEMS["fineserve"].placement_key] == fcfs
+    assert SYSTEMS["static"].placement_keys == ("slab-greedy", "slab-greedy+overcommit")
+    assert pl["slab-greedy+overcommit"] is ours
+    assert SYSTEMS["fineserve"].placement_keys == ("slab-greedy+overcommit",)
+
+
+def test_bench_cluster_fcfs_systems_keep_the_placement_that_serves_them_better():
+    """Where the placements with and without overcommitting differ, an FCFS system runs on
+    both and keeps the better. At loose SLOs (25x solo latency) serving the model left
+    over late beats leaving it unplaced, whose requests all miss; a shedding system and
+    a placement pair that does not differ run once."""
+    from fineserve_jax.bench.cluster import (
+        Lengths,
+        placements,
+        run_point,
+        run_system,
+        setup_models,
+    )
+    from schedulers.placement import PlacementConfig
+
+    # Llama-2 shapes, long outputs, 12 req/s on 6 GPUs: the planned load leaves models
+    # with no replica unless overcommitted.
+    config = PlacementConfig()
+    lengths = Lengths(LengthDist(512, 0.8, 4, 4096), LengthDist(1024, 0.6, 4, 4096))
+    models = setup_models(25.0, config, lengths, 12, "llama2")
+    spec = WorkloadSpec(list(models), 12.0, 5.0, 1.0, 1.0, lengths.prompt, lengths.output, 0)
+    trace = spec.generate()
+    plans, pl = placements(models, spec.mean_rates(), 6, config, lengths)
+    assert pl["slab-greedy"] != pl["slab-greedy+overcommit"]
+    row = run_system("static", models, plans, pl, trace, 25.0, lengths)
+    tried = row["placements_tried"]
+    assert set(tried) == {"slab-greedy", "slab-greedy+overcommit"}
+    assert row["placement"] == "slab-greedy+overcommit"
+    assert tried["slab-greedy+overcommit"]["slo_attainment"] > tried["slab-greedy"]["slo_attainment"]
+    assert tried["slab-greedy"]["unplaced"] > 0 == row["unplaced"]
+    plain = run_point("static", models, plans, pl["slab-greedy"], trace, 25.0, lengths)
+    assert plain["slo_attainment"] == tried["slab-greedy"]["slo_attainment"]
+    assert row["slo_attainment"] == tried["slab-greedy+overcommit"]["slo_attainment"]
+    shed = run_system("fineserve", models, plans, pl, trace, 25.0, lengths)
+    assert shed["placement"] == "slab-greedy+overcommit" and "placements_tried" not in shed
+    # The same placement twice is run once.
+    same = {**pl, "slab-greedy": pl["slab-greedy+overcommit"]}
+    once = run_system("static", models, plans, same, trace, 25.0, lengths)
+    assert "placements_tried" not in once and once["placement"] == "slab-greedy"
+    assert once["slo_attainment"] == row["slo_attainment"]
 
 
 def test_goodput_and_knee_definitions():
