@@ -9,6 +9,9 @@ same code. Each engine iteration for a model is one step of one kind:
   its chunks;
 - *decode*: one token for every running sequence whose prompt is in KV.
 
+A waiting sequence is admitted only when the blocks of its whole prompt fit beside a
+block of headroom for each running decode, though it is fed a chunk at a time.
+
 Left to itself (``schedule()``) the two kinds alternate while both have work, so a burst
 of long prompts delays decodes by at most one prefill step; a device's local scheduler
 (``schedulers.local``) may instead name the kind and the order of the prompts to admit,
@@ -322,8 +325,11 @@ class ModelScheduler:
         rows: list[tuple[Seq, int]] = []
         bt = self.block.block_tokens
         partial = sum(s.prefilling for s in self.running)
-        # New sequences are admitted only while the running ones keep a block each of
-        # headroom for their next decode step (admit-then-preempt would thrash).
+        # A new sequence is admitted only when its whole prompt (every token still to
+        # compute, not just this step's chunk) fits while the running ones keep a block
+        # each of headroom for their next decode step: a sequence admitted on its first
+        # chunk alone takes the blocks the running ones grow into with its later chunks,
+        # and a decode short of blocks preempts the newest (itself), again and again.
         headroom = len(self.running) - partial
         for seq in self.prefill_candidates() if order is None else order:
             if len(rows) == lim.max_prefill_seqs or budget == 0:
@@ -333,7 +339,7 @@ class ModelScheduler:
                 break
             chunk = min(seq.remaining, budget)
             if admitting and not self._fits(
-                    self._blocks_needed(seq, seq.num_computed + chunk) + headroom):
+                    self._blocks_needed(seq, len(seq.tokens)) + headroom):
                 break  # admitting it now would preempt a running sequence at its next block
             if not self._grow(seq, seq.num_computed + chunk):
                 # Take what fits in the blocks this model can still get.

@@ -161,6 +161,33 @@ def test_a_decode_short_of_blocks_preempts_a_best_effort_sequence_first():
     assert decode("B") == (["A", "C"], ["B"], 1)
 
 
+def test_a_prompt_is_admitted_only_when_all_of_it_fits_beside_the_running_ones():
+    # A pool of 8 blocks of 16 tokens, prefill steps of 32 tokens. A (60 prompt tokens,
+    # 4 blocks) is decoding; B's 64-token prompt needs 4 blocks and A one block of
+    # headroom: 5 > the 4 free, so B waits. Its first 32-token chunk would fit (2 + 1),
+    # but then its second chunk takes the blocks A needs to grow, and a decode short of
+    # blocks preempts the newest sequence: B, losing the chunk it computed. Once A has
+    # finished, B runs.
+    alloc = KVSlabAllocator(8 * FMT.block_bytes, [FMT], slab_bytes=FMT.block_bytes)
+    alloc.add_model("m", FMT)
+    limits = BatchLimits(max_seqs=8, max_prefill_seqs=4, prefill_token_budget=32)
+    m = ModelScheduler("m", alloc, FMT, limits, slo=SLO(ttft_s=5.0, tpot_s=1.0))
+    a = seq("A", 60, 0.0)
+    m.add(a)
+    for chunk in (32, 28):
+        (row,) = m.schedule(PREFILL).rows
+        assert ids([row]) == [("A", chunk)]
+        assert m.advance(a, chunk) == (chunk == 28)  # samples once all 60 are in KV
+    a.tokens.append(7)
+    assert len(a.blocks) == 4 and alloc.free_blocks("m") == 4
+    m.add(seq("B", 64, 1.0))
+    assert m.schedule(PREFILL) is None and [q.id for q in m.waiting] == ["B"]
+    assert ids(m.schedule(DECODE).rows) == [("A", 1)]
+    m.remove(a)  # finished
+    assert ids(m.schedule(PREFILL).rows) == [("B", 32)]
+    assert m.preemptions == 0
+
+
 def test_evict_longest_prompt_while_batch_breaks_a_deadline():
     # now = 0. A: arrival -0.5, deadline 0.5, 10 tokens (0.2 s alone); B: deadline 1.0,
     # 60 tokens (0.7 s). Both feasible (0.2 <= 0.5; 0.2 + 0.7 = 0.9 <= 1.0), but the batch
