@@ -28,7 +28,7 @@ EXERCISED = {
                                "test_live_server.py::test_echo_logprobs_perplexity_equals_eval"],
     "fineserve_jax.bench memory": ["test_quant_model.py::test_memory_command_meets_the_bars"],
     "fineserve_jax.bench kvslab": ["test_kvslab_sim.py::test_bench_kvslab_runs_end_to_end"],
-    "fineserve_jax.bench cluster": ["test_simulator.py::test_bench_cluster_quick_record"],
+    "fineserve_jax.bench cluster": ["test_bench_cluster.py::test_bench_cluster_quick_record"],
     "fineserve_jax.bench replace": ["test_simulator.py::test_bench_replace_quick_record"],
     "fineserve_jax.bench serve": ["test_bench_serve.py::test_counts_latencies_and_failures"],
     "fineserve_jax.bench kernels": ["test_w4a8.py::test_bench_kernels_quick_record",
