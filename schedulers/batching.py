@@ -10,7 +10,8 @@ same code. Each engine iteration for a model is one step of one kind:
 - *decode*: one token for every running sequence whose prompt is in KV.
 
 A waiting sequence is admitted only when the blocks of its whole prompt fit beside a
-block of headroom for each running decode, though it is fed a chunk at a time.
+block of headroom for each running decode, though it is fed a chunk at a time; on a
+shared pool (KV Slab, fixed pages) that counts the other models' running decodes too.
 
 Left to itself (``schedule()``) the two kinds alternate while both have work, so a burst
 of long prompts delays decodes by at most one prefill step; a device's local scheduler
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,14 +163,19 @@ class ModelScheduler:
     models on the device; this scheduler only allocates and frees under its own name.
     ``reclaim(name, n)``, when given, is asked before giving up on ``n`` blocks that do not
     fit (the engine compacts other models' sparse slabs); it returns whether they now fit.
+    ``peers()``, when given, names the schedulers of every model on the device (this one
+    may be among them): on a pool the models share, admission leaves headroom for their
+    running decodes as well as this model's own.
     """
 
     def __init__(self, name: str, alloc, block: BlockFormat, limits: BatchLimits,
                  reclaim: Callable[[str, int], bool] | None = None, *,
-                 slo: SLO | None = None, cost: Any = None):
+                 slo: SLO | None = None, cost: Any = None,
+                 peers: Callable[[], Iterable[ModelScheduler]] | None = None):
         self.name = name
         self.alloc = alloc
         self.reclaim = reclaim
+        self.peers = peers
         self.block = block
         self.limits = limits
         self.slo = slo or SLO()
@@ -268,6 +274,23 @@ class ModelScheduler:
     def _blocks_needed(self, seq: Seq, tokens_after: int) -> int:
         return max(0, self.block.blocks_for(tokens_after) - len(seq.blocks))
 
+    def decoding(self) -> int:
+        """Running sequences whose prompt is in KV (each grows by a block now and then)."""
+        return len(self.running) - self.prefilling
+
+    def _peer_headroom(self) -> int:
+        """Blocks of this model's size that the other models' running decodes may take
+        from the pool at their next block: one block each, converted by the bytes a block
+        takes in the pool. Nothing on static partitions, where no model draws on
+        another's blocks."""
+        if self.peers is None or self.alloc.kind == "static":
+            return 0
+        nbytes = 0
+        for p in self.peers():
+            if p is not self and p.alloc is self.alloc and p.name in self.alloc.models:
+                nbytes += p.decoding() * self.alloc.layout(p.name).stride
+        return -(-nbytes // self.alloc.layout(self.name).stride)
+
     def _fits(self, n: int) -> bool:
         if self.alloc.can_allocate(self.name, n):
             return True
@@ -324,13 +347,13 @@ class ModelScheduler:
                                                                      lim.prefill_token_budget)
         rows: list[tuple[Seq, int]] = []
         bt = self.block.block_tokens
-        partial = sum(s.prefilling for s in self.running)
         # A new sequence is admitted only when its whole prompt (every token still to
         # compute, not just this step's chunk) fits while the running ones keep a block
         # each of headroom for their next decode step: a sequence admitted on its first
         # chunk alone takes the blocks the running ones grow into with its later chunks,
         # and a decode short of blocks preempts the newest (itself), again and again.
-        headroom = len(self.running) - partial
+        # On a shared pool the other models' decodes grow into the same free blocks.
+        headroom = None  # counted at the first admission
         for seq in self.prefill_candidates() if order is None else order:
             if len(rows) == lim.max_prefill_seqs or budget == 0:
                 break
@@ -338,6 +361,8 @@ class ModelScheduler:
             if admitting and len(self.running) >= lim.max_seqs:
                 break
             chunk = min(seq.remaining, budget)
+            if admitting and headroom is None:
+                headroom = self.decoding() + self._peer_headroom()
             if admitting and not self._fits(
                     self._blocks_needed(seq, len(seq.tokens)) + headroom):
                 break  # admitting it now would preempt a running sequence at its next block

@@ -285,7 +285,8 @@ class _Group:
         for m in spec.models:
             ms = models[m]
             self.scheds[m] = ModelScheduler(m, self.alloc, ms.block, ms.limits, self._reclaim,
-                                            slo=ms.slo, cost=_MemoCost(costs[m]))
+                                            slo=ms.slo, cost=_MemoCost(costs[m]),
+                                            peers=self.scheds.values)
         self.order = list(self.scheds.values())
         # Largest sequence each model may ever hold: what the empty pool gives it.
         self.max_blocks = {m: self.alloc.free_blocks(m) for m in spec.models}
@@ -321,7 +322,7 @@ class _Group:
         self.alloc.add_model(ms.name, ms.block,
                              reserve_blocks=_engine_reserve(ms.block, ms.limits))
         sched = ModelScheduler(ms.name, self.alloc, ms.block, ms.limits, self._reclaim,
-                               slo=ms.slo, cost=_MemoCost(cost))
+                               slo=ms.slo, cost=_MemoCost(cost), peers=self.scheds.values)
         self.scheds[ms.name] = sched
         self.order.append(sched)
         self.max_len[ms.name] = ms.max_model_len

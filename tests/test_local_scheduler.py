@@ -12,6 +12,7 @@ import pytest
 
 from fineserve_jax.kvslab import BlockFormat
 from fineserve_jax.kvslab.allocator import KVSlabAllocator
+from fineserve_jax.kvslab.baselines import FixedPageAllocator, StaticPartitionAllocator
 from schedulers.batching import (DECODE, PREFILL, SLO, BatchLimits, ModelScheduler,
                                  RequestMetrics, Seq)
 from schedulers.local import FCFS, PrismStyle, SLOAware, make_local_scheduler
@@ -186,6 +187,69 @@ def test_a_prompt_is_admitted_only_when_all_of_it_fits_beside_the_running_ones()
     m.remove(a)  # finished
     assert ids(m.schedule(PREFILL).rows) == [("B", 32)]
     assert m.preemptions == 0
+
+
+def shared_pool(kind: str, peers: bool, half: BlockFormat | None = None):
+    """Models "a" (FMT) and "b" (``half`` or FMT) on 8 of FMT's blocks, prefill steps of
+    64 tokens; "a" holds A, 64 tokens in 4 blocks, sampled and about to decode into a
+    fifth block."""
+    fb = half or FMT
+    if kind == "kvslab":
+        alloc = KVSlabAllocator(8 * FMT.block_bytes, [FMT, fb], slab_bytes=FMT.block_bytes)
+    elif kind == "fixed-page":
+        alloc = FixedPageAllocator(8 * FMT.block_bytes, [FMT, fb])
+    else:
+        alloc = StaticPartitionAllocator(8 * FMT.block_bytes, [FMT, fb],
+                                         slab_bytes=FMT.block_bytes, partitions={"a": 0.5, "b": 0.5})
+    limits = BatchLimits(max_seqs=8, max_prefill_seqs=4, prefill_token_budget=64)
+    scheds: dict[str, ModelScheduler] = {}
+    for name, fmt in (("a", FMT), ("b", fb)):
+        alloc.add_model(name, fmt)
+        scheds[name] = ModelScheduler(name, alloc, fmt, limits,
+                                      peers=scheds.values if peers else None)
+    a = seq("A", 64, 0.0)
+    scheds["a"].add(a)
+    (row,) = scheds["a"].schedule(PREFILL).rows
+    assert scheds["a"].advance(a, row[1])
+    a.tokens.append(7)
+    return alloc, scheds["a"], scheds["b"], a
+
+
+@pytest.mark.parametrize("kind", ["kvslab", "fixed-page"])
+def test_on_a_shared_pool_a_prompt_leaves_headroom_for_the_other_models_decodes(kind):
+    # 4 blocks are free. B's 64-token prompt needs all 4; model b runs nothing, but A (of
+    # model a) grows into a fifth block at its next decode. Told its peers, b holds B
+    # back; A decodes without preemption, and B runs once A has finished.
+    alloc, a_s, b_s, a = shared_pool(kind, peers=True)
+    b_s.add(seq("B", 64, 1.0))
+    assert alloc.free_blocks("b") == 4 and b_s.schedule(PREFILL) is None
+    assert ids(a_s.schedule(DECODE).rows) == [("A", 1)] and len(a.blocks) == 5
+    a_s.remove(a)
+    assert ids(b_s.schedule(PREFILL).rows) == [("B", 64)]
+    assert a_s.preemptions == b_s.preemptions == 0
+    # Blind to its peers, b takes the 4 blocks, and A's decode preempts A.
+    alloc, a_s, b_s, a = shared_pool(kind, peers=False)
+    b_s.add(seq("B", 64, 1.0))
+    assert ids(b_s.schedule(PREFILL).rows) == [("B", 64)]
+    assert a_s.schedule(DECODE) is None and a_s.preemptions == 1 and a in a_s.waiting
+
+
+def test_peer_headroom_counts_pool_bytes_and_nothing_on_static_partitions():
+    # Model b's blocks take half the bytes of a's: A's one block of headroom is two of b's.
+    half = BlockFormat(layers=2, kv_heads=1, head_dim=8, block_tokens=16, value_bytes=2,
+                       name="half")
+    alloc, _, b_s, _ = shared_pool("kvslab", peers=True, half=half)
+    assert b_s._peer_headroom() == 2 and alloc.free_blocks("b") == 8
+    b_s.add(seq("B", 7 * 16, 1.0))  # 7 blocks + 2 > 8: waits
+    assert b_s.schedule(PREFILL) is None
+    b_s.waiting.clear()
+    b_s.add(seq("B2", 6 * 16, 1.0))  # 6 + 2 <= 8: its first 64-token chunk runs
+    assert ids(b_s.schedule(PREFILL).rows) == [("B2", 64)]
+    # Static partitions: a's decodes never draw on b's partition.
+    alloc, _, b_s, _ = shared_pool("static", peers=True)
+    assert b_s._peer_headroom() == 0
+    b_s.add(seq("B", 64, 1.0))
+    assert ids(b_s.schedule(PREFILL).rows) == [("B", 64)]
 
 
 def test_evict_longest_prompt_while_batch_breaks_a_deadline():

@@ -219,7 +219,8 @@ class Engine(LiveModels, CompiledSteps):
                                    device=self._device, mesh=self._mesh)
             m.params = None  # the runner holds the device copy
             m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim,
-                                     slo=m.slo, cost=self._scheduler_cost(m.cost))
+                                     slo=m.slo, cost=self._scheduler_cost(m.cost),
+                                     peers=self._schedulers)
             m.max_blocks = self.alloc.free_blocks(m.name)
         self._new_pool()
         # The pool array is donated by every step: other threads read the device here.
@@ -236,6 +237,10 @@ class Engine(LiveModels, CompiledSteps):
             self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
             self._thread.start()
         return self
+
+    def _schedulers(self) -> list[ModelScheduler]:
+        """Every model's scheduler on this device (``ModelScheduler.peers``)."""
+        return [m.sched for m in list(self._models.values()) if m.sched is not None]
 
     def _new_pool(self) -> None:
         """Allocate the device pool; sequences holding KV in an old one are recomputed."""

@@ -165,7 +165,8 @@ class LiveModels:
         m.params = None  # the runner holds the device copy
         limits = BatchLimits(c.max_seqs, c.max_prefill_seqs, c.prefill_token_budget)
         m.sched = ModelScheduler(m.name, self.alloc, blk, limits, self._reclaim,
-                                 slo=m.slo, cost=self._scheduler_cost(m.cost))
+                                 slo=m.slo, cost=self._scheduler_cost(m.cost),
+                                 peers=self._schedulers)
         t = Transition(name, "attach")
         m.warm = False
         with self._lock:
