@@ -96,7 +96,10 @@ class GroupSpec:
     (default: equal shares, as ``make_allocator("static", ...)`` gives).
     ``reserve_blocks``: per-model reserves (default: the engine's, one full prefill step).
     ``move_bytes_per_s``: when set, KV Slab's compaction copies cost
-    ``2 * bytes moved / move_bytes_per_s`` seconds, added to the step that needed them."""
+    ``2 * bytes moved / move_bytes_per_s`` seconds, added to the step that needed them.
+    ``own_headroom``: admission leaves headroom for each model's own running decodes
+    only, not the other models' on the shared pool (the rule before ``peers``; an
+    ablation, never the engine's behaviour)."""
 
     name: str
     models: tuple[str, ...]
@@ -107,6 +110,7 @@ class GroupSpec:
     partitions: Mapping[str, float] | None = None
     reserve_blocks: Mapping[str, int] | None = None
     move_bytes_per_s: float | None = None
+    own_headroom: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -275,6 +279,7 @@ class _Group:
         else:
             self.alloc = make_allocator(spec.allocator, spec.kv_budget_bytes, formats)
         self.scheds: dict[str, ModelScheduler] = {}
+        self._peers = None if spec.own_headroom else self.scheds.values
         for m in spec.models:
             ms = models[m]
             reserve = (spec.reserve_blocks or {}).get(m, _engine_reserve(ms.block, ms.limits))
@@ -286,7 +291,7 @@ class _Group:
             ms = models[m]
             self.scheds[m] = ModelScheduler(m, self.alloc, ms.block, ms.limits, self._reclaim,
                                             slo=ms.slo, cost=_MemoCost(costs[m]),
-                                            peers=self.scheds.values)
+                                            peers=self._peers)
         self.order = list(self.scheds.values())
         # Largest sequence each model may ever hold: what the empty pool gives it.
         self.max_blocks = {m: self.alloc.free_blocks(m) for m in spec.models}
@@ -322,7 +327,7 @@ class _Group:
         self.alloc.add_model(ms.name, ms.block,
                              reserve_blocks=_engine_reserve(ms.block, ms.limits))
         sched = ModelScheduler(ms.name, self.alloc, ms.block, ms.limits, self._reclaim,
-                               slo=ms.slo, cost=_MemoCost(cost), peers=self.scheds.values)
+                               slo=ms.slo, cost=_MemoCost(cost), peers=self._peers)
         self.scheds[ms.name] = sched
         self.order.append(sched)
         self.max_len[ms.name] = ms.max_model_len

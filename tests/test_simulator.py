@@ -383,3 +383,25 @@ def test_bench_replace_quick_record(tmp_path):
     for m in switched:
         assert m["started"] < m["ready"] and m["src"] != m["dst"]
         assert m["outcome"] == "running" or m["ready"] <= m["drained"]
+
+
+def test_admission_headroom_counts_the_other_models_decodes_on_a_shared_pool():
+    # A pool of 8 blocks, no reserves; FCFS. A (model a, 64-token prompt in 4 blocks, 4
+    # output tokens) is prefilled 0 -> 1; B (model b, 64 tokens, 2 output tokens) arrives
+    # at 0.5. At t=1 A's next decode needs a fifth block. Device-wide headroom: B's 4
+    # blocks + 1 for A's decode > 4 free, so B waits; A decodes 1 -> 2.5 (done), B is
+    # prefilled 2.5 -> 3.5 and decodes 3.5 -> 4. Own headroom only (the ablation): B is
+    # admitted at t=1 (4 <= 4 free, prefill 1 -> 2), A's decode at t=2 finds no block and
+    # A is preempted; B decodes 2 -> 2.5, A is prefilled again 2.5 -> 3.5 with its first
+    # token, and decodes 3.5 -> 4.5.
+    specs = {m: ModelSpec(m, BLOCK, LIMITS, NO_SLO) for m in "ab"}
+    trace = [Request(0.0, "a", 64, 4), Request(0.5, "b", 64, 2)]
+    costs = {(m, "g0"): ConstCost() for m in "ab"}
+    got = {}
+    for own in (False, True):
+        group = GroupSpec("g0", ("a", "b"), 8 * BLOCK.block_bytes, allocator="kvslab",
+                          reserve_blocks={"a": 0, "b": 0}, own_headroom=own)
+        res = simulate([group], specs, costs, trace, scheduler="fcfs")
+        got[own] = ([r.preemptions for r in res.records], times(res))
+    assert got[False] == ([0, 0], [(1.0, 2.5, "finished"), (3.5, 4.0, "finished")])
+    assert got[True] == ([1, 0], [(1.0, 4.5, "finished"), (2.0, 2.5, "finished")])

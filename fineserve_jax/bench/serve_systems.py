@@ -280,9 +280,11 @@ def summarize(recs: list[dict], slos: dict) -> dict:
             "preemptions": sum(r["preemptions"] for r in recs)}
 
 
-def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
+def simulate(args, system: str, reqs, costs, slos, block_formats, *,
+             own_headroom: bool = False) -> dict:
     """The simulator's prediction for the same run: same trace, allocator, local
-    scheduler, limits and the profiled step costs."""
+    scheduler, limits and the profiled step costs (``own_headroom``: the admission
+    ablation of ``GroupSpec``)."""
     from schedulers.batching import BatchLimits
     from schedulers.simulator import FINISHED, GroupSpec, ModelSpec, simulate as sim
 
@@ -290,7 +292,8 @@ def simulate(args, system: str, reqs, costs, slos, block_formats) -> dict:
     limits = BatchLimits(args.max_seqs, MAX_PREFILL_SEQS, args.max_prefill_tokens)
     models = {n: ModelSpec(n, block_formats[n], limits, slos[n], max_model_len=args.max_model_len)
               for n in MODELS}
-    group = GroupSpec("device", MODELS, args.kv_budget, allocator=alloc)
+    group = GroupSpec("device", MODELS, args.kv_budget, allocator=alloc,
+                      own_headroom=own_headroom)
     res = sim([group], models, lambda m, g: costs[m], reqs, scheduler=sched, on_miss=on_miss)
     recs = res.records
     ends = [r.finished for r in recs if r.finished is not None]

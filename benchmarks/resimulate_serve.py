@@ -1,0 +1,69 @@
+"""Re-simulate a `bench serve --systems` record under the admission ablation.
+
+Every run of the record is simulated again from what the record holds (its config, the
+start-up step profile in ``costs`` and the SLOs), once as the engine admits (headroom for
+every model's running decodes on a shared pool) and once with ``GroupSpec.own_headroom``
+(headroom for each model's own decodes only). The first reproduces the record's
+``simulated_profile`` figures when the record was written by the same code; the second
+says what the device-wide headroom changed on that run's trace, costs and SLOs, without
+the run-to-run noise of the real engine.
+
+    python benchmarks/resimulate_serve.py benchmarks/results/serve_systems_cpu_admission.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fineserve_jax.bench import serve_systems as S  # noqa: E402
+from fineserve_jax.engine.engine import DEFAULT_KV_FORMAT  # noqa: E402
+from fineserve_jax.precisions import get_precision  # noqa: E402
+from fineserve_jax.model.kv_formats import kv_format  # noqa: E402
+from schedulers.batching import SLO  # noqa: E402
+from schedulers.costmodel import ProfiledCost  # noqa: E402
+
+
+def block_formats(block_tokens: int) -> dict:
+    """The KV block format of each model of the benchmark, as its engine lays it out."""
+    import serve
+
+    specs = {m["name"]: m for m in serve.parse_args([]).models}
+    loaded = serve.load_models(type("A", (), {"cache_dir": None})(),
+                               [specs[n] for n in S.MODELS])
+    out = {}
+    for n in S.MODELS:
+        model, prec = loaded[n]
+        name = get_precision(prec).kv_format or DEFAULT_KV_FORMAT[specs[n]["dtype"]]
+        out[n] = kv_format(name).block_format(model.config, block_tokens)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("record", help="a bench serve --out-systems JSON record")
+    a = p.parse_args(argv)
+    rec = json.loads(Path(a.record).read_text())
+    args = types.SimpleNamespace(**rec["config"])
+    costs = {n: ProfiledCost.from_dict(d) for n, d in rec["costs"].items()}
+    slos = {n: SLO(**v) for n, v in rec["slos"].items()}
+    fmts = block_formats(next(iter(costs.values())).block_tokens)
+    print(f"{'system':16s} {'rate':>5s}  {'recorded':>14s}  {'device-wide':>14s}  "
+          f"{'own only':>14s}   (attainment / output tok/s, simulated)")
+    for r in rec["runs"]:
+        reqs = S.workload(args, r["rate"]).generate()
+        on = S.simulate(args, r["system"], reqs, costs, slos, fmts)
+        off = S.simulate(args, r["system"], reqs, costs, slos, fmts, own_headroom=True)
+        want = r["simulated_profile"]
+        cells = [f"{x['attainment']:.3f} / {x['output_tok_s']:5.2f}" for x in (want, on, off)]
+        print(f"{r['system']:16s} {r['rate']:5g}  " + "  ".join(f"{c:>14s}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
