@@ -204,3 +204,30 @@ def test_summary_formulas():
     assert a["slo"]["attainment"] == 0.0  # one meets TTFT only, the other TPOT only
     assert s["all"]["failed"] == 1 and s["all"]["errors"] == {"HTTP 429": 1}
     assert s["all"]["slo"]["ttft_attainment"] == pytest.approx(1 / 3)
+
+
+def test_resimulate_reproduces_a_record_and_runs_the_headroom_ablation(tmp_path, capsys):
+    # The 1.2 req/s runs of the record written after the device-wide headroom: simulated
+    # again from the record alone (its profile, SLOs and config, the models' KV formats),
+    # the engine's rule reproduces the recorded simulation; the own-headroom ablation
+    # changes fixed pages (0.700 -> 0.680) and leaves static partitions alone.
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("resimulate_serve",
+                                                  root / "benchmarks" / "resimulate_serve.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rec = json.loads((root / "benchmarks/results/serve_systems_cpu_device_headroom.json")
+                     .read_text())
+    rec["runs"] = [r for r in rec["runs"] if r["rate"] == 1.2
+                   and r["system"] in ("static+fcfs", "fixed-page+fcfs")]
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(rec))
+    assert tool.main([str(path)]) == 0
+    rows = {line.split()[0]: line.split()[2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("static", "fixed"))}
+    # columns: recorded, device-wide, own only; each "attainment / tok/s"
+    assert rows["static+fcfs"] == ["0.640", "/", "12.45"] * 3
+    assert rows["fixed-page+fcfs"] == ["0.700", "/", "12.38"] * 2 + ["0.680", "/", "12.29"]
