@@ -22,9 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fineserve_jax.bench import serve_systems as S  # noqa: E402
-from fineserve_jax.engine.engine import DEFAULT_KV_FORMAT  # noqa: E402
+from fineserve_jax.bench.memory import kv_format_of  # noqa: E402
 from fineserve_jax.precisions import get_precision  # noqa: E402
-from fineserve_jax.model.kv_formats import kv_format  # noqa: E402
 from schedulers.batching import SLO  # noqa: E402
 from schedulers.costmodel import ProfiledCost  # noqa: E402
 
@@ -39,8 +38,8 @@ def block_formats(block_tokens: int) -> dict:
     out = {}
     for n in S.MODELS:
         model, prec = loaded[n]
-        name = get_precision(prec).kv_format or DEFAULT_KV_FORMAT[specs[n]["dtype"]]
-        out[n] = kv_format(name).block_format(model.config, block_tokens)
+        fmt = kv_format_of(get_precision(prec), specs[n]["dtype"])
+        out[n] = fmt.block_format(model.config, block_tokens)
     return out
 
 

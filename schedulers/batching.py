@@ -274,6 +274,7 @@ class ModelScheduler:
     def _blocks_needed(self, seq: Seq, tokens_after: int) -> int:
         return max(0, self.block.blocks_for(tokens_after) - len(seq.blocks))
 
+    @property
     def decoding(self) -> int:
         """Running sequences whose prompt is in KV (each grows by a block now and then)."""
         return len(self.running) - self.prefilling
@@ -282,14 +283,15 @@ class ModelScheduler:
         """Blocks of this model's size that the other models' running decodes may take
         from the pool at their next block: one block each, converted by the bytes a block
         takes in the pool. Nothing on static partitions, where no model draws on
-        another's blocks."""
+        another's blocks. (A model with running decodes holds blocks, so it is still in
+        the allocator.)"""
         if self.peers is None or self.alloc.kind == "static":
             return 0
         nbytes = 0
         for p in self.peers():
-            if p is not self and p.alloc is self.alloc and p.name in self.alloc.models:
-                nbytes += p.decoding() * self.alloc.layout(p.name).stride
-        return -(-nbytes // self.alloc.layout(self.name).stride)
+            if p is not self and (n := p.decoding):
+                nbytes += n * self.alloc.layout(p.name).stride
+        return -(-nbytes // self.alloc.layout(self.name).stride) if nbytes else 0
 
     def _fits(self, n: int) -> bool:
         if self.alloc.can_allocate(self.name, n):
@@ -362,7 +364,7 @@ class ModelScheduler:
                 break
             chunk = min(seq.remaining, budget)
             if admitting and headroom is None:
-                headroom = self.decoding() + self._peer_headroom()
+                headroom = self.decoding + self._peer_headroom()
             if admitting and not self._fits(
                     self._blocks_needed(seq, len(seq.tokens)) + headroom):
                 break  # admitting it now would preempt a running sequence at its next block
