@@ -23,13 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fineserve_jax.bench import serve_systems as S  # noqa: E402
 from fineserve_jax.bench.memory import kv_format_of  # noqa: E402
+from fineserve_jax.kvslab import BlockFormat  # noqa: E402
 from fineserve_jax.precisions import get_precision  # noqa: E402
 from schedulers.batching import SLO  # noqa: E402
 from schedulers.costmodel import ProfiledCost  # noqa: E402
 
 
-def block_formats(block_tokens: int) -> dict:
-    """The KV block format of each model of the benchmark, as its engine lays it out."""
+def block_formats(rec: dict, block_tokens: int) -> dict:
+    """The KV block format of each model of the benchmark: as the record keeps it, or
+    (records written before they kept it) as its engine lays it out, from loading the
+    default ``serve.py`` models."""
+    if "kv_formats" in rec:
+        return {n: BlockFormat(**d) for n, d in rec["kv_formats"].items()}
     import serve
 
     specs = {m["name"]: m for m in serve.parse_args([]).models}
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
     args = types.SimpleNamespace(**rec["config"])
     costs = {n: ProfiledCost.from_dict(d) for n, d in rec["costs"].items()}
     slos = {n: SLO(**v) for n, v in rec["slos"].items()}
-    fmts = block_formats(next(iter(costs.values())).block_tokens)
+    fmts = block_formats(rec, next(iter(costs.values())).block_tokens)
     print(f"{'system':16s} {'rate':>5s}  {'recorded':>14s}  {'device-wide':>14s}  "
           f"{'own only':>14s}   (attainment / output tok/s, simulated)")
     for r in rec["runs"]:

@@ -206,11 +206,45 @@ def test_summary_formulas():
     assert s["all"]["slo"]["ttft_attainment"] == pytest.approx(1 / 3)
 
 
-def test_resimulate_reproduces_a_record_and_runs_the_headroom_ablation(tmp_path, capsys):
+def test_resimulate_reproduces_a_record_and_runs_the_headroom_ablation(tmp_path, capsys,
+                                                                       monkeypatch):
     # The 1.2 req/s runs of the record written after the device-wide headroom: simulated
     # again from the record alone (its profile, SLOs and config, the models' KV formats),
     # the engine's rule reproduces the recorded simulation; the own-headroom ablation
     # changes fixed pages (0.700 -> 0.680) and leaves static partitions alone.
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import serve
+
+    tool = _resimulate_tool()
+    root = Path(__file__).resolve().parents[1]
+    rec = json.loads((root / "benchmarks/results/serve_systems_cpu_device_headroom.json")
+                     .read_text())
+    rec["runs"] = [r for r in rec["runs"] if r["rate"] == 1.2
+                   and r["system"] in ("static+fcfs", "fixed-page+fcfs")]
+    assert "kv_formats" not in rec  # written before records kept them: the models load
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(rec))
+    assert tool.main([str(path)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    # columns: recorded, device-wide, own only; each "attainment / tok/s"
+    assert rows["static+fcfs"] == ["0.640", "/", "12.45"] * 3
+    assert rows["fixed-page+fcfs"] == ["0.700", "/", "12.38"] * 2 + ["0.680", "/", "12.29"]
+    # A record that keeps its KV formats (as --out-systems writes them now) is simulated
+    # from them alone, with the same figures.
+    fmts = tool.block_formats(rec, 16)
+    rec["kv_formats"] = {n: asdict(f) for n, f in fmts.items()}
+    path.write_text(json.dumps(rec))
+
+    def no_load(*a, **k):
+        raise AssertionError("the record's KV formats should be used")
+    monkeypatch.setattr(serve, "load_models", no_load)
+    assert tool.main([str(path)]) == 0
+    assert _rows(capsys.readouterr().out) == rows
+
+
+def _resimulate_tool():
     import importlib.util
     from pathlib import Path
 
@@ -219,15 +253,56 @@ def test_resimulate_reproduces_a_record_and_runs_the_headroom_ablation(tmp_path,
                                                   root / "benchmarks" / "resimulate_serve.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    rec = json.loads((root / "benchmarks/results/serve_systems_cpu_device_headroom.json")
-                     .read_text())
-    rec["runs"] = [r for r in rec["runs"] if r["rate"] == 1.2
-                   and r["system"] in ("static+fcfs", "fixed-page+fcfs")]
-    path = tmp_path / "rec.json"
-    path.write_text(json.dumps(rec))
-    assert tool.main([str(path)]) == 0
-    rows = {line.split()[0]: line.split()[2:] for line in capsys.readouterr().out.splitlines()
+    return tool
+
+
+def _rows(out: str) -> dict:
+    return {line.split()[0]: line.split()[2:] for line in out.splitlines()
             if line.startswith(("static", "fixed"))}
-    # columns: recorded, device-wide, own only; each "attainment / tok/s"
-    assert rows["static+fcfs"] == ["0.640", "/", "12.45"] * 3
-    assert rows["fixed-page+fcfs"] == ["0.700", "/", "12.38"] * 2 + ["0.680", "/", "12.29"]
+
+
+def test_slos_from_an_earlier_record(tmp_path, monkeypatch):
+    # --slos-from judges a systems run against an earlier record's targets, not its own
+    # start-up profile's; a bad record is named before any engine starts.
+    from pathlib import Path
+
+    from fineserve_jax.bench import serve_systems as S
+    from schedulers.batching import SLO
+
+    root = Path(__file__).resolve().parents[1]
+    src = root / "benchmarks/results/serve_systems_cpu_admission.json"
+    want = json.loads(src.read_text())["slos"]
+    got = S.recorded_slos(src)
+    assert got == {n: SLO(**want[n]) for n in S.MODELS}
+    assert got["smollm2-135m-bf16"] == SLO(ttft_s=0.9180631849994825,
+                                           tpot_s=0.38679676999890944)
+
+    class Args:  # the scales would give other targets; the record's win
+        slos_from, ttft_scale, ttft_slack_s, tpot_scale = str(src), 1.0, 0.0, 1.0
+        prompt_mean, output_mean, max_prefill_tokens = 64.0, 16.0, 64
+    assert S.model_slos(Args, costs={}) == got
+
+    def bad(obj, match):
+        f = tmp_path / "bad.json"
+        f.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+        with pytest.raises(SystemExit, match=match):
+            S.recorded_slos(f)
+    bad("{oops", "cannot read a JSON record")
+    bad({"runs": []}, "no 'slos' in it")
+    bad({"slos": {"smollm2-135m-bf16": want["smollm2-135m-bf16"]}},
+        "no SLO for 'smollm2-135m-fireq-g32'")
+    bad({"slos": {**want, "smollm2-135m-bf16": {"ttft_s": 0.5, "tpot_s": -1}}},
+        "needs positive ttft_s and tpot_s")
+    bad({"slos": {**want, "smollm2-135m-bf16": {"ttft_s": "fast", "tpot_s": 0.1}}},
+        "needs positive ttft_s and tpot_s")
+    with pytest.raises(SystemExit, match="cannot read"):
+        S.recorded_slos(tmp_path / "missing.json")
+
+    # The whole command fails on a bad record before it starts an engine.
+    def no_engines(*a, **k):
+        raise AssertionError("engines started before the record was checked")
+    monkeypatch.setattr(S, "build_engines", no_engines)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no 'slos'"):
+        main(["serve", "--slos-from", str(tmp_path / "bad.json"),
+              "--out-systems", str(tmp_path / "out.json")])

@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,11 @@ def add_arguments(p) -> None:
     g.add_argument("--ttft-slack-s", type=float, default=0.0,
                    help="seconds added to every TTFT SLO")
     g.add_argument("--tpot-scale", type=float, default=10.0)
+    g.add_argument("--slos-from", metavar="RECORD",
+                   help="judge every run against the SLOs of this earlier --out-systems "
+                        "record instead of deriving them from this run's start-up profile "
+                        "(the scales above are then unused): two runs on different days "
+                        "then differ in machine and code, not in their targets")
     g.add_argument("--cost-calibration", type=float, default=0.05, metavar="WEIGHT",
                    help="engines correct their cost models online (EngineConfig."
                         "cost_calibration; 0: predict with the start-up profile only)")
@@ -159,10 +165,44 @@ def build_engines(args, allocators: set[str]):
     return engines, costs, {n: loaded[n][0].tokenizer for n in MODELS}
 
 
-def model_slos(args, costs, block_tokens: int) -> dict:
+def recorded_slos(path) -> dict:
+    """The SLOs of an earlier ``--out-systems`` record, one per benchmark model; a record
+    that lacks them, or a target that is not a positive number of seconds, is named."""
+    import json
+
+    from schedulers.batching import SLO
+
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--slos-from {path}: cannot read a JSON record ({e})") from None
+    slos = rec.get("slos") if isinstance(rec, dict) else None
+    if not isinstance(slos, dict):
+        raise SystemExit(f"--slos-from {path}: no 'slos' in it (not a bench serve "
+                         "--out-systems record)")
+    out = {}
+    for name in MODELS:
+        if name not in slos:
+            raise SystemExit(f"--slos-from {path}: no SLO for {name!r} (it has "
+                             f"{sorted(slos)})")
+        t = slos[name]
+        vals = [t.get(k) if isinstance(t, dict) else None for k in ("ttft_s", "tpot_s")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                   and math.isfinite(v) for v in vals):
+            raise SystemExit(f"--slos-from {path}: {name!r} needs positive ttft_s and "
+                             f"tpot_s (seconds), got {t!r}")
+        out[name] = SLO(ttft_s=float(vals[0]), tpot_s=float(vals[1]))
+    return out
+
+
+def model_slos(args, costs) -> dict:
+    """Each model's SLO: the ``--slos-from`` record's, else the scales times its solo
+    latency in ``costs`` (the start-up profile)."""
     from schedulers.batching import SLO
     from schedulers.costmodel import solo_ttft
 
+    if getattr(args, "slos_from", None):
+        return recorded_slos(args.slos_from)
     out = {}
     for name, cost in costs.items():
         p = int(round(args.prompt_mean))
@@ -341,16 +381,19 @@ def run_systems(args, command: str) -> int:
     from schedulers.local import make_local_scheduler
 
     git = git_state()  # the code that runs, before anything can change under a long run
+    if args.slos_from:
+        recorded_slos(args.slos_from)  # a bad record fails now, not after the start-up
     allocators = {SYSTEMS[s][0] for s in args.systems}
     engines, costs, toks = build_engines(args, allocators)
     any_engine = next(iter(engines.values()))
     formats = {n: any_engine.alloc.fmt(n) for n in MODELS}
-    slos = model_slos(args, costs, any_engine.config.block_tokens)
+    slos = model_slos(args, costs)
     for e in engines.values():
         for n, slo in slos.items():
             e.set_slo(n, slo)
-    _log("SLOs: " + ", ".join(f"{n}: TTFT {s.ttft_s * 1e3:.0f} ms, TPOT {s.tpot_s * 1e3:.0f} ms"
-                              for n, s in slos.items()))
+    where = f" (from {args.slos_from})" if args.slos_from else ""
+    _log(f"SLOs{where}: " + ", ".join(f"{n}: TTFT {s.ttft_s * 1e3:.0f} ms, "
+                                      f"TPOT {s.tpot_s * 1e3:.0f} ms" for n, s in slos.items()))
     if args.settle_s > 0 and args.cost_calibration > 0:
         settle(args, engines, toks)
     runs = []
@@ -414,6 +457,7 @@ def run_systems(args, command: str) -> int:
               "systems": {s: {"allocator": SYSTEMS[s][0], "scheduler": SYSTEMS[s][1],
                               "on_miss": SYSTEMS[s][2]} for s in args.systems},
               "slos": {n: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for n, s in slos.items()},
+              "kv_formats": {n: asdict(f) for n, f in formats.items()},
               "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "rates": args.rates, "per_system": per_system, "runs": runs}
     record["costs"] = {n: c.to_dict() for n, c in costs.items()}
