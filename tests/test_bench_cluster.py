@@ -77,9 +77,11 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
     parts = rec["config"]["systems"]
     assert parts["kvslab+fcfs"] == {"placement": "slab-greedy", "allocator": "kvslab",
                                     "scheduler": "fcfs", "on_miss": "reject",
+                                    "partitions": "planned",
                                     "placements": ["slab-greedy", "slab-greedy+overcommit"]}
     assert parts["static+fineserve"] == {"placement": "slab-greedy", "allocator": "static",
                                          "scheduler": "fineserve", "on_miss": "reject",
+                                         "partitions": "planned",
                                          "placements": ["slab-greedy+overcommit"]}
     assert parts["fineserve+best-effort"] == {**parts["fineserve"], "on_miss": "best-effort"}
     assert sorted({r["system"] for r in rec["results"]}) == sorted(systems)
@@ -88,6 +90,45 @@ def test_bench_cluster_ablations_take_one_part_of_fineserve_each(tmp_path):
         assert res["fineserve+best-effort", rate]["dropped"] == 0
         assert res["fineserve+best-effort", rate]["requests"] == res["fineserve", rate]["requests"]
     assert not (tmp_path / "ablation.png").exists()  # --plot '' draws nothing
+
+
+def test_bench_cluster_static_partitions_planned_or_equal():
+    """``static`` sizes each model's partition by its planned KV need, ``static-equal``
+    gives every model on a device the same share; both hold at least one longest
+    sequence per model, and both run the same placement and FCFS."""
+    from fineserve_jax.bench.cluster import (
+        SYSTEMS,
+        Lengths,
+        groups_of,
+        kv_need,
+        placements,
+        setup_models,
+    )
+    from schedulers.placement import PlacementConfig
+
+    config, lengths = PlacementConfig(), Lengths()
+    models = setup_models(5.0, config)
+    plans, pl = placements(models, WorkloadSpec(list(models), 60.0, 30.0, 1.0).mean_rates(),
+                           10, config, lengths)
+    p = pl[SYSTEMS["static"].placement_key]
+    planned = groups_of(p, SYSTEMS["static"], plans, models, lengths)
+    equal = groups_of(p, SYSTEMS["static-equal"], plans, models, lengths)
+    assert SYSTEMS["static-equal"].placement_keys == SYSTEMS["static"].placement_keys
+    assert [(g.models, g.kv_budget_bytes) for g in planned] == [
+        (g.models, g.kv_budget_bytes) for g in equal]
+    shared = [(a, b) for a, b in zip(planned, equal) if len(a.models) > 1]
+    assert shared  # some device holds several models at this rate
+    for a, b in shared:
+        floor = {m: lengths.longest * models[m].kv_bytes_per_token for m in a.models}
+        even = b.kv_budget_bytes / len(b.models)
+        for g, weight in ((a, {m: kv_need(plans[m], models[m], lengths) for m in a.models}),
+                          (b, {m: even for m in b.models})):
+            need = {m: max(weight[m], floor[m]) for m in g.models}
+            for m in g.models:
+                assert g.partitions[m] == pytest.approx(need[m] / sum(need.values()))
+    assert any(a.partitions != b.partitions for a, b in shared)
+    # where no floor binds, equal shares are exactly equal
+    assert any(len(set(round(v, 12) for v in b.partitions.values())) == 1 for _, b in shared)
 
 
 def test_bench_cluster_overcommits_only_under_a_scheduler_that_sheds():

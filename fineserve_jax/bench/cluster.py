@@ -35,9 +35,11 @@ devices (``place_dedicated``); replicas that find no free devices are unplaced.
 ``prism`` shares memory across models at page granularity (virtual memory), which the
 precision-aware slab pool models, so it isolates Prism's placement and batching.
 Named in ``--systems`` only: the ablations ``kvslab+fcfs`` and ``static+fineserve`` (one of
-FineServe's two parts each) and ``fineserve+best-effort`` (FineServe serving the requests
+FineServe's two parts each), ``fineserve+best-effort`` (FineServe serving the requests
 it predicts to miss their TTFT SLO after the others, ``on_miss="best-effort"``, instead
-of shedding them).
+of shedding them), and ``static-equal``: ``static`` with every model on a device given the
+same share of its pool (one memory fraction for every process) instead of shares sized
+from the plan.
 
 Workload (``schedulers.workload``): per-model Poisson arrivals (``--cv`` 1) with power-law
 rates (``--alpha``) over ``MODELS``' order, ShareGPT-like lengths (lognormal, means 161 /
@@ -134,6 +136,7 @@ class System:
     allocator: str  # engine.alloc kind
     scheduler: str  # schedulers.local policy
     on_miss: str = "reject"  # its requests predicted to miss their TTFT SLO
+    partitions: str = "planned"  # static allocator: shares by planned KV need, or "equal"
 
     @property
     def placement_keys(self) -> tuple[str, ...]:
@@ -170,7 +173,8 @@ DEFAULT_SYSTEMS = list(SYSTEMS)
 SYSTEMS |= {"kvslab+fcfs": System("slab-greedy", "kvslab", "fcfs"),
             "static+fineserve": System("slab-greedy", "static", "fineserve"),
             "fineserve+best-effort": System("slab-greedy", "kvslab", "fineserve",
-                                            on_miss="best-effort")}
+                                            on_miss="best-effort"),
+            "static-equal": System("slab-greedy", "static", "fcfs", partitions="equal")}
 
 
 @dataclass(frozen=True)
@@ -311,13 +315,17 @@ def groups_of(p: Placement, system: System, plans: dict, models: dict[str, Model
               lengths: Lengths) -> list[GroupSpec]:
     """Simulator groups of a placement. Static partitions are sized in proportion to each
     model's planned KV need, and at least one longest sequence (what an operator sizing
-    one process per model would do: an engine refuses to start without room for one)."""
+    one process per model would do: an engine refuses to start without room for one);
+    ``partitions="equal"``: an equal share of the pool per model, as one memory fraction
+    given to every process, again at least one longest sequence each."""
     move = DeviceSpec.h100_sxm().hbm_bytes_per_s * 0.8  # compaction copies at 80% of HBM
     out = []
     for g in p.groups:
         parts = None
         if system.allocator == "static":
-            need = {m: max(kv_need(plans[m], models[m], lengths),
+            even = g.kv_budget_bytes / len(g.models)
+            need = {m: max(even if system.partitions == "equal"
+                           else kv_need(plans[m], models[m], lengths),
                            lengths.longest * models[m].kv_bytes_per_token)
                     for m in g.models}
             total = sum(need.values())
