@@ -242,6 +242,24 @@ def test_resimulate_reproduces_a_record_and_runs_the_headroom_ablation(tmp_path,
     monkeypatch.setattr(serve, "load_models", no_load)
     assert tool.main([str(path)]) == 0
     assert _rows(capsys.readouterr().out) == rows
+    # Twice the KV pool: both FCFS baselines serve more of this trace in time, so memory
+    # held them back at 1.2 req/s (the other columns as before).
+    assert tool.main([str(path), "--kv-budget-scale", "2"]) == 0
+    more = _rows(capsys.readouterr().out)
+    assert {k: v[:9] for k, v in more.items()} == rows
+    assert more["static+fcfs"][9:] == ["0.860", "/", "12.70"]
+    assert more["fixed-page+fcfs"][9:] == ["0.860", "/", "12.70"]
+    with pytest.raises(SystemExit):
+        tool.main([str(path), "--kv-budget-scale", "0"])
+    # A system the record did not run, at each of its rates: the shared pool under FCFS
+    # serves more of the 1.2 req/s trace than static partitions (0.640), less than twice
+    # the partitions' memory (0.860).
+    assert tool.main([str(path), "--systems", "kvslab+fcfs", "--kv-budget-scale", "2"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("kvslab+fcfs")]
+    assert [ln[1] for ln in lines] == ["0.3", "0.6", "0.9", "1.2"]
+    assert lines[-1][2:] == ["-", "0.780", "/", "12.73", "0.780", "/", "12.73",
+                             "0.860", "/", "12.70"]
 
 
 def _resimulate_tool():
