@@ -40,11 +40,7 @@ def block_formats(rec: dict, block_tokens: int) -> dict:
     default ``serve.py`` models."""
     if "kv_formats" in rec:
         return {n: BlockFormat(**d) for n, d in rec["kv_formats"].items()}
-    import serve
-
-    specs = {m["name"]: m for m in serve.parse_args([]).models}
-    loaded = serve.load_models(type("A", (), {"cache_dir": None})(),
-                               [specs[n] for n in S.MODELS])
+    specs, loaded = S.load_default_models()
     out = {}
     for n in S.MODELS:
         model, prec = loaded[n]

@@ -324,3 +324,7 @@ def test_slos_from_an_earlier_record(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no 'slos'"):
         main(["serve", "--slos-from", str(tmp_path / "bad.json"),
               "--out-systems", str(tmp_path / "out.json")])
+    # So does a sweep whose trace at some rate has no request at all.
+    with pytest.raises(SystemExit, match="no request arrives in 5 s at 0.01 req/s:"):
+        main(["serve", "--rates", "0.01", "4", "--duration", "5",
+              "--out-systems", str(tmp_path / "out.json")])

@@ -123,13 +123,23 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else None
 
 
+def load_default_models():
+    """The default ``serve.py`` models (``MODELS``): their specs by name, and each loaded
+    as ``(model, precision)`` by name (the quantized one from the checkpoint cache)."""
+    import serve
+
+    specs = {m["name"]: m for m in serve.parse_args([]).models}
+    loaded = serve.load_models(type("A", (), {"cache_dir": None})(),
+                               [specs[n] for n in MODELS])
+    return specs, loaded
+
+
 def build_engines(args, allocators: set[str]):
     """One started engine per allocator (threads running), both models on each; the
     costs profiled on the first are shared with the others, and so is the device's speed
     factor (they run on one device: each engine's steps correct the others' predictions)."""
     import jax
 
-    import serve
     from checkpoints.cache import default_cache_dir
     from fineserve_jax.engine import Engine, EngineConfig
     from schedulers.batching import SLO
@@ -138,8 +148,7 @@ def build_engines(args, allocators: set[str]):
     # Compiled steps persist between runs (as serve.py does): a rerun skips most compiling.
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    specs = {m["name"]: m for m in serve.parse_args([]).models}
-    loaded = serve.load_models(type("A", (), {"cache_dir": None})(), list(specs.values()))
+    specs, loaded = load_default_models()
     engines, costs = {}, {}
     speed = DeviceSpeed(weight=args.cost_calibration) if args.cost_calibration else None
     for alloc in sorted(allocators, key=lambda a: a != "kvslab"):
@@ -381,13 +390,18 @@ def run_systems(args, command: str) -> int:
     from schedulers.local import make_local_scheduler
 
     git = git_state()  # the code that runs, before anything can change under a long run
-    if args.slos_from:
-        recorded_slos(args.slos_from)  # a bad record fails now, not after the start-up
+    # From a record, read (and a bad one refused) now, not after the engines' start-up.
+    fixed = recorded_slos(args.slos_from) if args.slos_from else None
+    traces = {rate: workload(args, rate).generate() for rate in args.rates}
+    if empty := [r for r, reqs in traces.items() if not reqs]:
+        raise SystemExit(f"no request arrives in {args.duration:g} s at "
+                         f"{', '.join(f'{r:g}' for r in empty)} req/s: raise --duration or "
+                         "the rate")
     allocators = {SYSTEMS[s][0] for s in args.systems}
     engines, costs, toks = build_engines(args, allocators)
     any_engine = next(iter(engines.values()))
     formats = {n: any_engine.alloc.fmt(n) for n in MODELS}
-    slos = model_slos(args, costs)
+    slos = fixed or model_slos(args, costs)
     for e in engines.values():
         for n, slo in slos.items():
             e.set_slo(n, slo)
@@ -397,8 +411,7 @@ def run_systems(args, command: str) -> int:
     if args.settle_s > 0 and args.cost_calibration > 0:
         settle(args, engines, toks)
     runs = []
-    for rate in args.rates:
-        reqs = workload(args, rate).generate()
+    for rate, reqs in traces.items():
         ids = prompt_ids(toks, reqs, args.seed)
         for system in args.systems:
             alloc, sched, on_miss = SYSTEMS[system]
