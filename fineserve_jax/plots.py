@@ -114,6 +114,10 @@ def load_record(record: dict | str | Path) -> dict:
         if len(r.get("attainment", ())) != n:
             raise ValueError(f"system {name!r}: {len(r.get('attainment', ()))} attainment "
                              f"values for {n} rates")
+        if "attainment_runs" in r and (len(r["attainment_runs"]) != n
+                                       or not all(r["attainment_runs"])):
+            raise ValueError(f"system {name!r}: 'attainment_runs' needs a non-empty list "
+                             f"of runs for each of the {n} rates")
     return record
 
 
@@ -131,7 +135,10 @@ def plot_attainment(record: dict | str | Path, ax=None, *, target: float | None 
     ax = _axes(ax, (6, 3.5))
     rates = np.asarray(rec["rates"], float)
     for name, r in rec["per_system"].items():
-        ax.plot(rates, np.asarray(r["attainment"], float), marker="o", label=name)
+        line, = ax.plot(rates, np.asarray(r["attainment"], float), marker="o", label=name)
+        if runs := r.get("attainment_runs"):  # repeated runs (bench serve --repeats)
+            ax.fill_between(rates, [min(x) for x in runs], [max(x) for x in runs],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     if target is not None:
         ax.axhline(target, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("request rate (req/s)")

@@ -328,3 +328,43 @@ def test_slos_from_an_earlier_record(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no request arrives in 5 s at 0.01 req/s:"):
         main(["serve", "--rates", "0.01", "4", "--duration", "5",
               "--out-systems", str(tmp_path / "out.json")])
+
+
+def test_repeated_runs_take_turns_and_are_averaged(tmp_path):
+    # --repeats: every system replays each rate's trace N times, the systems taking turns
+    # with the order rotated each round; the record keeps the mean and every run.
+    from fineserve_jax.bench import serve_systems as S
+
+    order = list(S.run_order([1.0, 2.0], ["a", "b", "c"], repeats=3))
+    assert order[:9] == [(1.0, 0, "a"), (1.0, 0, "b"), (1.0, 0, "c"),
+                         (1.0, 1, "b"), (1.0, 1, "c"), (1.0, 1, "a"),
+                         (1.0, 2, "c"), (1.0, 2, "a"), (1.0, 2, "b")]
+    assert [x[0] for x in order[9:]] == [2.0] * 9
+    assert list(S.run_order([1.0], ["a", "b"])) == [(1.0, 0, "a"), (1.0, 0, "b")]
+
+    def run(system, rate, att, tok):
+        return {"system": system, "rate": rate,
+                "summary": {"attainment": att, "output_tok_s": tok}}
+    runs = [run("a", 1.0, 1.0, 10.0), run("a", 1.0, 0.8, 14.0),
+            run("a", 2.0, 0.9, 20.0), run("a", 2.0, 0.6, 18.0),
+            run("b", 1.0, 1.0, 11.0), run("b", 2.0, 1.0, 21.0)]
+    got = S.per_system_figures(runs, [1.0, 2.0], ["a", "b"])
+    assert got["a"]["attainment"] == pytest.approx([0.9, 0.75])
+    assert got["a"]["output_tok_s"] == pytest.approx([12.0, 19.0])
+    assert got["a"]["attainment_runs"] == [[1.0, 0.8], [0.9, 0.6]]
+    assert got["a"]["output_tok_s_runs"] == [[10.0, 14.0], [20.0, 18.0]]
+    assert (got["a"]["goodput_90"], got["a"]["goodput_99"]) == (1.0, None)  # of the means
+    assert got["b"] == {"attainment": [1.0, 1.0], "output_tok_s": [11.0, 21.0],
+                        "goodput_90": 2.0, "goodput_99": 2.0}  # one run each: no *_runs
+    with pytest.raises(ValueError, match="b: no run at 3 req/s"):
+        S.per_system_figures(runs + [run("a", 3.0, 1.0, 30.0)], [1.0, 3.0], ["a", "b"])
+    assert S._cell(0.75, [0.9, 0.6], ".0%") == "75% (60%-90%)"
+    assert S._cell(12.0, [12.0], ".1f") == "12.0"
+
+    # The record's plot draws the runs' range as a band under each mean.
+    rec = {"rates": [1.0, 2.0], "per_system": got, "device": "cpu"}
+    png = S.plot(rec, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with pytest.raises(SystemExit, match="--repeats must be >= 1, got 0"):
+        main(["serve", "--repeats", "0", "--out-systems", str(tmp_path / "out.json")])

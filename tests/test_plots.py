@@ -134,6 +134,15 @@ def test_plot_attainment_checks_the_record():
         load_record({"rates": [1, 2], "per_system": {"a": {"attainment": [1.0]}}})
     with pytest.raises(ValueError, match="serve-systems"):
         load_record({"runs": []})
+    # Repeated runs (bench serve --repeats): their range is drawn as a band.
+    rec["per_system"]["a"]["attainment_runs"] = [[0.9, 1.0, 1.0], [0.25, 0.5, 0.75]]
+    ax = plot_attainment(rec, target=None)
+    (band,) = ax.collections
+    lo_hi = band.get_paths()[0].vertices[:, 1]
+    assert lo_hi.min() == 0.25 and lo_hi.max() == 1.0
+    with pytest.raises(ValueError, match="attainment_runs"):
+        load_record({"rates": [1, 2], "per_system": {"a": {
+            "attainment": [1.0, 0.5], "attainment_runs": [[1.0], []]}}})
 
 
 class _FakeEngine:

@@ -109,6 +109,12 @@ def add_arguments(p) -> None:
                    help="before the sweep, seconds of arrivals (its middle rate, another "
                         "seed, results discarded) each engine serves to settle that "
                         "correction")
+    g.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="replay each rate's trace N times per system, the systems taking "
+                        "turns round by round (each round's order rotated one place), and "
+                        "report the mean with the lowest and highest run: the engine's "
+                        "run-to-run spread on a shared machine, beside the systems' "
+                        "difference")
     g.add_argument("--drain-s", type=float, default=120.0,
                    help="after the last arrival, seconds to wait before aborting the rest")
     g.add_argument("--out-systems", default="benchmarks/results/serve_systems_cpu.json",
@@ -382,6 +388,49 @@ def goodput(rates: list[float], attain: list[float], level: float) -> float | No
     return best
 
 
+def run_order(rates, systems, repeats: int = 1):
+    """``(rate, repeat, system)`` in the order a sweep runs them: per rate, ``repeats``
+    rounds of every system, round k's order rotated k places, so that over the rounds no
+    system always runs first or right after the same other while the machine's speed
+    drifts."""
+    systems = list(systems)
+    for rate in rates:
+        for k in range(repeats):
+            j = k % len(systems)
+            for system in systems[j:] + systems[:j]:
+                yield rate, k, system
+
+
+def per_system_figures(runs: list[dict], rates, systems) -> dict:
+    """Each system's attainment and output tokens/s per rate over its runs: the mean, and
+    with more than one run at some rate every run's value (``*_runs``, a list per rate);
+    goodput from the means."""
+    out = {}
+    for system in systems:
+        att = [[r["summary"]["attainment"] for r in runs
+                if r["system"] == system and r["rate"] == x] for x in rates]
+        tok = [[r["summary"]["output_tok_s"] for r in runs
+                if r["system"] == system and r["rate"] == x] for x in rates]
+        if missing := [x for x, a in zip(rates, att) if not a]:
+            raise ValueError(f"{system}: no run at {', '.join(f'{x:g}' for x in missing)} "
+                             "req/s")
+        mean_att = [float(np.mean(a)) for a in att]
+        d = {"attainment": mean_att, "output_tok_s": [float(np.mean(t)) for t in tok],
+             "goodput_90": goodput(rates, mean_att, 0.9),
+             "goodput_99": goodput(rates, mean_att, 0.99)}
+        if any(len(a) > 1 for a in att):
+            d |= {"attainment_runs": att, "output_tok_s_runs": tok}
+        out[system] = d
+    return out
+
+
+def _cell(mean: float, runs: list | None, fmt: str) -> str:
+    """A table cell: the mean, and the lowest and highest run where there were several."""
+    if not runs or len(runs) < 2:
+        return format(mean, fmt)
+    return f"{mean:{fmt}} ({min(runs):{fmt}}-{max(runs):{fmt}})"
+
+
 def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
@@ -392,6 +441,8 @@ def run_systems(args, command: str) -> int:
     git = git_state()  # the code that runs, before anything can change under a long run
     # From a record, read (and a bad one refused) now, not after the engines' start-up.
     fixed = recorded_slos(args.slos_from) if args.slos_from else None
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     traces = {rate: workload(args, rate).generate() for rate in args.rates}
     if empty := [r for r, reqs in traces.items() if not reqs]:
         raise SystemExit(f"no request arrives in {args.duration:g} s at "
@@ -411,43 +462,45 @@ def run_systems(args, command: str) -> int:
     if args.settle_s > 0 and args.cost_calibration > 0:
         settle(args, engines, toks)
     runs = []
-    for rate, reqs in traces.items():
-        ids = prompt_ids(toks, reqs, args.seed)
-        for system in args.systems:
-            alloc, sched, on_miss = SYSTEMS[system]
-            e = engines[alloc]
-            e.scheduler = make_local_scheduler(sched, on_miss)
-            learned = {n: e.cost_snapshot(n) for n in MODELS}  # before this run
-            speed0 = e.speed.factor if e.speed is not None else None
-            t0, m0 = time.perf_counter(), time.monotonic()
-            recs, lag = replay(e, reqs, ids, args.drain_s)
-            s = summarize(recs, slos)
-            sim = simulate(args, system, reqs, learned, slos, formats)
-            sim_profile = simulate(args, system, reqs, costs, slos, formats)
-            steps = e.step_log.between(m0)
-            ran = {n: ScaledCost.fit(costs[n], [(r.kind, r.chunks, r.contexts, r.run_s)
-                                                for r in steps if r.model == n])
-                   for n in MODELS}  # the step costs this run measured (not a prediction)
-            sim_ran = simulate(args, system, reqs, ran, slos, formats)
-            runs.append({"system": system, "rate": rate, "summary": s, "send_lag_s": lag,
-                         "wall_s": time.perf_counter() - t0, "simulated": sim,
-                         "simulated_profile": {k: sim_profile[k] for k in SIM_BRIEF},
-                         "simulated_measured": {k: sim_ran[k] for k in SIM_BRIEF},
-                         "cost_shape_factors": {n: learned[n].shape_factors()
-                                                for n in MODELS},
-                         "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
-                                          "end": {n: e.cost_factors(n) for n in MODELS}},
-                         "device_speed": {"start": speed0,
-                                          "end": e.speed.factor if e.speed is not None
-                                          else None},
-                         "engine_steps": summarize_steps(steps, costs),
-                         "requests": recs})
-            _log(f"rate {rate:g}/s {system}: attainment {s['attainment']:.0%}, "
-                 f"{s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']}, "
-                 f"dropped {s['dropped']}" + (f"; simulated TTFT p50 {sim['ttft_p50_s']}, "
-                                             f"{sim['output_tok_s']:.1f} tok/s"))
-            while e.stats().models[MODELS[0]].running or e.stats().models[MODELS[1]].running:
-                time.sleep(0.1)
+    ids = {rate: prompt_ids(toks, reqs, args.seed) for rate, reqs in traces.items()}
+    for rate, repeat, system in run_order(args.rates, args.systems, args.repeats):
+        reqs = traces[rate]
+        alloc, sched, on_miss = SYSTEMS[system]
+        e = engines[alloc]
+        e.scheduler = make_local_scheduler(sched, on_miss)
+        learned = {n: e.cost_snapshot(n) for n in MODELS}  # before this run
+        speed0 = e.speed.factor if e.speed is not None else None
+        t0, m0 = time.perf_counter(), time.monotonic()
+        recs, lag = replay(e, reqs, ids[rate], args.drain_s)
+        s = summarize(recs, slos)
+        sim = simulate(args, system, reqs, learned, slos, formats)
+        sim_profile = simulate(args, system, reqs, costs, slos, formats)
+        steps = e.step_log.between(m0)
+        ran = {n: ScaledCost.fit(costs[n], [(r.kind, r.chunks, r.contexts, r.run_s)
+                                            for r in steps if r.model == n])
+               for n in MODELS}  # the step costs this run measured (not a prediction)
+        sim_ran = simulate(args, system, reqs, ran, slos, formats)
+        runs.append({"system": system, "rate": rate, "repeat": repeat, "summary": s,
+                     "send_lag_s": lag,
+                     "wall_s": time.perf_counter() - t0, "simulated": sim,
+                     "simulated_profile": {k: sim_profile[k] for k in SIM_BRIEF},
+                     "simulated_measured": {k: sim_ran[k] for k in SIM_BRIEF},
+                     "cost_shape_factors": {n: learned[n].shape_factors()
+                                            for n in MODELS},
+                     "cost_factors": {"start": {n: learned[n].factors for n in MODELS},
+                                      "end": {n: e.cost_factors(n) for n in MODELS}},
+                     "device_speed": {"start": speed0,
+                                      "end": e.speed.factor if e.speed is not None
+                                      else None},
+                     "engine_steps": summarize_steps(steps, costs),
+                     "requests": recs})
+        again = f" (round {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""
+        _log(f"rate {rate:g}/s{again} {system}: attainment {s['attainment']:.0%}, "
+             f"{s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']}, "
+             f"dropped {s['dropped']}" + (f"; simulated TTFT p50 {sim['ttft_p50_s']}, "
+                                         f"{sim['output_tok_s']:.1f} tok/s"))
+        while e.stats().models[MODELS[0]].running or e.stats().models[MODELS[1]].running:
+            time.sleep(0.1)
     for e in engines.values():
         e.shutdown()
     for r in runs:  # the simulator against the engine, same trace and configuration
@@ -457,13 +510,7 @@ def run_systems(args, command: str) -> int:
                          ("sim_measured_error", r["simulated_measured"])):
             r[key] = {"ttft_p50": _rel(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
                       "output_tok_s": _rel(sim["output_tok_s"], meas["output_tok_s"])}
-    per_system = {}
-    for system in args.systems:
-        att = [r["summary"]["attainment"] for r in runs if r["system"] == system]
-        tok = [r["summary"]["output_tok_s"] for r in runs if r["system"] == system]
-        per_system[system] = {"attainment": att, "output_tok_s": tok,
-                              "goodput_90": goodput(args.rates, att, 0.9),
-                              "goodput_99": goodput(args.rates, att, 0.99)}
+    per_system = per_system_figures(runs, args.rates, args.systems)
     record = {"benchmark": "serve-systems", "command": command,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "git": git, "device": any_engine.device,
@@ -481,10 +528,13 @@ def run_systems(args, command: str) -> int:
                                                                    args.rates], "goodput90/99"]
     rows = []
     for s, d in per_system.items():
-        rows.append([s, *[f"{a:.0%}" for a in d["attainment"]],
-                     *[f"{t:.1f}" for t in d["output_tok_s"]],
+        many = [d.get("attainment_runs", [None] * len(args.rates)),
+                d.get("output_tok_s_runs", [None] * len(args.rates))]
+        rows.append([s, *[_cell(a, r, ".0%") for a, r in zip(d["attainment"], many[0])],
+                     *[_cell(t, r, ".1f") for t, r in zip(d["output_tok_s"], many[1])],
                      f"{d['goodput_90'] or '-'}/{d['goodput_99'] or '-'}"])
-    foot = [f"simulator vs engine (same trace), {what}: TTFT p50 and tokens/s both within "
+    foot = [f"mean of {args.repeats} runs per point (lowest-highest)"] if args.repeats > 1 else []
+    foot += [f"simulator vs engine (same trace), {what}: TTFT p50 and tokens/s both within "
             f"20% in {within(runs, key)} of {len(runs)} runs; worst TTFT p50 "
             f"{max(abs(r[key]['ttft_p50'] or 0) for r in runs):.0%}, worst tokens/s "
             f"{max(abs(r[key]['output_tok_s'] or 0) for r in runs):.0%}"
@@ -505,8 +555,13 @@ def plot(record: dict, path: Path) -> Path:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for s, d in record["per_system"].items():
-        a1.plot(record["rates"], [100 * a for a in d["attainment"]], marker="o", label=s)
-        a2.plot(record["rates"], d["output_tok_s"], marker="o", label=s)
+        for ax, key, scale in ((a1, "attainment", 100), (a2, "output_tok_s", 1)):
+            line, = ax.plot(record["rates"], [scale * v for v in d[key]], marker="o",
+                            label=s)
+            if runs := d.get(f"{key}_runs"):  # repeated runs: their range as a band
+                ax.fill_between(record["rates"], [scale * min(r) for r in runs],
+                                [scale * max(r) for r in runs], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
     a1.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105))
     a2.set(xlabel="request rate (req/s)", ylabel="output tokens/s")
     a1.legend()
