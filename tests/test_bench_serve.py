@@ -358,6 +358,19 @@ def test_repeated_runs_take_turns_and_are_averaged(tmp_path):
                         "goodput_90": 2.0, "goodput_99": 2.0}  # one run each: no *_runs
     with pytest.raises(ValueError, match="b: no run at 3 req/s"):
         S.per_system_figures(runs + [run("a", 3.0, 1.0, 30.0)], [1.0, 3.0], ["a", "b"])
+    assert S.ratios(got, [1.0, 2.0]) == []  # neither fineserve nor static+fcfs ran
+    # With SLO-meeting tokens/s in every run's summary it is averaged too, and the record's
+    # FineServe / static ratios are of the means.
+    for r, good in zip(runs, [10.0, 7.0, 20.0, 9.0, 11.0, 21.0]):
+        r["summary"]["slo_output_tok_s"] = good
+    got = S.per_system_figures(runs, [1.0, 2.0], ["a", "b"])
+    assert got["a"]["slo_output_tok_s"] == pytest.approx([8.5, 14.5])
+    assert got["a"]["slo_output_tok_s_runs"] == [[10.0, 7.0], [20.0, 9.0]]
+    q = S.ratios(got, [1.0, 2.0], ours="a", base="b")
+    assert [x["rate"] for x in q] == [1.0, 2.0]
+    assert q[1]["attainment"] == pytest.approx(0.75)
+    assert q[0]["output_tok_s"] == pytest.approx(12 / 11)
+    assert q[1]["slo_output_tok_s"] == pytest.approx(14.5 / 21)
     assert S._cell(0.75, [0.9, 0.6], ".0%") == "75% (60%-90%)"
     assert S._cell(12.0, [12.0], ".1f") == "12.0"
 
@@ -368,3 +381,28 @@ def test_repeated_runs_take_turns_and_are_averaged(tmp_path):
 
     with pytest.raises(SystemExit, match="--repeats must be >= 1, got 0"):
         main(["serve", "--repeats", "0", "--out-systems", str(tmp_path / "out.json")])
+
+
+def test_systems_run_summary():
+    # One run's figures from its requests (serve_systems.summarize): a request meets its
+    # SLOs only when it finished with every token wanted; dropped ones are misses.
+    from fineserve_jax.bench import serve_systems as S
+    from schedulers.batching import SLO
+
+    def rec(model, arrival, first, end, n, reason="length", want=None):
+        return {"model": model, "arrival_s": arrival, "first_token_s": first,
+                "finished_s": end, "ttft_s": None if first is None else first - arrival,
+                "output_tokens": n, "want_tokens": n if want is None else want,
+                "finish_reason": reason, "preemptions": 0}
+    recs = [rec("a", 0.0, 0.5, 2.5, 5),   # TTFT 0.5, TPOT 0.5: meets both
+            rec("a", 1.0, 2.0, 3.0, 3),   # TTFT 1.0: misses
+            rec("b", 2.0, 2.1, 4.0, 20),  # TPOT 0.1: meets
+            rec("b", 3.0, None, None, 0, "dropped", want=8)]
+    s = S.summarize(recs, {"a": SLO(ttft_s=0.6, tpot_s=0.6), "b": SLO(ttft_s=1, tpot_s=0.2)})
+    assert s["requests"] == 4 and s["dropped"] == 1
+    assert s["attainment"] == 0.5
+    assert s["output_tokens"] == 28
+    assert s["output_tok_s"] == pytest.approx(28 / 4.0)  # first arrival to last finish
+    assert s["slo_output_tok_s"] == pytest.approx(25 / 4.0)
+    assert s["ttft_s"]["p50"] == pytest.approx(0.5)
+    assert s["tpot_s"]["p50"] == pytest.approx(0.5)  # of 0.5, 0.5 and 0.1

@@ -34,8 +34,11 @@ Each (system, rate) run submits every request at its arrival time to the running
 engine thread and waits for all to finish. Measured per request from the engine's
 timestamps (``RequestHandle.metrics``): TTFT, TPOT, whether both SLOs were met (a
 dropped request is a miss), and output tokens. Throughput is output tokens over the
-span from the first arrival to the last finish. Goodput: the highest rate at which the
-attainment is >= 90% (>= 99%).
+span from the first arrival to the last finish (SLO-meeting throughput: the tokens of the
+requests that met both SLOs over the same span). Goodput: the highest rate at which the
+attainment is >= 90% (>= 99%). ``--repeats N`` replays every trace N times per system,
+the systems taking turns, and reports each figure's mean with its lowest and highest run;
+the record also keeps FineServe's figures over static+fcfs's at each rate.
 
 Beside each run the discrete-event simulator (``schedulers.simulator``) replays the same
 trace with the same allocator, local scheduler, limits and the profiled cost model; the
@@ -70,6 +73,8 @@ MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
 MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
 # What the record keeps of the replays beside the main one (that one keeps every TTFT).
 SIM_BRIEF = ("attainment", "output_tok_s", "ttft_p50_s", "dropped")
+# A run's figures that the record averages per (system, rate) (``per_system_figures``).
+FIGURES = ("attainment", "output_tok_s", "slo_output_tok_s")
 
 
 def add_arguments(p) -> None:
@@ -309,10 +314,12 @@ def replay(engine, reqs, ids, drain_s: float) -> list[dict]:
 
 
 def summarize(recs: list[dict], slos: dict) -> dict:
-    """Attainment, throughput, latency percentiles of one run (all models)."""
+    """Attainment, throughput, latency percentiles of one run (all models).
+    ``slo_output_tok_s``: the output tokens of the requests that met both SLOs over the
+    same span as ``output_tok_s`` (what the simulator's figure of that name counts)."""
     from schedulers.batching import SLO, RequestMetrics
 
-    met, ttfts, tpots, toks = 0, [], [], 0
+    met, ttfts, tpots, toks, good = 0, [], [], 0, 0
     dropped = sum(r["finish_reason"] == "dropped" for r in recs)
     for r in recs:
         ok = r["finish_reason"] == "length" and r["output_tokens"] == r["want_tokens"]
@@ -324,12 +331,15 @@ def summarize(recs: list[dict], slos: dict) -> dict:
             if n > 1:
                 tpots.append((r["finished_s"] - r["first_token_s"]) / (n - 1))
             m = RequestMetrics(r["arrival_s"], None, r["first_token_s"], r["finished_s"])
-            met += slos.get(r["model"], SLO()).met(m, n)
+            ok_slo = slos.get(r["model"], SLO()).met(m, n)
+            met += ok_slo
+            good += n if ok_slo else 0
     ends = [r["finished_s"] for r in recs if r["finished_s"] is not None]
     span = (max(ends) - min(r["arrival_s"] for r in recs)) if ends else math.nan
     return {"requests": len(recs), "attainment": met / len(recs) if recs else math.nan,
             "dropped": dropped, "output_tokens": toks,
             "output_tok_s": toks / span if span and span > 0 else 0.0,
+            "slo_output_tok_s": good / span if span and span > 0 else 0.0,
             "ttft_s": {f"p{q}": _pct(ttfts, q) for q in (50, 90, 99)},
             "tpot_s": {f"p{q}": _pct(tpots, q) for q in (50, 90, 99)},
             "preemptions": sum(r["preemptions"] for r in recs)}
@@ -402,26 +412,36 @@ def run_order(rates, systems, repeats: int = 1):
 
 
 def per_system_figures(runs: list[dict], rates, systems) -> dict:
-    """Each system's attainment and output tokens/s per rate over its runs: the mean, and
-    with more than one run at some rate every run's value (``*_runs``, a list per rate);
-    goodput from the means."""
+    """Each system's attainment, output tokens/s and SLO-meeting tokens/s per rate over
+    its runs: the mean, and with more than one run at some rate every run's value
+    (``*_runs``, a list per rate); goodput from the mean attainment."""
     out = {}
     for system in systems:
-        att = [[r["summary"]["attainment"] for r in runs
-                if r["system"] == system and r["rate"] == x] for x in rates]
-        tok = [[r["summary"]["output_tok_s"] for r in runs
-                if r["system"] == system and r["rate"] == x] for x in rates]
-        if missing := [x for x, a in zip(rates, att) if not a]:
+        got = {key: [[r["summary"][key] for r in runs
+                      if r["system"] == system and r["rate"] == x] for x in rates]
+               for key in FIGURES if all(key in r["summary"] for r in runs)}
+        if missing := [x for x, a in zip(rates, got["attainment"]) if not a]:
             raise ValueError(f"{system}: no run at {', '.join(f'{x:g}' for x in missing)} "
                              "req/s")
-        mean_att = [float(np.mean(a)) for a in att]
-        d = {"attainment": mean_att, "output_tok_s": [float(np.mean(t)) for t in tok],
-             "goodput_90": goodput(rates, mean_att, 0.9),
-             "goodput_99": goodput(rates, mean_att, 0.99)}
-        if any(len(a) > 1 for a in att):
-            d |= {"attainment_runs": att, "output_tok_s_runs": tok}
+        d = {key: [float(np.mean(v)) for v in per_rate] for key, per_rate in got.items()}
+        d |= {"goodput_90": goodput(rates, d["attainment"], 0.9),
+              "goodput_99": goodput(rates, d["attainment"], 0.99)}
+        if any(len(a) > 1 for a in got["attainment"]):
+            d |= {f"{key}_runs": per_rate for key, per_rate in got.items()}
         out[system] = d
     return out
+
+
+def ratios(per_system: dict, rates, ours: str = "fineserve",
+           base: str = "static+fcfs") -> list[dict]:
+    """``ours`` over ``base`` at each rate, for every figure both have (mean over runs);
+    empty unless both systems ran."""
+    if ours not in per_system or base not in per_system:
+        return []
+    a, b = per_system[ours], per_system[base]
+    return [{"rate": x, **{key: (a[key][i] / b[key][i] if b[key][i] else None)
+                           for key in FIGURES if key in a and key in b}}
+            for i, x in enumerate(rates)]
 
 
 def _cell(mean: float, runs: list | None, fmt: str) -> str:
@@ -519,7 +539,8 @@ def run_systems(args, command: str) -> int:
               "slos": {n: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for n, s in slos.items()},
               "kv_formats": {n: asdict(f) for n, f in formats.items()},
               "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-              "rates": args.rates, "per_system": per_system, "runs": runs}
+              "rates": args.rates, "per_system": per_system,
+              "fineserve_over_static": ratios(per_system, args.rates), "runs": runs}
     record["costs"] = {n: c.to_dict() for n, c in costs.items()}
     path = write_json(args.out_systems, record)
     png = plot(record, Path(path).with_suffix(".png"))
@@ -534,6 +555,11 @@ def run_systems(args, command: str) -> int:
                      *[_cell(t, r, ".1f") for t, r in zip(d["output_tok_s"], many[1])],
                      f"{d['goodput_90'] or '-'}/{d['goodput_99'] or '-'}"])
     foot = [f"mean of {args.repeats} runs per point (lowest-highest)"] if args.repeats > 1 else []
+    for q in ratios(per_system, args.rates):
+        foot.append(f"fineserve / static+fcfs at {q['rate']:g} req/s: " + ", ".join(
+            f"{what} {q[key]:.2f}x" if q[key] is not None else f"{what} -"
+            for key, what in (("attainment", "attainment"), ("output_tok_s", "output tok/s"),
+                              ("slo_output_tok_s", "SLO-meeting tok/s"))))
     foot += [f"simulator vs engine (same trace), {what}: TTFT p50 and tokens/s both within "
             f"20% in {within(runs, key)} of {len(runs)} runs; worst TTFT p50 "
             f"{max(abs(r[key]['ttft_p50'] or 0) for r in runs):.0%}, worst tokens/s "
