@@ -171,6 +171,33 @@ def test_a_request_the_engine_sheds_is_a_503_with_retry_after(client):
     assert 'fineserve_requests_dropped_total{model="smol",reason="slo"} 2.0' in text
 
 
+def test_slo_attainment_on_the_metrics_endpoint(client):
+    # A model served with latency targets counts each request as met or missed (a shed one
+    # is missed); the same engine behind an app without targets counts nothing.
+    engine = client.app.state.server.routes["smol"]
+    targets = {"smol": {"ttft_slo_ms": 600_000.0, "tpot_slo_ms": 600_000.0}}
+    real = engine.submit
+
+    def submit_then_drop(*a, **kw):
+        h = real(*a, **kw)
+        engine.drop(h.id, "it cannot meet its TTFT SLO")
+        return h
+
+    with TestClient(build_app(engine, model_extra=targets)) as c:
+        ok = c.post("/v1/completions", json={"model": "smol", "prompt": "Hi", "max_tokens": 3})
+        engine.submit = submit_then_drop
+        try:
+            shed = c.post("/v1/completions", json={"model": "smol", "prompt": "Hi",
+                                                   "max_tokens": 3})
+        finally:
+            engine.submit = real
+        text = c.get("/metrics").text
+    assert ok.status_code == 200 and shed.status_code == 503
+    assert 'fineserve_requests_slo_total{model="smol",result="met"} 1.0' in text
+    assert 'fineserve_requests_slo_total{model="smol",result="missed"} 1.0' in text
+    assert "fineserve_requests_slo_total{" not in client.get("/metrics").text
+
+
 def test_stream_whose_client_is_gone_before_the_first_byte_is_aborted(client):
     import asyncio
 

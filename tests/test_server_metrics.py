@@ -165,3 +165,31 @@ def test_registries_are_separate(engines):
     assert not any(n == "fineserve_requests_total" for n, _ in samples(b))
     assert REGISTRY.get_sample_value("fineserve_requests_total",
                                      {"model": "llama", "endpoint": "chat"}) is None
+
+
+def test_slo_attainment_counts_met_and_missed(engines):
+    from fineserve_jax.server.app import Server
+    from fineserve_jax.server.protocol import Limits
+    from schedulers.batching import SLO
+
+    # llama has targets (TTFT 0.5 s, TPOT 0.2 s); qwen has none and is never counted.
+    m = ServerMetrics(engines, {"llama": SLO(ttft_s=0.5, tpot_s=0.2), "qwen": None})
+    m.request_finished("llama", "stop", RequestMetrics(10.0, 10.0, 10.25, 11.0), 7, 5)  # met
+    m.request_finished("llama", "length", RequestMetrics(20.0, 20.0, 20.75, 21.0), 3, 2)  # TTFT
+    m.request_finished("llama", "length", RequestMetrics(30.0, 30.0, 30.25, 31.25), 3, 5)  # TPOT
+    m.request_finished("llama", "dropped", RequestMetrics(40.0, None, None, 40.1), 3, 0)
+    m.request_finished("llama", "abort", RequestMetrics(50.0, 50.0, 50.1, 50.2), 3, 1)  # not
+    m.request_dropped("llama", "queue_full", requests=3)  # n=3 never reached an engine
+    m.request_finished("qwen", "stop", RequestMetrics(10.0, 10.0, 10.1, 10.2), 3, 2)
+    m.request_dropped("qwen", "queue_full", requests=1)
+    s = samples(m)
+    slo = lambda model, result: s.get(("fineserve_requests_slo_total",
+                                       (("model", model), ("result", result))))
+    assert (slo("llama", "met"), slo("llama", "missed")) == (1, 6)
+    assert slo("qwen", "met") is None and slo("qwen", "missed") is None
+
+    # The server takes each model's targets from its /v1/models fields (serve.py's
+    # --model ...,ttft-slo=MS,tpot-slo=MS).
+    srv = Server({"llama": engines[0], "qwen": engines[0]}, Limits(),
+                 {"llama": {"ttft_slo_ms": 500.0, "tpot_slo_ms": 200.0}, "qwen": {}})
+    assert srv.metrics.slos == {"llama": SLO(ttft_s=0.5, tpot_s=0.2)}

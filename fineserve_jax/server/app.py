@@ -51,6 +51,7 @@ from fineserve_jax.server.protocol import (
     parse_completion,
     parse_json,
 )
+from schedulers.batching import slo_from_ms
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ class Server:
         self.limits = limits
         self.model_extra = model_extra  # name -> extra fields for /v1/models (e.g. SLO)
         self.engines = list(dict.fromkeys(routes.values()))
-        self.metrics = ServerMetrics(self.engines)
+        self.metrics = ServerMetrics(self.engines, {
+            n: slo_from_ms(x.get("ttft_slo_ms"), x.get("tpot_slo_ms"))
+            for n, x in model_extra.items()})
         self._open: dict[str, str] = {}  # handle id -> model, engine requests not released
         self.created = int(time.time())
         self.rebalancer = None  # server.rebalance.Rebalancer, which moves routes
@@ -102,7 +105,7 @@ class Server:
         cap = engine.config.max_seqs + self.limits.max_waiting
         held = self.inflight(req.model)
         if held + want > cap:
-            self.metrics.request_dropped(req.model, "queue_full")
+            self.metrics.request_dropped(req.model, "queue_full", requests=want)
             raise APIError(429, f"model {req.model!r} has {held} requests "
                                 f"in flight (limit {cap}); retry later", None,
                            type_="rate_limit_error", code="queue_full",

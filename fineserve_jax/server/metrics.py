@@ -10,6 +10,9 @@ Request metrics (updated by the server as requests come and go), labels in brace
     fineserve_requests_finished_total{model,finish_reason}
     fineserve_request_errors_total{model,status}          rejected with an HTTP error
     fineserve_requests_dropped_total{model,reason}        shed by the server (queue full, SLO)
+    fineserve_requests_slo_total{model,result}            models with latency targets only:
+                                                          result "met" (both TTFT and TPOT)
+                                                          or "missed" (late, dropped, lost)
     fineserve_client_disconnects_total{model}
     fineserve_prompt_tokens_total{model}
     fineserve_generation_tokens_total{model}
@@ -40,7 +43,7 @@ under ``""``, so clients cannot grow the number of series.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -54,6 +57,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from fineserve_jax.engine import Engine, RequestMetrics
+    from schedulers.batching import SLO
 
 # Buckets span a tiny model on a CPU down to a large one on a GPU under load.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -125,8 +129,11 @@ class ServerMetrics:
     """The server's Prometheus registry: the handlers call the ``request_*`` verbs, the
     ``/metrics`` route returns ``render()``."""
 
-    def __init__(self, engines: Sequence[Engine]):
+    def __init__(self, engines: Sequence[Engine], slos: Mapping[str, SLO] | None = None):
+        """``slos``: each served model's latency targets (a model without any is not
+        counted in ``fineserve_requests_slo_total``)."""
         self.engines = list(engines)
+        self.slos = {n: s for n, s in (slos or {}).items() if s is not None}
         self.registry = r = CollectorRegistry()
         self.requests = Counter("fineserve_requests", "Requests accepted for processing.",
                                 ["model", "endpoint"], registry=r)
@@ -136,6 +143,10 @@ class ServerMetrics:
                               ["model", "status"], registry=r)
         self.dropped = Counter("fineserve_requests_dropped", "Requests shed by the server.",
                                ["model", "reason"], registry=r)
+        self.slo = Counter("fineserve_requests_slo", "Requests of models with latency "
+                           "targets: whether each met both its TTFT and TPOT targets (shed "
+                           "and lost ones missed); met / (met + missed) is the SLO "
+                           "attainment.", ["model", "result"], registry=r)
         self.disconnects = Counter("fineserve_client_disconnects",
                                    "Clients that left before their request finished.",
                                    ["model"], registry=r)
@@ -167,6 +178,9 @@ class ServerMetrics:
         """Counts a finished request and observes its latencies (those its timings allow)."""
         m = self._model(model)
         self.finished.labels(m, finish_reason or "").inc()
+        if (slo := self.slos.get(m)) is not None and finish_reason != "abort":
+            ok = finish_reason in ("stop", "length") and slo.met(metrics, completion_tokens)
+            self.slo.labels(m, "met" if ok else "missed").inc()
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.generation_tokens.labels(m).inc(completion_tokens)
         first, done = metrics.first_token, metrics.finished
@@ -184,8 +198,14 @@ class ServerMetrics:
         it stays out of the labels, whose values must come from a small fixed set."""
         self.errors.labels(self._model(model), str(int(status_code))).inc()
 
-    def request_dropped(self, model: str | None, reason: str) -> None:
-        self.dropped.labels(self._model(model), reason).inc()
+    def request_dropped(self, model: str | None, reason: str, requests: int = 0) -> None:
+        """A request shed. ``requests``: engine requests it would have made that never
+        reached an engine (a full queue), each an SLO miss; the ones an engine shed or lost
+        are counted when they finish (``request_finished``)."""
+        m = self._model(model)
+        self.dropped.labels(m, reason).inc()
+        if requests and m in self.slos:
+            self.slo.labels(m, "missed").inc(requests)
 
     def client_disconnected(self, model: str | None) -> None:
         self.disconnects.labels(self._model(model)).inc()
