@@ -61,7 +61,11 @@ Global scheduling per rate: ``plan_parallelism`` picks each model's tp and repli
 its rate and SLOs; each system's placer puts the replicas on ``--gpus`` devices (a replica
 that fits nowhere is reported; a model with no replica placed misses every request).
 Static partitions are paged in rows of at most 1% padding, as separate processes would
-page their own shares, and each holds at least one longest sequence.
+page their own shares, and each holds at least one longest sequence where the device's
+pool holds one for each of its models; where it does not (the shared placement can put
+more long-context models on a device than separate processes could each hold a longest
+sequence of), the shares are cut in proportion and a request longer than its model's
+share fails, as it would on a process started with a shorter context limit.
 
 Figures per (system, rate): SLO attainment (requests meeting both SLOs / all; dropped,
 failed and unplaced ones are misses), output tokens/s (tokens generated / simulated span,
@@ -317,7 +321,9 @@ def groups_of(p: Placement, system: System, plans: dict, models: dict[str, Model
     model's planned KV need, and at least one longest sequence (what an operator sizing
     one process per model would do: an engine refuses to start without room for one);
     ``partitions="equal"``: an equal share of the pool per model, as one memory fraction
-    given to every process, again at least one longest sequence each."""
+    given to every process, again at least one longest sequence each. Where the pool is
+    smaller than one longest sequence per model, every share is cut in the same
+    proportion (below the floor: a process started with a shorter context limit)."""
     move = DeviceSpec.h100_sxm().hbm_bytes_per_s * 0.8  # compaction copies at 80% of HBM
     out = []
     for g in p.groups:
