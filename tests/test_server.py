@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -144,8 +145,10 @@ def test_a_failing_step_is_a_500_body_and_the_server_goes_on(client):
     assert ok.json()["choices"][0]["text"] == " Paris.\n"
 
 
-def test_a_request_the_engine_sheds_is_a_503_with_retry_after(client):
-    engine = client.app.state.server.routes["smol"]
+@contextlib.contextmanager
+def _shedding(engine):
+    """Every request submitted meanwhile is dropped by the engine at once, as the local
+    scheduler drops one it predicts to miss its TTFT SLO."""
     real = engine.submit
 
     def submit_then_drop(*a, **kw):
@@ -155,13 +158,19 @@ def test_a_request_the_engine_sheds_is_a_503_with_retry_after(client):
 
     engine.submit = submit_then_drop
     try:
+        yield
+    finally:
+        engine.submit = real
+
+
+def test_a_request_the_engine_sheds_is_a_503_with_retry_after(client):
+    engine = client.app.state.server.routes["smol"]
+    with _shedding(engine):
         r = client.post("/v1/completions", json={"model": "smol", "prompt": "Hi",
                                                  "max_tokens": 50})
         with client.stream("POST", "/v1/completions", json={
                 "model": "smol", "prompt": "Hi", "max_tokens": 50, "stream": True}) as s:
             events = _sse_events(s)
-    finally:
-        engine.submit = real
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     err = r.json()["error"]
     assert err["code"] == "dropped" and "TTFT SLO" in err["message"]
@@ -176,21 +185,11 @@ def test_slo_attainment_on_the_metrics_endpoint(client):
     # is missed); the same engine behind an app without targets counts nothing.
     engine = client.app.state.server.routes["smol"]
     targets = {"smol": {"ttft_slo_ms": 600_000.0, "tpot_slo_ms": 600_000.0}}
-    real = engine.submit
-
-    def submit_then_drop(*a, **kw):
-        h = real(*a, **kw)
-        engine.drop(h.id, "it cannot meet its TTFT SLO")
-        return h
-
     with TestClient(build_app(engine, model_extra=targets)) as c:
         ok = c.post("/v1/completions", json={"model": "smol", "prompt": "Hi", "max_tokens": 3})
-        engine.submit = submit_then_drop
-        try:
+        with _shedding(engine):
             shed = c.post("/v1/completions", json={"model": "smol", "prompt": "Hi",
                                                    "max_tokens": 3})
-        finally:
-            engine.submit = real
         text = c.get("/metrics").text
     assert ok.status_code == 200 and shed.status_code == 503
     assert 'fineserve_requests_slo_total{model="smol",result="met"} 1.0' in text
