@@ -206,6 +206,43 @@ def test_summary_formulas():
     assert s["all"]["slo"]["ttft_attainment"] == pytest.approx(1 / 3)
 
 
+def test_each_model_is_judged_by_its_own_targets():
+    # Without --ttft-slo / --tpot-slo the load client takes each model's targets from
+    # /v1/models; a flag replaces that target for every model; "all" counts the requests
+    # of the models that have a target, each against its own.
+    served = {"data": [{"id": "a", "ttft_slo_ms": 300.0, "tpot_slo_ms": 150.0},
+                       {"id": "b", "ttft_slo_ms": 1000.0},
+                       {"id": "c"}]}
+    assert bench.model_targets(served) == {"a": (0.3, 0.15), "b": (1.0, None),
+                                           "c": (None, None)}
+    assert bench.model_targets(served, tpot_slo=0.05) == {"a": (0.3, 0.05), "b": (1.0, 0.05),
+                                                          "c": (None, 0.05)}
+
+    def rec(model, first, end, tokens):
+        return {"model": model, "arrival_s": 0.0, "send_s": 0.0, "first_s": first,
+                "end_s": end, "chunk_s": list(np.linspace(first, end, tokens)),
+                "completion_tokens": tokens, "max_tokens": tokens, "prompt_tokens": 5,
+                "error": None}
+    recs = [rec("a", 0.2, 1.2, 11),  # TTFT 0.2, TPOT 0.1: meets a's targets
+            rec("a", 0.5, 1.5, 11),  # TTFT 0.5: misses a's
+            rec("b", 0.5, 5.5, 11),  # TTFT 0.5 <= 1.0, no TPOT target: meets b's
+            rec("c", 9.0, 9.5, 2)]  # no target: not judged
+    s = bench.summary(recs, wall_s=10.0, targets=bench.model_targets(served))
+    assert s["per_model"]["a"]["slo"]["attainment"] == 0.5
+    assert s["per_model"]["b"]["slo"]["attainment"] == 1.0
+    assert "slo" not in s["per_model"]["c"]
+    a = s["all"]["slo"]
+    assert (a["requests"], a["met"], a["attainment"]) == (3, 2, pytest.approx(2 / 3))
+    assert a["ttft_s"] == a["tpot_s"] == "per model"
+    text = bench.table({"summary": s, "wall_s": 10.0, "server": {"models": served}})
+    assert "SLO: each model's targets (a TTFT <= 0.3 s, TPOT <= 0.15 s; b TTFT <= 1.0 s" in text
+    row_c = next(line for line in text.splitlines() if line.startswith("c "))
+    assert row_c.rstrip().endswith("-")
+    # One target for every model: the figures over all are those of every request.
+    same = bench.summary(recs[:2], wall_s=10.0, ttft_slo=0.3, tpot_slo=0.15)
+    assert same["all"]["slo"]["attainment"] == 0.5 and same["all"]["slo"]["ttft_s"] == 0.3
+
+
 def test_resimulate_reproduces_a_record_and_runs_the_headroom_ablation(tmp_path, capsys,
                                                                        monkeypatch):
     # The 1.2 req/s runs of the record written after the device-wide headroom: simulated

@@ -39,8 +39,11 @@ HTTP status and any error. TTFT = first text chunk - send; TPOT = (end - first t
 carry several tokens); E2E = end - send. Throughput is output tokens and completed requests
 over the run's wall time, first send to last end. A request fails on a non-200 status, an
 error event, a transport error or a stream without ``[DONE]``; failures count as SLO misses.
-SLO attainment (``--ttft-slo`` / ``--tpot-slo``, seconds) is the share of all submitted
-requests that completed within both; a one-token request meets any TPOT SLO.
+SLO attainment is the share of all submitted requests that completed within both targets
+(a one-token request meets any TPOT target): each model's own, as the server lists them
+(``ttft_slo_ms`` / ``tpot_slo_ms`` in ``/v1/models``), unless ``--ttft-slo`` /
+``--tpot-slo`` (seconds) set one for every model. Over all models it counts the requests of
+the models that have a target.
 
 The client runs in one asyncio loop; on a machine it shares with the server its own work
 adds to the latencies (``send_lag_s_max`` says how late it sent). On a CPU server only
@@ -254,20 +257,52 @@ def summarize(recs: list[dict], wall_s: float, ttft_slo: float | None = None,
                    for x in lat]
         tpot_ok = [tpot_slo is None or x["tpot_s"] is None or x["tpot_s"] <= tpot_slo
                    for x in lat]
-        met = sum(a and b for a, b in zip(ttft_ok, tpot_ok))
-        n = max(len(recs), 1)
-        out["slo"] = {"ttft_s": ttft_slo, "tpot_s": tpot_slo, "attainment": met / n,
-                      "ttft_attainment": sum(ttft_ok) / n, "tpot_attainment": sum(tpot_ok) / n,
-                      "goodput_req_s": met / wall_s if wall_s > 0 else None}
+        out["slo"] = _slo_figures(len(recs), sum(a and b for a, b in zip(ttft_ok, tpot_ok)),
+                                  sum(ttft_ok), sum(tpot_ok), wall_s)
+        out["slo"] |= {"ttft_s": ttft_slo, "tpot_s": tpot_slo}
     return out
 
 
-def summary(recs: list[dict], wall_s: float, ttft_slo=None, tpot_slo=None) -> dict:
-    """``{"all": ..., "per_model": {name: ...}}``, each from ``summarize``."""
+def _slo_figures(n: int, met: int, ttft_met: int, tpot_met: int, wall_s: float) -> dict:
+    """Attainment figures of ``n`` submitted requests, ``met`` of them within both targets."""
+    d = max(n, 1)
+    return {"requests": n, "met": met, "ttft_met": ttft_met, "tpot_met": tpot_met,
+            "attainment": met / d, "ttft_attainment": ttft_met / d,
+            "tpot_attainment": tpot_met / d,
+            "goodput_req_s": met / wall_s if wall_s > 0 else None}
+
+
+def model_targets(served: dict, ttft_slo: float | None = None,
+                  tpot_slo: float | None = None) -> dict[str, tuple]:
+    """``{model: (ttft_s, tpot_s)}`` for every model the server lists: its own targets
+    (``ttft_slo_ms`` / ``tpot_slo_ms`` in ``/v1/models``), each replaced by ``ttft_slo`` /
+    ``tpot_slo`` when given; None where there is none."""
+    def own(m, key):
+        v = m.get(key)
+        return None if v is None else float(v) / 1e3
+    return {m["id"]: (ttft_slo if ttft_slo is not None else own(m, "ttft_slo_ms"),
+                      tpot_slo if tpot_slo is not None else own(m, "tpot_slo_ms"))
+            for m in served.get("data", [])}
+
+
+def summary(recs: list[dict], wall_s: float, ttft_slo=None, tpot_slo=None,
+            targets: dict[str, tuple] | None = None) -> dict:
+    """``{"all": ..., "per_model": {name: ...}}``, each from ``summarize``. ``targets``
+    (``model_targets``): each model's (TTFT, TPOT) targets, seconds; without it
+    ``ttft_slo`` / ``tpot_slo`` hold for every model. "all" judges each request by its
+    model's targets, over the requests of the models that have one."""
     models = sorted({r["model"] for r in recs})
-    out = {"all": summarize(recs, wall_s, ttft_slo, tpot_slo),
-           "per_model": {m: summarize([r for r in recs if r["model"] == m], wall_s, ttft_slo,
-                                      tpot_slo) for m in models}}
+    targets = {m: (targets or {}).get(m, (ttft_slo, tpot_slo)) for m in models}
+    out = {"all": summarize(recs, wall_s),
+           "per_model": {m: summarize([r for r in recs if r["model"] == m], wall_s,
+                                      *targets[m]) for m in models}}
+    judged = [out["per_model"][m]["slo"] for m in models if "slo" in out["per_model"][m]]
+    if judged:
+        out["all"]["slo"] = _slo_figures(*(sum(j[k] for j in judged) for k in (
+            "requests", "met", "ttft_met", "tpot_met")), wall_s)
+        same = {targets[m] for m in models if "slo" in out["per_model"][m]}
+        ttft, tpot = next(iter(same)) if len(same) == 1 else ("per model", "per model")
+        out["all"]["slo"] |= {"ttft_s": ttft, "tpot_s": tpot}
     out["all"]["send_lag_s_max"] = max((r["send_s"] - r["arrival_s"] for r in recs), default=0.0)
     return out
 
@@ -313,8 +348,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="send 'ignore_eos': true so every request runs to max_tokens")
     p.add_argument("--max-concurrency", type=int, help="most requests in flight at once")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per network read")
-    p.add_argument("--ttft-slo", type=float, help="TTFT target, seconds")
-    p.add_argument("--tpot-slo", type=float, help="TPOT target, seconds")
+    p.add_argument("--ttft-slo", type=float,
+                   help="TTFT target of every model, seconds (default: each model's own, "
+                        "as /v1/models lists it)")
+    p.add_argument("--tpot-slo", type=float,
+                   help="TPOT target of every model, seconds (default: each model's own)")
     p.add_argument("--no-chunk-times", action="store_true",
                    help="leave every chunk's arrival time out of the record")
     p.add_argument("--out", default="benchmarks/results/serve_cpu.json",
@@ -409,6 +447,7 @@ def run(args) -> int:
             del r["chunk_s"]
     from fineserve_jax.bench.engine import git_state
 
+    targets = model_targets(served, args.ttft_slo, args.tpot_slo)
     record = {
         "benchmark": "serve",
         "command": command(args),
@@ -421,7 +460,8 @@ def run(args) -> int:
                    "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo},
         "workload": workload,
         "wall_s": wall_s,
-        "summary": summary(recs, wall_s, args.ttft_slo, args.tpot_slo),
+        "slo_targets_s": targets,
+        "summary": summary(recs, wall_s, targets=targets),
         "requests": recs,
     }
     path = write_json(args.out, record)
@@ -446,14 +486,19 @@ def table(record: dict) -> str:
         rows.append([name, str(m["completed"]), str(m["failed"]),
                      ms(m["ttft_s"], ("p50", "p90", "p99")), ms(m["tpot_s"], ("p50", "p90", "p99")),
                      ms(m["itl_s"], ("p50", "p99")), e2e, f"{m['output_tok_s']:.1f}",
-                     f"{m['req_s']:.2f}", *([f"{m['slo']['attainment']:.0%}"] if slo else [])])
+                     f"{m['req_s']:.2f}",
+                     *([f"{m['slo']['attainment']:.0%}" if "slo" in m else "-"] if slo else [])])
     a = s["all"]
     foot = [f"wall {record['wall_s']:.1f}s; {a['output_tokens']} output tokens; "
             f"{a['short_outputs']} completed requests stopped before max_tokens; client sent "
             f"up to {a['send_lag_s_max'] * 1e3:.0f} ms late"]
     if a["errors"]:
         foot.append("errors: " + ", ".join(f"{k} x{v}" for k, v in a["errors"].items()))
-    if slo:
+    if slo and a["slo"]["ttft_s"] == "per model":
+        each = "; ".join(f"{n} TTFT <= {m['slo']['ttft_s']} s, TPOT <= {m['slo']['tpot_s']} s"
+                         for n, m in s["per_model"].items() if "slo" in m)
+        foot.append(f"SLO: each model's targets ({each}), share of its submitted requests")
+    elif slo:
         foot.append(f"SLO: TTFT <= {a['slo']['ttft_s']} s and TPOT <= {a['slo']['tpot_s']} s, "
                     "share of all submitted requests")
     devices = {str(m.get("device", "")) for m in record["server"]["models"].get("data", [])}
