@@ -215,6 +215,8 @@ def test_each_model_is_judged_by_its_own_targets():
                        {"id": "c"}]}
     assert bench.model_targets(served) == {"a": (0.3, 0.15), "b": (1.0, None),
                                            "c": (None, None)}
+    assert bench.model_targets({"data": [{"id": "x", "ttft_slo_ms": "fast",
+                                          "tpot_slo_ms": -1}]}) == {"x": (None, None)}
     assert bench.model_targets(served, tpot_slo=0.05) == {"a": (0.3, 0.05), "b": (1.0, 0.05),
                                                           "c": (None, 0.05)}
 

@@ -277,9 +277,10 @@ def model_targets(served: dict, ttft_slo: float | None = None,
     """``{model: (ttft_s, tpot_s)}`` for every model the server lists: its own targets
     (``ttft_slo_ms`` / ``tpot_slo_ms`` in ``/v1/models``), each replaced by ``ttft_slo`` /
     ``tpot_slo`` when given; None where there is none."""
-    def own(m, key):
+    def own(m, key):  # another server's listing may hold anything under these names
         v = m.get(key)
-        return None if v is None else float(v) / 1e3
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        return float(v) / 1e3 if ok else None
     return {m["id"]: (ttft_slo if ttft_slo is not None else own(m, "ttft_slo_ms"),
                       tpot_slo if tpot_slo is not None else own(m, "tpot_slo_ms"))
             for m in served.get("data", [])}
