@@ -337,13 +337,25 @@ def test_slo_scheduler_sheds_or_serves_a_hopeless_request(tiny, on_miss):
     _assert_pool_empty(e)
 
 
+class _PastTheBounds:
+    """Predicts every prefill at 1000 s and every decode at 0.1 us: each measured step is
+    past the correction's bounds on its side (0.5x and 2x), on any machine, so what the
+    engine learns from the steps does not depend on how fast they ran."""
+
+    def prefill_time(self, chunks, contexts):
+        return 1000.0
+
+    def decode_time(self, contexts):
+        return 1e-7
+
+
 @pytest.mark.parametrize("weight", [0.0, 0.3])
 def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     """Each step's measured time moves the scheduler's prediction: the factors are the
     clamped, exponentially weighted geometric mean of measured/predicted over the step
     log, per kind (recomputed here from the log); the model keeps the uncorrected cost."""
     params, tok = tiny
-    base = _SlowPrefill()  # 1 s per prefill, 1 ms per decode
+    base = _PastTheBounds()
     e = Engine(EngineConfig(**{"kv_budget_bytes": 2 * 2**20, **SMALL,
                                "cost_calibration": weight}))
     e.add_model("m", CFG, params, tok, dtype="float32", cost=base)
@@ -356,7 +368,7 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
         assert e._models["m"].sched.cost is base and e.speed is None
         assert e.cost_factors("m") == {"prefill": 1.0, "decode": 1.0}
         snap = e.cost_snapshot("m")  # the profile as it is, as a fixed ScaledCost
-        assert snap.base is base and snap.prefill_time([3], [3]) == pytest.approx(1.0)
+        assert snap.base is base and snap.prefill_time([3], [3]) == pytest.approx(1000.0)
         return
     # The engine's speed moves first (towards each step's residual), the model's own
     # factor of the step's kind then towards what is left; both stay within the bounds.
@@ -364,7 +376,7 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     clamp = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
     log_s, log_f = 0.0, {"prefill": 0.0, "decode": 0.0}
     for r in e.step_log.between(0.0):
-        pred = 1.0 if r.kind == "prefill" else 0.001
+        pred = 1000.0 if r.kind == "prefill" else 1e-7
         log_r = math.log(clamp(r.run_s / pred))
         used = math.log(clamp(math.exp(log_f[r.kind] + log_s)))
         log_s = math.log(clamp(math.exp(log_s + weight * (log_r - used))))
@@ -374,11 +386,14 @@ def test_engine_corrects_its_cost_model_from_the_steps_it_runs(tiny, weight):
     want = {k: clamp(math.exp(v + log_s)) for k, v in log_f.items()}
     assert e.speed.factor == pytest.approx(math.exp(log_s), rel=1e-9)
     assert e.cost_factors("m") == pytest.approx(want, rel=1e-9)
-    assert want["prefill"] < 1.0  # a tiny model's prefill takes far less than a second
+    # Prefills ran faster than predicted and decodes slower: the model's own factors
+    # moved apart (the engine's speed takes the part the two kinds share).
+    assert math.exp(log_f["prefill"]) < 1.0 < math.exp(log_f["decode"])
     st = e.stats().models["m"]
     assert (st.cost_scale_prefill, st.cost_scale_decode) == pytest.approx(
         (want["prefill"], want["decode"]))
-    assert e._models["m"].sched.cost.prefill_time([3], [3]) == pytest.approx(want["prefill"])
+    assert e._models["m"].sched.cost.prefill_time([3], [3]) == pytest.approx(
+        1000.0 * want["prefill"])
     snap = e.cost_snapshot("m")  # fixed: later steps move the live correction, not this
     assert snap.factors == pytest.approx(want, rel=1e-9)
     seen = e.speed.observed
