@@ -483,6 +483,7 @@ def run_systems(args, command: str) -> int:
         settle(args, engines, toks)
     runs = []
     ids = {rate: prompt_ids(toks, reqs, args.seed) for rate, reqs in traces.items()}
+    by_profile = {}  # (system, rate): the start-up profile's replay, the same every round
     for rate, repeat, system in run_order(args.rates, args.systems, args.repeats):
         reqs = traces[rate]
         alloc, sched, on_miss = SYSTEMS[system]
@@ -494,7 +495,9 @@ def run_systems(args, command: str) -> int:
         recs, lag = replay(e, reqs, ids[rate], args.drain_s)
         s = summarize(recs, slos)
         sim = simulate(args, system, reqs, learned, slos, formats)
-        sim_profile = simulate(args, system, reqs, costs, slos, formats)
+        if (system, rate) not in by_profile:
+            by_profile[system, rate] = simulate(args, system, reqs, costs, slos, formats)
+        sim_profile = by_profile[system, rate]
         steps = e.step_log.between(m0)
         ran = {n: ScaledCost.fit(costs[n], [(r.kind, r.chunks, r.contexts, r.run_s)
                                             for r in steps if r.model == n])
