@@ -185,6 +185,46 @@ def test_workload_is_seeded_and_shaped():
         bench.Workload(rate=0)
 
 
+def test_workload_drifts_from_model_to_model():
+    w = bench.Workload(num_requests=3000, rate=10.0, seed=2, shift_s=100.0)
+    assert w.arrivals()[-1] > 250  # at least three phases
+    names = ["a", "b", "c"]
+    for m, t in zip(w.models(names, [1, 0, 0]), w.arrivals()):
+        assert m == names[int(t // 100) % 3]  # phase k: model k mod n has the top weight
+    picks = w.models(names, [3, 1, 0])
+    for k in range(3):
+        got = [m for m, t in zip(picks, w.arrivals()) if int(t // 100) == k]
+        assert got.count(names[k]) / len(got) == pytest.approx(0.75, abs=0.05)
+        assert names[(k + 2) % 3] not in got  # the weight-0 model moves on too
+    assert w.models(names, [3, 1, 0]) == picks  # seeded
+    with pytest.raises(ValueError, match="give weights"):
+        w.models(names, None)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="shift_s"):
+            bench.Workload(shift_s=bad)
+
+
+def test_phases_of_a_drifting_run(url, tmp_path, capsys):
+    rec = _run(url, tmp_path, "--num-requests", "12", "--rate", "20", "--models", "fast",
+               "busy", "--model-weights", "1", "0", "--shift-s", "0.2", "--ttft-slo", "5")
+    reqs, phases = rec["requests"], rec["phases"]
+    assert rec["workload"]["shift_s"] == 0.2 and len(phases) >= 2
+    assert sum(sum(p["requests"].values()) for p in phases) == 12
+    for p in phases:  # even phases all 'fast' (served), odd ones all 'busy' (429)
+        want = "fast" if p["phase"] % 2 == 0 else "busy"
+        mine = [r for r in reqs if int(r["arrival_s"] // 0.2) == p["phase"]]
+        assert p["requests"] == {want: len(mine)} and {r["model"] for r in mine} == {want}
+        a = p["summary"]["all"]
+        assert a["submitted"] == len(mine) and a["failed"] == (len(mine) if want == "busy" else 0)
+        assert a["slo"]["attainment"] == (1.0 if want == "fast" else 0.0)
+        assert p["start_s"] == pytest.approx(0.2 * p["phase"]) and p["end_s"] > p["start_s"]
+    assert "phase 0 (0-0.2 s): fast" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give them"):
+        _run(url, tmp_path, "--shift-s", "1")
+    with pytest.raises(SystemExit, match="--shift-s must be"):
+        _run(url, tmp_path, "--model-weights", "1", "1", "1", "--shift-s", "0")
+
+
 def test_summary_formulas():
     def rec(model, send, first, end, tokens, error=None):
         chunks = [] if first is None else list(np.linspace(first, end, tokens))

@@ -14,7 +14,11 @@ changing one setting leaves the others' draws as they were):
   coefficient of variation ``--cv`` (1 = Poisson arrivals, > 1 = burstier); ``--rate inf``
   sends every request at t = 0.
 * Models: every model listed by ``GET /v1/models`` (or ``--models``), round-robin, or
-  drawn with ``--model-weights``.
+  drawn with ``--model-weights``. With ``--shift-s S`` as well, popularity drifts as in
+  the cluster benchmarks' workloads: every S seconds the weights move on by one model (in
+  phase ``k``, arrivals in ``[k S, (k + 1) S)``, model ``i`` is drawn with weight
+  ``w[(i - k) mod n]``), and the record gives each phase's figures (``phases``): what a
+  server re-placing its models as rates drift (``serve.py --rebalance-interval``) sees.
 * Lengths: lognormal with means ``--prompt-len`` and ``--output-len`` and log-space sigmas
   ``--prompt-sigma`` / ``--output-sigma`` (0 = fixed), clipped to [4, ``--max-len``] and so
   that prompt + output fit the model's ``max_model_len`` with 32 tokens to spare (the
@@ -95,6 +99,7 @@ class Workload:
     output_sigma: float = 0.9
     max_len: int = 1024  # tokens, each of prompt and output
     seed: int = 0
+    shift_s: float | None = None  # popularity drift: the model weights move on every shift_s
 
     def __post_init__(self):
         if not isinstance(self.num_requests, int) or self.num_requests < 1:
@@ -106,6 +111,8 @@ class Workload:
             raise ValueError("prompt_len and output_len must be >= 1, sigmas >= 0")
         if self.max_len < MIN_LEN:
             raise ValueError(f"max_len must be >= {MIN_LEN}")
+        if self.shift_s is not None and not (self.shift_s > 0 and math.isfinite(self.shift_s)):
+            raise ValueError(f"shift_s must be a finite number > 0, got {self.shift_s!r}")
 
     def _rng(self, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, stream])
@@ -125,11 +132,27 @@ class Workload:
         return (lognormal_lengths(self._rng(2), self.prompt_len, self.prompt_sigma, n, MIN_LEN, hi),
                 lognormal_lengths(self._rng(3), self.output_len, self.output_sigma, n, MIN_LEN, hi))
 
+    def phase(self, t: float) -> int:
+        """The popularity phase of an arrival at ``t`` seconds (0 without drift)."""
+        return 0 if self.shift_s is None else int(t // self.shift_s)
+
     def models(self, names: list[str], weights: list[float] | None) -> list[str]:
+        """Each request's model: round-robin, drawn with ``weights``, or with the weights
+        moved on by one model per ``shift_s`` of arrival time."""
         if weights is None:
+            if self.shift_s is not None:
+                raise ValueError("shift_s moves the model weights: give weights")
             return [names[i % len(names)] for i in range(self.num_requests)]
         p = np.asarray(weights, float) / sum(weights)
-        return [names[i] for i in self._rng(4).choice(len(names), self.num_requests, p=p)]
+        if self.shift_s is None:
+            return [names[i] for i in self._rng(4).choice(len(names), self.num_requests, p=p)]
+        n, u = len(names), self._rng(4).random(self.num_requests)
+        out = []
+        for t, x in zip(self.arrivals(), u):
+            k = self.phase(t)
+            cum = np.cumsum([p[(i - k) % n] for i in range(n)])
+            out.append(names[min(int(np.searchsorted(cum, x, side="right")), n - 1)])
+        return out
 
     def requests(self, names: list[str], weights: list[float] | None,
                  max_model_len: dict[str, int], cutter: "PromptCutter") -> list[dict]:
@@ -308,6 +331,25 @@ def summary(recs: list[dict], wall_s: float, ttft_slo=None, tpot_slo=None,
     return out
 
 
+def phases(recs: list[dict], shift_s: float, targets: dict[str, tuple] | None = None
+           ) -> list[dict]:
+    """The figures of each popularity phase (``Workload.shift_s``): ``summary`` of the
+    requests due in ``[k shift_s, (k + 1) shift_s)``, over that span (the last phase ends
+    at the last arrival), and how many requests each model got there."""
+    last = max((r["arrival_s"] for r in recs), default=0.0)
+    out = []
+    for k in range(int(last // shift_s) + 1):
+        t0, t1 = k * shift_s, min((k + 1) * shift_s, last)
+        got = [r for r in recs if int(r["arrival_s"] // shift_s) == k]
+        if not got:
+            continue
+        out.append({"phase": k, "start_s": t0, "end_s": t1,
+                    "requests": {m: sum(r["model"] == m for r in got)
+                                 for m in sorted({r["model"] for r in got})},
+                    "summary": summary(got, max(t1 - t0, 1e-9), targets=targets)})
+    return out
+
+
 # ------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = Workload()
@@ -321,6 +363,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-weights", type=float, nargs="+",
                    help="draw each request's model with these weights, one per model; "
                         "unset: round-robin")
+    p.add_argument("--shift-s", type=float, metavar="S",
+                   help="popularity drift: every S seconds the models' weights (--model-weights; "
+                        "without --url, the power law of --alpha) move on by one model; the "
+                        "load client's record has each phase's figures")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     p.add_argument("--num-requests", type=int, default=w.num_requests,
                    help="requests to generate (ignored with --trace)")
@@ -391,8 +437,9 @@ def client_machine() -> dict:
 def build_requests(args, served: dict) -> tuple[list[dict], dict]:
     """The requests to send and the workload's part of the record."""
     if args.trace:
-        reqs = load_trace(args.trace)
-        return reqs, {"source": "trace", "trace": args.trace}
+        reqs = load_trace(args.trace)  # --shift-s: only the phases' figures
+        return reqs, {"source": "trace", "trace": args.trace} | (
+            {"shift_s": args.shift_s} if args.shift_s is not None else {})
     listed = {m["id"]: m for m in served.get("data", [])}
     names = args.models or list(listed)
     if not names:
@@ -402,11 +449,13 @@ def build_requests(args, served: dict) -> tuple[list[dict], dict]:
     if args.model_weights is not None and (min(args.model_weights) < 0
                                            or sum(args.model_weights) <= 0):
         raise SystemExit("--model-weights must be >= 0 with a positive sum")
+    if args.shift_s is not None and args.model_weights is None:
+        raise SystemExit("--shift-s moves the --model-weights from model to model: give them")
     try:
         w = Workload(num_requests=args.num_requests, rate=args.rate, cv=args.cv,
                      prompt_len=args.prompt_len, prompt_sigma=args.prompt_sigma,
                      output_len=args.output_len, output_sigma=args.output_sigma,
-                     max_len=args.max_len, seed=args.seed)
+                     max_len=args.max_len, seed=args.seed, shift_s=args.shift_s)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     ctx = {m: int(listed[m]["max_model_len"]) for m in names
@@ -424,6 +473,8 @@ def run(args) -> int:
         return run_systems(args, command(args))
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise SystemExit("--max-concurrency must be >= 1")
+    if args.shift_s is not None and not (args.shift_s > 0 and math.isfinite(args.shift_s)):
+        raise SystemExit(f"--shift-s must be a number of seconds > 0, got {args.shift_s:g}")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -465,6 +516,9 @@ def run(args) -> int:
         "summary": summary(recs, wall_s, targets=targets),
         "requests": recs,
     }
+    shift = workload.get("shift_s")
+    if shift is not None:
+        record["phases"] = phases(recs, shift, targets)
     path = write_json(args.out, record)
     log(f"wrote {path}")
     print(table(record))
@@ -502,6 +556,12 @@ def table(record: dict) -> str:
     elif slo:
         foot.append(f"SLO: TTFT <= {a['slo']['ttft_s']} s and TPOT <= {a['slo']['tpot_s']} s, "
                     "share of all submitted requests")
+    for ph in record.get("phases", []):
+        a = ph["summary"]["all"]
+        att = f", SLO {a['slo']['attainment']:.0%}" if "slo" in a else ""
+        foot.append(f"phase {ph['phase']} ({ph['start_s']:.4g}-{ph['end_s']:.4g} s): "
+                    + ", ".join(f"{m} {n}" for m, n in ph["requests"].items())
+                    + f" requests; {a['failed']} failed{att}")
     devices = {str(m.get("device", "")) for m in record["server"]["models"].get("data", [])}
     if any("cpu" in d.lower() for d in devices):
         foot.append(CPU_FOOTER)

@@ -19,8 +19,8 @@ FineServe serving the requests it predicts to miss their TTFT SLO after the othe
 of shedding them (``serve.py --on-slo-miss best-effort``).
 
 Workload (``schedulers.workload.WorkloadSpec``): Poisson arrivals (``--cv`` for Gamma)
-over ``--duration`` seconds, rates split between the models by a power law (``--alpha``),
-lognormal prompt and output lengths (``--prompt-len``/``--output-len`` means, sigmas
+over ``--duration`` seconds, rates split between the models by a power law (``--alpha``;
+with ``--shift-s S`` the ranking moves on by one model every S seconds), lognormal prompt and output lengths (``--prompt-len``/``--output-len`` means, sigmas
 0.6 and 0.5, clipped so a sequence fits ``--max-model-len``). Prompts are token ids cut
 from the packaged Wikipedia text; generation is greedy with ``ignore_eos``, so every
 request generates its drawn output length.
@@ -242,7 +242,8 @@ def workload(args, rate: float, duration_s: float | None = None, seed: int | Non
                         alpha=args.alpha, cv=args.cv,
                         prompt=LengthDist(args.prompt_mean, 0.6, 4, hi),
                         output=LengthDist(args.output_mean, 0.5, 2, hi - 1),
-                        seed=args.seed if seed is None else seed)
+                        seed=args.seed if seed is None else seed,
+                        shift_s=getattr(args, "shift_s", None))  # records before --shift-s lack it
 
 
 def settle(args, engines: dict, toks) -> None:
