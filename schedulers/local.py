@@ -79,7 +79,7 @@ from schedulers.batching import DECODE, PREFILL, ModelScheduler, Scheduled, Seq
 
 ON_MISS = ("reject", "best-effort")
 DROP_REASON = ("cannot meet the model's time-to-first-token SLO ({slo:.3g} s) at the "
-               "current load; retry later")
+               "current load")  # the server's 503 adds the advice to retry
 
 
 # ------------------------------------------------------------------ cost helpers

@@ -329,6 +329,8 @@ def test_slo_scheduler_sheds_or_serves_a_hopeless_request(tiny, on_miss):
     st = e.stats().models["tight"]
     if on_miss == "reject":
         assert h.finish_reason == "dropped" and "time-to-first-token SLO" in h.error
+        # the cause alone: the server's 503 adds "retry later" once (app._dropped)
+        assert h.error.endswith("at the current load")
         assert st.dropped == 1 and h.token_ids == []
     else:
         assert len(h.result().token_ids) == 12 and st.dropped == 0
