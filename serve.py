@@ -21,7 +21,8 @@ models tensor-parallel over a mesh of those devices (the pool replicated on each
 ``python -m schedulers.place`` writes such files from rates, SLOs and memory.
 
 Re-placement while serving (with ``--placement``): ``--rebalance-interval S`` checks the
-observed request rates every S seconds (over the last ``max(S, 60)`` seconds) and, when a
+observed request rates every S seconds (over the last ``--rebalance-window`` seconds, by
+default ``max(S, 60)``) and, when a
 model's rate moved by more than ``--rebalance-threshold`` (relative) from the rates of the
 last plan, runs the global scheduler again and moves models between the device engines
 (load on the new device, then drain the old) without failing a request. The current
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -157,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rebalance-threshold", type=float, default=0.5,
                     help="relative change of a model's request rate that triggers a "
                          "re-placement (0.5 = 50%%)")
+    ap.add_argument("--rebalance-window", type=float, default=None, metavar="SECONDS",
+                    help="the observed request rates count the arrivals of this many "
+                         "seconds (default: the interval, at least 60): shorter follows "
+                         "drift sooner, longer moves less on noise")
     ap.add_argument("--ray", metavar="ADDRESS", default=None,
                     help="serve on a Ray cluster (an address, or 'auto'): one worker actor "
                          "per placement group, on the node the group names")
@@ -189,6 +195,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = args.models or [parse_model_spec(s) for s in DEFAULT_MODELS]
     if args.rebalance_interval < 0 or args.rebalance_threshold < 0:
         ap.error("--rebalance-interval and --rebalance-threshold must be >= 0")
+    if args.rebalance_window is not None and not (args.rebalance_window > 0
+                                                  and math.isfinite(args.rebalance_window)):
+        ap.error(f"--rebalance-window must be a number of seconds > 0, got "
+                 f"{args.rebalance_window:g}")
     if args.rebalance_interval > 0 and not args.placement:
         ap.error("--rebalance-interval moves models between the devices of a --placement "
                  "file; give one")
@@ -300,7 +310,8 @@ def rebalance_config(args):
 
     return RebalanceConfig(interval_s=args.rebalance_interval,
                            threshold=args.rebalance_threshold,
-                           window_s=max(args.rebalance_interval, 60.0),
+                           window_s=(args.rebalance_window if args.rebalance_window
+                                     else max(args.rebalance_interval, 60.0)),
                            placement=PlacementConfig(overcommit=args.scheduler != "fcfs"))
 
 

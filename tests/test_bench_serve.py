@@ -206,8 +206,11 @@ def test_workload_drifts_from_model_to_model():
 
 def test_phases_of_a_drifting_run(url, tmp_path, capsys):
     rec = _run(url, tmp_path, "--num-requests", "12", "--rate", "20", "--models", "fast",
-               "busy", "--model-weights", "1", "0", "--shift-s", "0.2", "--ttft-slo", "5")
+               "busy", "--model-weights", "1", "0", "--shift-s", "0.2", "--ttft-slo", "5",
+               "--no-chunk-times")
     reqs, phases = rec["requests"], rec["phases"]
+    assert not any("chunk_s" in r for r in reqs)  # left out of the record, after the ITLs
+    assert rec["summary"]["per_model"]["fast"]["itl_s"]["p50"] > 0
     assert rec["workload"]["shift_s"] == 0.2 and len(phases) >= 2
     assert sum(sum(p["requests"].values()) for p in phases) == 12
     for p in phases:  # even phases all 'fast' (served), odd ones all 'busy' (429)

@@ -286,6 +286,15 @@ def test_serve_options_build_a_rebalancer_over_the_placement(tiny):
     fcfs = serve.parse_args(["--placement", "p.json", "--rebalance-interval", "30",
                              "--scheduler", "fcfs"])
     assert not serve.rebalance_config(fcfs).placement.overcommit
+    short = serve.parse_args(["--placement", "p.json", "--rebalance-interval", "5",
+                              "--rebalance-window", "10"])
+    assert serve.rebalance_config(short).window_s == 10  # default: max(5, 60)
+    assert serve.rebalance_config(serve.parse_args(
+        ["--placement", "p.json", "--rebalance-interval", "90"])).window_s == 90
+    for bad in ("0", "-5", "inf"):
+        with pytest.raises(SystemExit):
+            serve.parse_args(["--placement", "p.json", "--rebalance-interval", "5",
+                              "--rebalance-window", bad])
     assert rb.routes == {"a": e, "b": e}
     assert rb.devices[0].memory_bytes >= e.stats().pool.pool_bytes
     assert rb.devices[0].kv_pool_bytes == e.stats().pool.pool_bytes  # the running pool, fixed

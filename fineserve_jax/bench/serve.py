@@ -495,8 +495,6 @@ def run(args) -> int:
                                       ignore_eos=args.ignore_eos))
     for r in recs:
         r.update(per_request_latencies(r))
-        if args.no_chunk_times:
-            del r["chunk_s"]
     from fineserve_jax.bench.engine import git_state
 
     targets = model_targets(served, args.ttft_slo, args.tpot_slo)
@@ -519,6 +517,9 @@ def run(args) -> int:
     shift = workload.get("shift_s")
     if shift is not None:
         record["phases"] = phases(recs, shift, targets)
+    if args.no_chunk_times:  # after the figures: the inter-token latencies come from them
+        for r in recs:
+            del r["chunk_s"]
     path = write_json(args.out, record)
     log(f"wrote {path}")
     print(table(record))
