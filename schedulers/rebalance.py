@@ -72,7 +72,8 @@ class RateTracker:
     now]`` by the window, or by the time since ``start`` while that is shorter (so the
     first minute of a server is not read as a fraction of its traffic).
     ``observe_lengths`` keeps the last ``length_samples`` finished requests' prompt and
-    output token counts per model, which the planner uses as mean lengths.
+    output token counts per model, which the planner uses as mean lengths. ``first`` is
+    the time of the first arrival recorded (None before it).
     """
 
     def __init__(self, window_s: float = 60.0, start: float = 0.0, length_samples: int = 256):
@@ -82,6 +83,7 @@ class RateTracker:
             raise ValueError(f"length_samples must be >= 1, got {length_samples!r}")
         self.window_s = float(window_s)
         self.start = float(start)
+        self.first: float | None = None
         self._arrivals: dict[str, deque[float]] = {}
         self._last: dict[str, float] = {}  # latest arrival per model, kept after pruning
         self._lengths: dict[str, deque[tuple[int, int]]] = {}
@@ -94,6 +96,8 @@ class RateTracker:
                              f"({last}); times must not go back")
         self._arrivals.setdefault(model, deque()).append(float(t))
         self._last[model] = float(t)
+        if self.first is None:
+            self.first = float(t)
 
     def observe_lengths(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
         q = self._lengths.setdefault(model, deque(maxlen=self._length_samples))

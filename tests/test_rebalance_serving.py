@@ -210,6 +210,24 @@ def test_rebalancer_plans_a_move_only_past_the_threshold(tiny):
     assert [x["action"] for x in status["decisions"]] == ["none", "replanned", "none"]
 
 
+def test_the_first_plan_waits_for_a_whole_window_of_traffic(tiny):
+    """Without planned rates (a placement file has none) the rebalancer plans only once
+    it has seen ``window_s`` of arrivals: a few seconds' count is noise."""
+    rb, e0, e1, now = _rebalancer(tiny, output_tokens=64, prompt_tokens=64)
+    rb.planned_rates = None
+    assert rb.check(30.0).reason == "no traffic yet"
+    for i in range(200):  # from 30 s on, 20 req/s of a and b: past what device 0 holds
+        now[0] = 30.0 + i / 20
+        rb.observe("a")
+        rb.observe("b")
+    d = rb.check(35.0)  # 5 s of arrivals of the 10 s window
+    assert d.action == "none" and d.moves == [] and "5 s of arrivals observed" in d.reason
+    assert rb.planned_rates is None
+    d = rb.check(40.0)
+    assert d.action == "replanned" and d.reason.startswith("first rates observed"), d.reason
+    assert rb.planned_rates == d.observed
+
+
 @pytest.mark.parametrize("keep_if_fits", [True, False])
 def test_rebalancer_keeps_a_placement_that_still_fits(tiny, keep_if_fits):
     """Rates twice the planned ones are past the threshold, but the two devices still

@@ -7,8 +7,9 @@ observed request rates drift from the rates the placement was planned for.
 
 The server reports every accepted request (``observe``) and every finished one's lengths
 (``observe_lengths``) to a ``schedulers.rebalance.RateTracker``. Every ``interval_s`` the
-rebalancer compares the window's rates with the planned ones (``drifted``); past the
-threshold it builds one ``ModelDemand`` per served model (weight bytes from its device
+rebalancer compares the window's rates with the planned ones (``drifted``; without
+planned rates, as a placement file gives none, the first plan waits until a whole
+``window_s`` of arrivals has been seen); past the threshold it builds one ``ModelDemand`` per served model (weight bytes from its device
 weights, KV bytes per token from its block format, observed rate and mean lengths, its SLO
 or the configured defaults, its step-cost model if it has one); if the current placement
 still admits them (``keep_if_fits``: memory, pools and compute headroom as placement
@@ -247,8 +248,14 @@ class Rebalancer:
         planned = self.planned_rates
         d = drift(planned or {}, observed, c.min_rate)
         dec = Decision(now, observed, None if planned is None else dict(planned), d, "none", "")
+        first = self.tracker.first
         if planned is None and not any(observed.values()):
             dec.reason = "no traffic yet"
+        elif planned is None and first is not None and now - first < c.window_s:
+            # The first plan waits for a whole window of traffic: rates over a few seconds
+            # are noise, and before requests finish the lengths are the defaults.
+            dec.reason = (f"first rates: {now - first:.0f} s of arrivals observed, planning "
+                          f"once {c.window_s:g} s are")
         elif planned is not None and not any(v > c.threshold for v in d.values()):
             dec.reason = f"drift within {c.threshold:g}"
         else:
