@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
 # Re-placement while serving, on the real server: serve.py on two host devices of this CPU
 # (--xla_force_host_platform_device_count=2) with three SmolLM2 tenants (a, b: bf16;
-# c: fireq-g32), placed a | b c, against a load whose popularity moves on by one model
-# every SHIFT seconds (bench serve --shift-s). Each round serves the same trace twice,
-# once with the placement left as it is and once with --rebalance-interval 10, and
-# keeps the load client's record and the server's GET /admin/placement (the moves made).
-#   bash benchmarks/replace_serve_cpu.sh        (ROUNDS=2 RATE=1.6 SHIFT=120 to change)
+# c: fireq-g32), placed a | b c, against 1.6 req/s for 360 s whose popularity moves on
+# by one model every 120 s (bench serve --shift-s). Each round serves that trace twice,
+# once with the placement left as it is and once with --rebalance-interval 10, and keeps
+# the load client's record and the server's GET /admin/placement (the moves made).
+#   bash benchmarks/replace_serve_cpu.sh        (two rounds; ROUNDS=N for another count)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
-rate="${RATE:-1.6}"
-shift_s="${SHIFT:-120}"
-rounds="${ROUNDS:-1}"
+rounds="${ROUNDS:-2}"
 port="${PORT:-8111}"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -20,8 +18,6 @@ cat > "$work/placement.json" <<'EOF'
 {"devices": [{"device": 0, "models": ["a"], "kv_budget_bytes": 12582912},
              {"device": 1, "models": ["b", "c"], "kv_budget_bytes": 12582912}]}
 EOF
-# three phases of arrivals at $rate req/s
-requests="$(python -c "print(round($rate * 3 * $shift_s))")"
 
 serve_once() {  # name, then serve.py options
   local name="$1"
@@ -40,7 +36,7 @@ serve_once() {  # name, then serve.py options
     sleep 1
   done
   python -m fineserve_jax.bench serve --url "http://127.0.0.1:$port" --models a b c \
-    --model-weights 6 3 1 --shift-s "$shift_s" --rate "$rate" --num-requests "$requests" \
+    --model-weights 6 3 1 --shift-s 120 --rate 1.6 --num-requests 576 \
     --prompt-len 64 --prompt-sigma 0.6 --output-len 16 --output-sigma 0.5 --max-len 255 \
     --seed 0 --no-chunk-times --out "$out/replace_serve_cpu_$name.json"
   curl -sf "http://127.0.0.1:$port/admin/placement" > "$out/replace_serve_cpu_${name}_placement.json"
