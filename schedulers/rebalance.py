@@ -319,6 +319,11 @@ class MoveSchedule:
     swapping devices wait on each other), the first pending move starts, as
     ``plan_moves`` orders a cycle; its destination may refuse it.
 
+    A destination may still refuse a move that had room for its weights: its KV pool
+    cannot reserve the model's blocks while a model leaving it still holds its own.
+    ``retry`` then puts the move back, to start once the moves out of that destination
+    have ended (once; a second refusal ends it).
+
         plan = MoveSchedule(moves, placement, weights, room)
         while not plan.finished:
             for mv in plan.start(): ...             # begin these moves
@@ -333,6 +338,7 @@ class MoveSchedule:
         self.weights = dict(weights or {})
         self.room = dict(room or {})
         self.held: dict[int, float] = {}
+        self.retried: set[Move] = set()  # refused once: waits for the moves out of its dst
         for g in (placement.groups if placement is not None else ()):
             for m in g.models:
                 self.held[g.devices[0]] = self.held.get(g.devices[0], 0.0) + self.weights.get(
@@ -342,7 +348,14 @@ class MoveSchedule:
     def finished(self) -> bool:
         return not self.pending and not self.running
 
+    def _leaving(self, mv: Move) -> bool:
+        """Whether a move out of ``mv``'s destination is pending or running."""
+        return any(m.src_group == mv.dst_group for m in (*self.pending, *self.running)
+                   if m is not mv)
+
     def _can_start(self, mv: Move) -> bool:
+        if mv in self.retried:
+            return not self._leaving(mv)
         dst = mv.dst_group[0]
         if mv.model in self.weights and dst in self.room:
             return self.held.get(dst, 0.0) + self.weights[mv.model] <= self.room[dst] * (
@@ -366,6 +379,18 @@ class MoveSchedule:
             out.append(self.pending[0])
             self._run(out[0])
         return out
+
+    def retry(self, mv: Move) -> bool:
+        """Running ``mv`` was refused by its destination. If a move out of that
+        destination is pending or running (and ``mv`` was not retried before), ``mv``
+        goes back to pending, to start once those have ended: True. Otherwise it ends,
+        not moved: False."""
+        again = mv not in self.retried and self._leaving(mv)
+        self.end(mv, moved=False)
+        if again:
+            self.retried.add(mv)
+            self.pending.append(mv)
+        return again
 
     def end(self, mv: Move, moved: bool | None) -> None:
         """``mv`` ended: ``moved`` (its source drained: the memory there is free), not

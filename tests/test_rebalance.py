@@ -129,6 +129,26 @@ def test_move_schedule_starts_a_move_where_its_weights_have_room():
     assert plan.held[dst] == before[dst] and not plan.finished
 
 
+def test_a_refused_move_waits_for_the_models_leaving_its_destination():
+    """A swap with room for both models' weights runs both moves at once; a destination
+    that refuses (its KV pool still held by the model leaving) gets the move again once
+    that model has drained, and only once."""
+    a_to_1, b_to_0 = Move("a", (0,), (1,)), Move("b", (1,), (0,))
+    old = _pl({0: ["a"], 1: ["b"]})
+    plan = MoveSchedule([a_to_1, b_to_0], old, {"a": 4.0, "b": 4.0}, {0: 10.0, 1: 10.0})
+    assert plan.start() == [a_to_1, b_to_0]
+    assert plan.retry(a_to_1)  # b still leaves device 1
+    assert plan.held == {0: 8.0, 1: 4.0} and plan.pending == [a_to_1]  # a took nothing there
+    assert plan.start() == []  # not while b runs
+    plan.end(b_to_0, moved=True)
+    assert plan.start() == [a_to_1]
+    assert not plan.retry(a_to_1) and plan.finished  # refused again: it ends
+    # nothing leaving the destination: a refusal ends the move at once
+    plan = MoveSchedule([a_to_1], old, {"a": 4.0, "b": 4.0}, {0: 10.0, 1: 10.0})
+    assert plan.start() == [a_to_1]
+    assert not plan.retry(a_to_1) and plan.finished and plan.held == {0: 4.0, 1: 4.0}
+
+
 def test_move_schedule_without_sizes_waits_for_the_moves_out_of_a_destination():
     c_out, a_in, e_in = Move("c", (1,), (2,)), Move("a", (0,), (1,)), Move("e", (3,), (4,))
     plan = MoveSchedule([c_out, a_in, e_in])

@@ -423,3 +423,51 @@ def test_rebalancer_runs_moves_at_once_where_the_destination_has_room(a_moves):
     assert dec.done == done and all(isinstance(o, MoveOutcome) for o in dec.done)
     assert rb.moving == []
 
+
+
+def test_a_move_refused_by_a_destination_still_draining_is_tried_again():
+    """A swap with room for both models' weights starts both moves; the destination
+    refuses a (say its KV pool cannot reserve a's blocks while c, leaving it, holds its
+    own): a starts again once c has moved out, and moves. Moves are stood in for by
+    events the test sets."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fineserve_jax.server.rebalance import (Decision, MoveOutcome, RebalanceConfig,
+                                                Rebalancer)
+    from schedulers.rebalance import Move, ServingDevice
+
+    engines = {i: SimpleNamespace(models=ms, device=f"dev{i}")
+               for i, ms in enumerate([["a"], ["c"]])}
+    dev = ServingDevice("gpu", 100.0, 90.0)  # room for 10 bytes of weights
+    rb = Rebalancer(engines, dict.fromkeys(engines, dev), _pl({0: ["a"], 1: ["c"]}),
+                    RebalanceConfig(placement=PlacementConfig(reserve_fraction=0.0)))
+    rb._weight_bytes = dict.fromkeys("ac", 4.0)
+    moves = [Move("a", (0,), (1,)), Move("c", (1,), (0,))]
+    rb.check = lambda now=None: Decision(0.0, {}, None, {}, "replanned", "", moves)
+    started, c_drained = [], asyncio.Event()
+
+    async def move(mv):
+        started.append(mv.model)
+        if mv.model == "c":
+            await c_drained.wait()
+            return MoveOutcome(f"{mv}: moved", moved=True)
+        if started.count("a") == 1:
+            return MoveOutcome(f"{mv}: skipped, the destination refused it", False,
+                               refused=True)
+        return MoveOutcome(f"{mv}: moved", moved=True)
+
+    rb.move = move
+
+    async def main():
+        task = asyncio.create_task(rb.rebalance_once())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        before = list(started)
+        c_drained.set()
+        return before, await task
+
+    before, dec = asyncio.run(main())
+    assert before == ["a", "c"]  # both at once; a refused, waiting for c
+    assert started == ["a", "c", "a"]
+    assert dec.done == [f"{moves[1]}: moved", f"{moves[0]}: moved"]

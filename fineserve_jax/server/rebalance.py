@@ -28,7 +28,10 @@ moving out hold theirs until drained), otherwise after the moves out of it:
 A request in flight during a move finishes where it started; one that arrives during a
 move is served by whichever engine its route named. A move the destination cannot take
 (its KV reserve does not fit that engine's pool, or compilation fails) is skipped and
-logged, and the model stays where it was. Every decision is logged and kept for
+logged, and the model stays where it was; one refused while a model of the same re-plan
+is leaving that engine is tried once more after those moves out have ended
+(``MoveSchedule.retry``: the leaving model's blocks may be what the reserve lacked).
+Every decision is logged and kept for
 ``GET /admin/placement``.
 
 Limits: pools keep the size they were started with (models move between fixed pools; the
@@ -126,10 +129,11 @@ class MoveOutcome(str):
     nothing changed)."""
 
     moved: bool
+    refused: bool  # the destination refused to attach it (e.g. no room in its pool yet)
 
-    def __new__(cls, text: str, moved: bool) -> MoveOutcome:
+    def __new__(cls, text: str, moved: bool, refused: bool = False) -> MoveOutcome:
         out = super().__new__(cls, text)
-        out.moved = moved
+        out.moved, out.refused = moved, refused
         return out
 
 
@@ -311,6 +315,9 @@ class Rebalancer:
                         log.error("move %s failed", mv, exc_info=task.exception())
                         dec.done.append(f"{mv}: failed: {task.exception()!r}")
                         plan.end(mv, moved=None)
+                    elif task.result().refused and plan.retry(mv):
+                        log.info("move %s: refused while a model leaves its destination; "
+                                 "retried once the moves out of it end", mv)
                     else:
                         dec.done.append(task.result())
                         plan.end(mv, moved=task.result().moved)
@@ -336,7 +343,8 @@ class Rebalancer:
                                                  precompile=self.config.precompile,
                                                  **spec.kwargs())
             except (ValueError, RuntimeError) as e:
-                out = MoveOutcome(f"{mv}: skipped, the destination refused it: {e}", False)
+                out = MoveOutcome(f"{mv}: skipped, the destination refused it: {e}", False,
+                                  refused=True)
                 log.warning("move %s", out)
                 return out
             try:
