@@ -22,11 +22,11 @@ models tensor-parallel over a mesh of those devices (the pool replicated on each
 
 Re-placement while serving (with ``--placement``): ``--rebalance-interval S`` checks the
 observed request rates every S seconds (over the last ``--rebalance-window`` seconds, by
-default ``max(S, 60)``) and, when a
-model's rate moved by more than ``--rebalance-threshold`` (relative) from the rates of the
-last plan, runs the global scheduler again and moves models between the device engines
-(load on the new device, then drain the old) without failing a request. The current
-placement and the decisions are on ``GET /admin/placement``.
+default ``max(S, 60)``) and, when a model's rate moved by more than
+``--rebalance-threshold`` (relative) from the rates of the last plan, runs the global
+scheduler again and moves models between the device engines (load on the new device, then
+drain the old) without failing a request. The current placement and the decisions are on
+``GET /admin/placement``.
 """
 
 from __future__ import annotations

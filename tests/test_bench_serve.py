@@ -415,7 +415,7 @@ def test_slos_from_an_earlier_record(tmp_path, monkeypatch):
 def test_repeated_runs_take_turns_and_are_averaged(tmp_path):
     # --repeats: every system replays each rate's trace N times, the systems taking turns
     # with the order rotated each round; the record keeps the mean and every run.
-    from fineserve_jax.bench import serve_systems as S
+    from fineserve_jax.bench import serve_figures as S
 
     order = list(S.run_order([1.0, 2.0], ["a", "b", "c"], repeats=3))
     assert order[:9] == [(1.0, 0, "a"), (1.0, 0, "b"), (1.0, 0, "c"),
@@ -453,8 +453,8 @@ def test_repeated_runs_take_turns_and_are_averaged(tmp_path):
     assert q[1]["attainment"] == pytest.approx(0.75)
     assert q[0]["output_tok_s"] == pytest.approx(12 / 11)
     assert q[1]["slo_output_tok_s"] == pytest.approx(14.5 / 21)
-    assert S._cell(0.75, [0.9, 0.6], ".0%") == "75% (60%-90%)"
-    assert S._cell(12.0, [12.0], ".1f") == "12.0"
+    assert S.cell(0.75, [0.9, 0.6], ".0%") == "75% (60%-90%)"
+    assert S.cell(12.0, [12.0], ".1f") == "12.0"
 
     # The record's plot draws the runs' range as a band under each mean.
     rec = {"rates": [1.0, 2.0], "per_system": got, "device": "cpu"}

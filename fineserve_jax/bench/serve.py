@@ -146,13 +146,11 @@ class Workload:
         p = np.asarray(weights, float) / sum(weights)
         if self.shift_s is None:
             return [names[i] for i in self._rng(4).choice(len(names), self.num_requests, p=p)]
-        n, u = len(names), self._rng(4).random(self.num_requests)
-        out = []
-        for t, x in zip(self.arrivals(), u):
-            k = self.phase(t)
-            cum = np.cumsum([p[(i - k) % n] for i in range(n)])
-            out.append(names[min(int(np.searchsorted(cum, x, side="right")), n - 1)])
-        return out
+        u = self._rng(4).random(self.num_requests)
+        cum = [np.cumsum(np.roll(p, k)) for k in range(len(names))]  # phase k's, mod n
+        return [names[min(int(np.searchsorted(cum[self.phase(t) % len(names)], x,
+                                              side="right")), len(names) - 1)]
+                for t, x in zip(self.arrivals(), u)]
 
     def requests(self, names: list[str], weights: list[float] | None,
                  max_model_len: dict[str, int], cutter: "PromptCutter") -> list[dict]:

@@ -20,8 +20,9 @@ of shedding them (``serve.py --on-slo-miss best-effort``).
 
 Workload (``schedulers.workload.WorkloadSpec``): Poisson arrivals (``--cv`` for Gamma)
 over ``--duration`` seconds, rates split between the models by a power law (``--alpha``;
-with ``--shift-s S`` the ranking moves on by one model every S seconds), lognormal prompt and output lengths (``--prompt-len``/``--output-len`` means, sigmas
-0.6 and 0.5, clipped so a sequence fits ``--max-model-len``). Prompts are token ids cut
+``--shift-s S``: the ranking moves on by one model every S seconds), lognormal prompt and
+output lengths (``--prompt-len``/``--output-len`` means, sigmas 0.6 and 0.5, clipped so
+a sequence fits ``--max-model-len``). Prompts are token ids cut
 from the packaged Wikipedia text; generation is greedy with ``ignore_eos``, so every
 request generates its drawn output length.
 
@@ -57,6 +58,16 @@ from pathlib import Path
 
 import numpy as np
 
+from fineserve_jax.bench.serve_figures import (
+    cell,
+    per_system_figures,
+    plot,
+    ratios,
+    rel_error,
+    run_order,
+    within,
+)
+
 SYSTEMS = {  # name: (allocator, local scheduler, what it does with a predicted TTFT miss)
     "fineserve": ("kvslab", "fineserve", "reject"),
     "static+fcfs": ("static", "fcfs", "reject"),
@@ -73,9 +84,6 @@ MODELS = ("smollm2-135m-bf16", "smollm2-135m-fireq-g32")
 MAX_PREFILL_SEQS = 4  # rows of one prefill step (EngineConfig's default)
 # What the record keeps of the replays beside the main one (that one keeps every TTFT).
 SIM_BRIEF = ("attainment", "output_tok_s", "ttft_p50_s", "dropped")
-# A run's figures that the record averages per (system, rate) (``per_system_figures``).
-FIGURES = ("attainment", "output_tok_s", "slo_output_tok_s")
-
 
 def add_arguments(p) -> None:
     """Options of the systems comparison (the ones the load client does not have)."""
@@ -242,8 +250,8 @@ def workload(args, rate: float, duration_s: float | None = None, seed: int | Non
                         alpha=args.alpha, cv=args.cv,
                         prompt=LengthDist(args.prompt_mean, 0.6, 4, hi),
                         output=LengthDist(args.output_mean, 0.5, 2, hi - 1),
-                        seed=args.seed if seed is None else seed,
-                        shift_s=getattr(args, "shift_s", None))  # records before --shift-s lack it
+                        seed=args.seed if seed is None else seed,  # older records: no shift_s
+                        shift_s=getattr(args, "shift_s", None))
 
 
 def settle(args, engines: dict, toks) -> None:
@@ -375,83 +383,6 @@ def simulate(args, system: str, reqs, costs, slos, block_formats, *,
             "ttft_s": [r.ttft for r in sorted(recs, key=lambda r: r.index)]}
 
 
-def within(runs: list[dict], key: str = "sim_error", tol: float = 0.2) -> int:
-    """Runs whose simulated TTFT p50 and tokens/s are both within ``tol`` of the engine's."""
-    return sum(None not in r[key].values() and abs(r[key]["ttft_p50"]) <= tol
-               and abs(r[key]["output_tok_s"]) <= tol for r in runs)
-
-
-def _rel(predicted, measured):
-    """Relative error of a prediction (None when either side is missing or zero)."""
-    if predicted is None or not measured:
-        return None
-    return (predicted - measured) / measured
-
-
-def goodput(rates: list[float], attain: list[float], level: float) -> float | None:
-    """The highest swept rate whose attainment, and that of every lower swept rate, is at
-    least ``level`` (None if the lowest misses it)."""
-    best = None
-    for r, a in sorted(zip(rates, attain)):
-        if a < level:
-            break
-        best = r
-    return best
-
-
-def run_order(rates, systems, repeats: int = 1):
-    """``(rate, repeat, system)`` in the order a sweep runs them: per rate, ``repeats``
-    rounds of every system, round k's order rotated k places, so that over the rounds no
-    system always runs first or right after the same other while the machine's speed
-    drifts."""
-    systems = list(systems)
-    for rate in rates:
-        for k in range(repeats):
-            j = k % len(systems)
-            for system in systems[j:] + systems[:j]:
-                yield rate, k, system
-
-
-def per_system_figures(runs: list[dict], rates, systems) -> dict:
-    """Each system's attainment, output tokens/s and SLO-meeting tokens/s per rate over
-    its runs: the mean, and with more than one run at some rate every run's value
-    (``*_runs``, a list per rate); goodput from the mean attainment."""
-    out = {}
-    for system in systems:
-        got = {key: [[r["summary"][key] for r in runs
-                      if r["system"] == system and r["rate"] == x] for x in rates]
-               for key in FIGURES if all(key in r["summary"] for r in runs)}
-        if missing := [x for x, a in zip(rates, got["attainment"]) if not a]:
-            raise ValueError(f"{system}: no run at {', '.join(f'{x:g}' for x in missing)} "
-                             "req/s")
-        d = {key: [float(np.mean(v)) for v in per_rate] for key, per_rate in got.items()}
-        d |= {"goodput_90": goodput(rates, d["attainment"], 0.9),
-              "goodput_99": goodput(rates, d["attainment"], 0.99)}
-        if any(len(a) > 1 for a in got["attainment"]):
-            d |= {f"{key}_runs": per_rate for key, per_rate in got.items()}
-        out[system] = d
-    return out
-
-
-def ratios(per_system: dict, rates, ours: str = "fineserve",
-           base: str = "static+fcfs") -> list[dict]:
-    """``ours`` over ``base`` at each rate, for every figure both have (mean over runs);
-    empty unless both systems ran."""
-    if ours not in per_system or base not in per_system:
-        return []
-    a, b = per_system[ours], per_system[base]
-    return [{"rate": x, **{key: (a[key][i] / b[key][i] if b[key][i] else None)
-                           for key in FIGURES if key in a and key in b}}
-            for i, x in enumerate(rates)]
-
-
-def _cell(mean: float, runs: list | None, fmt: str) -> str:
-    """A table cell: the mean, and the lowest and highest run where there were several."""
-    if not runs or len(runs) < 2:
-        return format(mean, fmt)
-    return f"{mean:{fmt}} ({min(runs):{fmt}}-{max(runs):{fmt}})"
-
-
 def run_systems(args, command: str) -> int:
     from fineserve_jax.bench.common import CPU_FOOTER, format_table, write_json
     from fineserve_jax.bench.engine import git_state
@@ -532,8 +463,8 @@ def run_systems(args, command: str) -> int:
         for key, sim in (("sim_error", r["simulated"]),
                          ("sim_profile_error", r["simulated_profile"]),
                          ("sim_measured_error", r["simulated_measured"])):
-            r[key] = {"ttft_p50": _rel(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
-                      "output_tok_s": _rel(sim["output_tok_s"], meas["output_tok_s"])}
+            r[key] = {"ttft_p50": rel_error(sim["ttft_p50_s"], meas["ttft_s"]["p50"]),
+                      "output_tok_s": rel_error(sim["output_tok_s"], meas["output_tok_s"])}
     per_system = per_system_figures(runs, args.rates, args.systems)
     record = {"benchmark": "serve-systems", "command": command,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -555,8 +486,8 @@ def run_systems(args, command: str) -> int:
     for s, d in per_system.items():
         many = [d.get("attainment_runs", [None] * len(args.rates)),
                 d.get("output_tok_s_runs", [None] * len(args.rates))]
-        rows.append([s, *[_cell(a, r, ".0%") for a, r in zip(d["attainment"], many[0])],
-                     *[_cell(t, r, ".1f") for t, r in zip(d["output_tok_s"], many[1])],
+        rows.append([s, *[cell(a, r, ".0%") for a, r in zip(d["attainment"], many[0])],
+                     *[cell(t, r, ".1f") for t, r in zip(d["output_tok_s"], many[1])],
                      f"{d['goodput_90'] or '-'}/{d['goodput_99'] or '-'}"])
     foot = [f"mean of {args.repeats} runs per point (lowest-highest)"] if args.repeats > 1 else []
     for q in ratios(per_system, args.rates):
@@ -575,28 +506,3 @@ def run_systems(args, command: str) -> int:
         foot.append(CPU_FOOTER)
     print(format_table(header, rows, foot))
     return 0
-
-
-def plot(record: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for s, d in record["per_system"].items():
-        for ax, key, scale in ((a1, "attainment", 100), (a2, "output_tok_s", 1)):
-            line, = ax.plot(record["rates"], [scale * v for v in d[key]], marker="o",
-                            label=s)
-            if runs := d.get(f"{key}_runs"):  # repeated runs: their range as a band
-                ax.fill_between(record["rates"], [scale * min(r) for r in runs],
-                                [scale * max(r) for r in runs], color=line.get_color(),
-                                alpha=0.15, linewidth=0)
-    a1.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105))
-    a2.set(xlabel="request rate (req/s)", ylabel="output tokens/s")
-    a1.legend()
-    fig.suptitle(f"SmolLM2 bf16 + fireq-g32 on one {record['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -7,17 +7,17 @@ observed request rates drift from the rates the placement was planned for.
 
 The server reports every accepted request (``observe``) and every finished one's lengths
 (``observe_lengths``) to a ``schedulers.rebalance.RateTracker``. Every ``interval_s`` the
-rebalancer compares the window's rates with the planned ones (``drifted``; without
-planned rates, as a placement file gives none, the first plan waits until a whole
-``window_s`` of arrivals has been seen); past the threshold it builds one ``ModelDemand`` per served model (weight bytes from its device
-weights, KV bytes per token from its block format, observed rate and mean lengths, its SLO
-or the configured defaults, its step-cost model if it has one); if the current placement
-still admits them (``keep_if_fits``: memory, pools and compute headroom as placement
-counts them) nothing moves, otherwise it runs the global scheduler
-again (``schedulers.rebalance.replan``: slab-greedy over the engines' devices) and executes
-``plan_moves``, each move as soon as ``schedulers.rebalance.MoveSchedule`` lets it: at once
-where the destination has room for the model's weights beside what it holds (models
-moving out hold theirs until drained), otherwise after the moves out of it:
+rebalancer compares the window's rates with the planned ones (``drifted``; without planned
+rates, as a placement file gives none, the first plan waits until a whole ``window_s`` of
+arrivals has been seen); past the threshold it builds one ``ModelDemand`` per served model
+(weight bytes from its device weights, KV bytes per token from its block format, observed
+rate and mean lengths, its SLO or the configured defaults, its step-cost model if it has
+one); if the current placement still admits them (``keep_if_fits``: memory, pools and
+compute headroom as placement counts them) nothing moves, otherwise it runs the global
+scheduler again (``schedulers.rebalance.replan``: slab-greedy over the engines' devices)
+and executes ``plan_moves``, each move as soon as ``schedulers.rebalance.MoveSchedule``
+lets it: at once where the destination has room for the model's weights beside what it
+holds (models moving out hold theirs until drained), otherwise after the moves out of it:
 
 1. attach the model on the destination engine (its weights copied from the source's
    device, its steps compiled there while both engines keep serving), wait until ready;
@@ -31,8 +31,7 @@ move is served by whichever engine its route named. A move the destination canno
 logged, and the model stays where it was; one refused while a model of the same re-plan
 is leaving that engine is tried once more after those moves out have ended
 (``MoveSchedule.retry``: the leaving model's blocks may be what the reserve lacked).
-Every decision is logged and kept for
-``GET /admin/placement``.
+Every decision is logged and kept for ``GET /admin/placement``.
 
 Limits: pools keep the size they were started with (models move between fixed pools; the
 re-plan sees each device as a ``ServingDevice``, its pool fixed, so it puts on a device only
